@@ -1,0 +1,2 @@
+"""Forward model (placeholder, being written)."""
+__all__ = []
