@@ -428,6 +428,11 @@ class PointSourceModel:
         self._psf = _PSFOperator(self.instrument, self.geometry.shape, self.geometry.pixel_scale.to_value(u.deg))
         self._pool = None
 
+    def __getstate__(self):  # picklable for Dask workers: the thread pool is rebuilt lazily
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        return state
+
     # -- configuration ---------------------------------------------------------------------
     @staticmethod
     def paper_prior() -> BoxPrior:
