@@ -15,4 +15,5 @@ except ImportError:  # pragma: no cover - running from a source tree without a b
     __version__ = "0.0.0"
 
 from .exceptions import *  # noqa: F401,F403
+from .io import *  # noqa: F401,F403
 from .simulation import *  # noqa: F401,F403
