@@ -555,8 +555,8 @@ def _squeezed_ndim(hdu) -> int:
 def _pick_hdu(hdul, hdu, path):
     if hdu is not None:
         try:
-            return hdul.index_of(hdu) if not isinstance(hdu, (int, np.integer)) else int(hdu), \
-                hdul[hdu]
+            index = int(hdu) if isinstance(hdu, (int, np.integer)) else hdul.index_of(hdu)
+            return index, hdul[index]
         except (KeyError, IndexError) as err:
             raise ValueError(f"{path} has no HDU {hdu!r}; it has "
                              f"{[h.name or i for i, h in enumerate(hdul)]}") from err
@@ -598,14 +598,11 @@ def _read_image(path, hdul, index, hdu_obj):
     if data is None:
         raise ValueError(f"HDU {index} of {path} has no data; expected a 2-D image")
     if data.ndim != 2:
-        celestial_axes = None
-        if _squeezed_ndim(hdu_obj) == 2 and data.ndim > 2:
-            data = np.squeeze(data)
-            celestial_axes = True
-        if celestial_axes is None or data.ndim != 2:
+        if _squeezed_ndim(hdu_obj) != 2:
             raise ValueError(f"HDU {index} of {path} holds a {hdu_obj.data.ndim}-D array of shape "
                              f"{hdu_obj.data.shape}; expected a 2-D image (ny, nx) -- slice the "
                              "cube and pass the plane as an array")
+        data = np.squeeze(data)  # e.g. a radio image (1, 1, ny, nx)
     bad = np.zeros(data.shape, bool)
     if data.dtype.kind in "iu" and "BLANK" in header:
         bad |= data == header["BLANK"]
@@ -616,8 +613,13 @@ def _read_image(path, hdul, index, hdu_obj):
         raise ValueError(f"the map in HDU {index} of {path} has no valid pixel (all NaN/blank); "
                          "expected at least one finite pixel")
 
+    # the mask written by write_map (MASKEXT points at it); failing that, an extension named MASK
+    # (astropy CCDData's convention: nonzero = bad) when the file holds a single map
     mask_name = header.get("MASKEXT", MASK_EXTNAME)
-    if mask_name in hdul and hdul[mask_name] is not hdu_obj:
+    n_maps = sum(_is_image(h) and h.header.get("NAXIS", 0) > 0 and h.name != MASK_EXTNAME
+                 for h in hdul)
+    if mask_name in hdul and hdul[mask_name] is not hdu_obj and ("MASKEXT" in header
+                                                                 or n_maps == 1):
         stored = hdul[mask_name].data
         if stored is not None and np.squeeze(stored).shape == data.shape:
             bad |= np.squeeze(stored).astype(bool)

@@ -371,3 +371,21 @@ def test_wcs_shape_must_match_data(tmp_path):
     with pytest.raises(ValueError, match="no WCS"):
         write_map(tmp_path / "x.fits", HealpixMap(np.ones(12)), wcs=wcs)
     assert not (tmp_path / "x.fits").exists()
+
+
+def test_reads_ccddata_files_and_picks_hdus_of_multi_map_files(tmp_path):
+    from astropy.nddata import CCDData
+    wcs = make_wcs((6, 7), (0, 0), 1 * u.deg)
+    mask = np.zeros((6, 7), bool)
+    mask[2, 3] = True
+    CCDData(np.ones((6, 7)), unit="adu", wcs=wcs, mask=mask).write(tmp_path / "ccd.fits")
+    m = read_map(tmp_path / "ccd.fits")
+    np.testing.assert_array_equal(m.mask, mask)
+    assert m.unit == u.adu and m.wcs.wcs.ctype[0] == "GLON-CAR"
+    # several maps in one file (as `astrotrunc simulate --n-maps` writes): choose by hdu
+    hdr = wcs.to_header()
+    fits.HDUList([fits.PrimaryHDU(np.zeros((6, 7)), hdr),
+                  fits.ImageHDU(np.ones((6, 7)), hdr, name="MAP1")]).writeto(tmp_path / "two.fits")
+    assert read_map(tmp_path / "two.fits").data.sum() == 0
+    assert read_map(tmp_path / "two.fits", hdu="MAP1").data.sum() == 42
+    assert read_map(tmp_path / "two.fits", hdu=1).data.sum() == 42
