@@ -323,7 +323,20 @@ class HealpixMap:
 
     Attributes
     ----------
-    values, nside, nest, frame, unit, mask, meta
+    values : `~numpy.ndarray`
+        The pixel values as given (masked pixels keep their value, e.g. ``UNSEEN``).
+    nside : int
+        HEALPix resolution parameter.
+    nest : bool
+        ``True`` for NESTED ordering.
+    frame : `~astropy.coordinates.BaseCoordinateFrame`
+        Frame of the pixelisation.
+    unit : `~astropy.units.UnitBase` or None
+        Unit of the values.
+    mask : `~numpy.ndarray` of bool
+        ``True`` = bad pixel.
+    meta : dict or `~astropy.io.fits.Header`
+        Metadata.
 
     Examples
     --------
