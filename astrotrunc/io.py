@@ -19,8 +19,8 @@ from pathlib import Path
 import healpy as hp
 import numpy as np
 from astropy import units as u
-from astropy.coordinates import (BarycentricMeanEcliptic, BaseCoordinateFrame, Galactic, ICRS,
-                                 SkyCoord, UnitSphericalRepresentation, frame_transform_graph)
+from astropy.coordinates import (BaseCoordinateFrame, Galactic, SkyCoord,
+                                 UnitSphericalRepresentation, frame_transform_graph)
 from astropy.io import fits
 from astropy.nddata import NDData
 from astropy.wcs import WCS
@@ -74,8 +74,8 @@ def _center(center, frame: BaseCoordinateFrame) -> tuple[float, float]:
                              "(lon, lat) pair of angles (degrees if plain numbers)") from err
     lon, lat = float(np.squeeze(lon)), float(np.squeeze(lat))
     if not (np.isfinite(lon) and np.isfinite(lat) and -90.0 <= lat <= 90.0):
-        raise ValueError(f"center ({lon}, {lat}) deg is not a valid sky position; expected a finite "
-                         "longitude and a latitude in [-90, 90] deg")
+        raise ValueError(f"center ({lon}, {lat}) deg is not a valid sky position; expected a "
+                         "finite longitude and a latitude in [-90, 90] deg")
     return lon, lat
 
 
@@ -279,6 +279,24 @@ def _nside(npix: int) -> int:
     return hp.npix2nside(npix)
 
 
+def _healpix_values(values, unit=None, mask=None):
+    """(float values, nside, unit, bad-pixel mask) of a HEALPix array, checked."""
+    if isinstance(values, u.Quantity):
+        unit = values.unit if unit is None else unit
+        values = values.value
+    values = _to_numpy(values)
+    if values.ndim != 1:
+        raise ValueError(f"HEALPix values have shape {values.shape}; expected a 1-D array of "
+                         "12*nside**2 values")
+    nside = _nside(values.size)
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    bad = ~np.isfinite(values) | np.isclose(values, hp.UNSEEN)
+    if mask is not None:
+        bad |= _check_mask(mask, values.shape, "HEALPix mask")
+    return values, nside, _unit(unit), bad
+
+
 def _unit(unit):
     """A Unit from a Unit, a string (FITS or generic format) or None."""
     if unit is None or isinstance(unit, u.UnitBase):
@@ -352,24 +370,9 @@ class HealpixMap:
     """
 
     def __init__(self, values, *, nest=False, frame="galactic", unit=None, mask=None, meta=None):
-        if isinstance(values, u.Quantity):
-            unit = values.unit if unit is None else unit
-            values = values.value
-        values = _to_numpy(values)
-        if values.ndim != 1:
-            raise ValueError(f"HEALPix values have shape {values.shape}; expected a 1-D array of "
-                             "12*nside**2 values")
-        self.nside = _nside(values.size)
-        if values.dtype.kind != "f":
-            values = values.astype(np.float64)
-        self.values = values
+        self.values, self.nside, self.unit, self.mask = _healpix_values(values, unit, mask)
         self.nest = _parse_ordering(nest)
         self.frame = _frame(frame)
-        self.unit = _unit(unit)
-        bad = ~np.isfinite(values) | np.isclose(values, hp.UNSEEN)
-        if mask is not None:
-            bad |= _check_mask(mask, values.shape, "HEALPix mask")
-        self.mask = bad
         self.meta = meta if meta is not None else {}
 
     @property
@@ -474,22 +477,12 @@ def healpix_to_patch(values, center, shape, resolution, *, nest=False, frame="ga
     >>> float(patch.data[4, 4]), float(patch.data[0, 0]), bool(patch.mask.any())
     (1.0, 0.0, False)
     """
-    if isinstance(values, u.Quantity):
-        unit = values.unit if unit is None else unit
-        values = values.value
-    values = _to_numpy(values)
-    if values.ndim != 1:
-        raise ValueError(f"HEALPix values have shape {values.shape}; expected a 1-D array of "
-                         "12*nside**2 values")
-    nside = _nside(values.size)
+    values, nside, unit, bad = _healpix_values(values, unit, mask)
     nest = _parse_ordering(nest)
     if interpolation not in ("nearest", "bilinear"):
         raise ValueError(f"interpolation {interpolation!r} is not supported; expected 'nearest' "
                          "or 'bilinear'")
     hpx_frame = _frame(frame if healpix_frame is None else healpix_frame)
-    bad = ~np.isfinite(values) | np.isclose(values, hp.UNSEEN)
-    if mask is not None:
-        bad = bad | _check_mask(mask, values.shape, "HEALPix mask")
 
     wcs = make_wcs(shape, center, resolution, projection=projection, frame=frame)
     ny, nx = wcs.array_shape
@@ -519,7 +512,7 @@ def healpix_to_patch(values, center, shape, resolution, *, nest=False, frame="ga
     meta["HPXORDER"] = ("NESTED" if nest else "RING", "ordering of the HEALPix map")
     meta["HPXCOORD"] = (_coordsys_from_frame(hpx_frame), "frame of the HEALPix map")
     meta["HPXINTRP"] = (interpolation, "how HEALPix values were sampled")
-    return NDData(out.reshape(ny, nx), wcs=wcs, mask=out_bad.reshape(ny, nx), unit=_unit(unit),
+    return NDData(out.reshape(ny, nx), wcs=wcs, mask=out_bad.reshape(ny, nx), unit=unit,
                   meta=meta)
 
 
@@ -702,7 +695,7 @@ def read_map(path, *, hdu=None, center=None, shape=None, resolution=None, projec
     >>> m.data.shape, m.unit, int(m.mask.sum()), m.wcs.wcs.ctype[0]
     ((16, 16), Unit("ph / (s cm2)"), 1, 'GLON-CAR')
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     geometry = (center, shape, resolution)
     if any(g is not None for g in geometry) and not all(g is not None for g in geometry):
         raise ValueError(f"projecting {path} needs all of {_PROJECT_HELP}; got "
@@ -739,12 +732,12 @@ _STRUCTURAL = re.compile(
     r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|EXTNAME|BSCALE|BZERO|BLANK|BUNIT|"
     r"MASKEXT|WCSAXES|CTYPE\d+|CRVAL\d+|CRPIX\d+|CDELT\d+|CUNIT\d+|CROTA\d+|CD\d+_\d+|PC\d+_\d+|"
     r"PV\d+_\d+|PS\d+_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|EPOCH|A_\w+|B_\w+|AP_\w+|BP_\w+|"
-    r"PIXTYPE|ORDERING|NSIDE|COORDSYS|INDXSCHM|FIRSTPIX|LASTPIX|OBJECT|"
+    r"PIXTYPE|ORDERING|NSIDE|COORDSYS|INDXSCHM|FIRSTPIX|LASTPIX|"
     r"T(TYPE|FORM|UNIT|NULL|DIM|SCAL|ZERO|DISP)\d+|TFIELDS|THEAP|CHECKSUM|DATASUM)$")
 
 
 def _check_writable(path, overwrite) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise OSError(f"{path} already exists; pass overwrite=True to replace it")
     if not path.parent.is_dir():
@@ -756,17 +749,32 @@ def _merge_header(target: fits.Header, extra) -> None:
     """Copy user keywords into ``target``, skipping structural, WCS and HEALPix keywords."""
     if extra is None:
         return
-    if not isinstance(extra, fits.Header):
+    if isinstance(extra, fits.Header):
+        cards = [(c.keyword, c.value, c.comment) for c in extra.cards]
+    else:
         try:
-            extra = fits.Header(list(dict(extra).items()))
+            cards = [(str(k).upper(), v, "") for k, v in dict(extra).items()]
         except (TypeError, ValueError):
+            warnings.warn(f"metadata of type {type(extra).__name__} is not written; expected a "
+                          "FITS Header or a dict", AstrotruncWarning, stacklevel=3)
             return
-    for card in extra.cards:
-        key = card.keyword
+    skipped = []
+    for key, value, comment in cards:
         if key in ("COMMENT", "HISTORY"):
-            target.add_comment(card.value) if key == "COMMENT" else target.add_history(card.value)
-        elif key and not _STRUCTURAL.match(key):
-            target[key] = (card.value, card.comment)
+            target.add_comment(value) if key == "COMMENT" else target.add_history(value)
+        elif not key or _STRUCTURAL.match(key) or (
+                key == "OBJECT" and str(value).strip().upper() in ("FULLSKY", "PARTIAL")):
+            continue
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # HIERARCH keys
+                    target[key] = (value, comment)
+            except (TypeError, ValueError):
+                skipped.append(key)
+    if skipped:
+        warnings.warn(f"metadata keys {skipped} have no FITS form and are not written; expected "
+                      "scalar values (str, number, bool)", AstrotruncWarning, stacklevel=3)
 
 
 def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwrite=False):
@@ -776,9 +784,11 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
     ----------
     path : str or `~pathlib.Path`
         Output file.
-    data : ndarray, `~astropy.units.Quantity`, `~astropy.nddata.NDData`, torch tensor or `HealpixMap`
-        A 2-D image ``(ny, nx)``, or a `HealpixMap`. The ``wcs``, ``mask``, ``unit`` and ``meta``
-        of an `~astropy.nddata.NDData` (or the unit of a Quantity) are used unless given here.
+    data : array-like, `~astropy.nddata.NDData` or `HealpixMap`
+        A 2-D image ``(ny, nx)`` -- ndarray, `~astropy.units.Quantity`, masked array, torch
+        tensor or `~astropy.nddata.NDData` -- or a `HealpixMap`. The ``wcs``, ``mask``, ``unit``
+        and ``meta`` of an NDData (the unit of a Quantity, the mask of a masked array) are used
+        unless given here; an NDData's ``uncertainty`` is not written.
     wcs : `~astropy.wcs.WCS`, optional
         2-D celestial WCS of the image; its ``pixel_shape``, if set, must match the data.
     mask : array-like of bool, optional

@@ -389,3 +389,13 @@ def test_reads_ccddata_files_and_picks_hdus_of_multi_map_files(tmp_path):
     assert read_map(tmp_path / "two.fits").data.sum() == 0
     assert read_map(tmp_path / "two.fits", hdu="MAP1").data.sum() == 42
     assert read_map(tmp_path / "two.fits", hdu=1).data.sum() == 42
+
+
+def test_metadata_dicts_are_written_where_fits_can_hold_them(tmp_path):
+    nd = NDData(np.ones((3, 3)), wcs=make_wcs(3, (0, 0), 1), meta={"object": "Vela",
+                                                                    "exposure_time": 2.5,
+                                                                    "bad": [1, 2]})
+    with pytest.warns(AstrotruncWarning, match=r"\['BAD'\] have no FITS form"):
+        write_map(tmp_path / "m.fits", nd)
+    meta = read_map(tmp_path / "m.fits").meta
+    assert meta["OBJECT"] == "Vela" and meta["EXPOSURE_TIME"] == 2.5 and "BAD" not in meta
