@@ -61,10 +61,10 @@ def _cmd_train(args):
         out = _check_writable(args.out, args.overwrite)
         det = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS, base_channels=args.channels,
                                         name=args.name, default_flux_threshold=args.default_flux_threshold)
-        det.train_on(model, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+        det.train(model, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                      max_epochs=args.epochs, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, checkpoint_dir=args.checkpoint_dir,
-                     progress=not args.quiet, seed_training=args.seed)
+                     progress=not args.quiet)
         det.save(out, overwrite=args.overwrite)
         print(f"wrote detector to {out}")
 
@@ -84,7 +84,7 @@ def _cmd_detect(args):
     cat.write(out, format=fmt, overwrite=args.overwrite)
     print(f"wrote {len(cat)} sources to {out}")
     if args.regions:
-        from .catalog import catalog_to_regions
+        from .detection import catalog_to_regions
 
         _check_writable(args.regions, args.overwrite)
         catalog_to_regions(cat).write(args.regions, format="ds9", overwrite=args.overwrite)

@@ -194,3 +194,27 @@ def test_truth_tables(model):
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_cli_simulate(tmp_path, capsys):
+    from astropy.io import fits
+    from astropy.table import QTable
+
+    from astrotrunc import read_map
+    from astrotrunc.cli import main
+
+    obs, truth = tmp_path / "obs.fits", tmp_path / "truth.ecsv"
+    assert main(["simulate", "--seed", "3", "--out", str(obs), "--truth", str(truth), "--n-maps", "2"]) == 0
+    assert main(["simulate", "--seed", "3", "--out", str(obs)]) == 2  # never clobbers
+    assert "already exists" in capsys.readouterr().err
+    with fits.open(obs) as hdul:
+        assert len(hdul) == 2 and hdul[0].header["CTYPE1"] == "GLON-CAR"
+        n_true = [int(h.header["HIERARCH TRUTH N"]) for h in hdul]
+    nd = read_map(obs)
+    sims = PointSourceModel.paper().simulate(2, seed=3)
+    np.testing.assert_array_equal(nd.data, sims.maps[0].numpy())
+    assert nd.wcs.wcs.ctype[1] == "GLAT-CAR"
+    t = QTable.read(truth)
+    assert t["l"].unit == u.deg and t["flux"].unit == u.dimensionless_unscaled
+    assert [int((t["map_id"] == i).sum()) for i in range(2)] == n_true
+    assert main(["simulate", "--out", str(tmp_path / "x.fits"), "--n-maps", "0"]) == 2
