@@ -17,3 +17,5 @@ except ImportError:  # pragma: no cover - running from a source tree without a b
 from .exceptions import *  # noqa: F401,F403
 from .io import *  # noqa: F401,F403
 from .simulation import *  # noqa: F401,F403
+from .detection import *  # noqa: F401,F403
+from .completeness import *  # noqa: F401,F403

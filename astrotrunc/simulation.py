@@ -542,6 +542,7 @@ class PointSourceModel:
 
         Memory stays bounded by ``chunk_size`` whatever ``n``. Chunk ``k`` draws from a generator
         seeded by ``(seed, k)``, so the output depends only on ``seed`` and ``chunk_size``.
+        ``seed`` is an integer or a sequence of integers (e.g. ``(seed, index)``).
         """
         n = int(n)
         if n < 0:
@@ -553,7 +554,7 @@ class PointSourceModel:
         root = np.random.SeedSequence(seed)
         for k, start in enumerate(range(0, n, chunk_size)):
             stop = min(start + chunk_size, n)
-            state = root.spawn(1)[0] if seed is None else np.random.SeedSequence([root.entropy, k])
+            state = np.random.SeedSequence(root.entropy, spawn_key=(k,))
             gen = torch.Generator(device=device or "cpu").manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
             th = theta[start:stop] if theta is not None else self.prior.sample(stop - start, gen, device=device)
             yield self._simulate_chunk(th, gen, noise)

@@ -1,0 +1,109 @@
+"""r2: one-to-one matching, the monotone completeness MLP, injection-recovery, safe files."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+
+from astrotrunc import CompletenessFunction, PointSourceModel, SourceDetector
+from astrotrunc.completeness import (default_completeness, injection_recovery, match_sources)
+from astrotrunc.detection import default_detector
+
+
+def test_match_sources_one_to_one():
+    segm = np.zeros((1, 10, 10), dtype=int)
+    segm[0, 2:5, 2:5] = 1
+    segm[0, 7:9, 7:9] = 2
+    flux = np.array([[5.0, 9.0, 1.0, 3.0, 2.0]])
+    x = np.array([[3.0, 2.2, 7.6, 0.0, 7.0]])
+    y = np.array([[3.0, 4.4, 8.0, 0.0, 7.0]])
+    valid = np.array([[True, True, True, True, False]])
+    d = match_sources(segm, flux, x, y, valid)
+    # region 1 holds sources 0 and 1: the brighter (1) is detected; region 2 holds source 2
+    # (source 4 is not a valid source, source 3 lies outside every region)
+    assert d.tolist() == [[False, True, True, False, False]]
+
+
+def _toy_labels(n=20000, seed=0):
+    """Labels from a known completeness: S = sigmoid(3 (log F - log F50(b))), F50 grows to the plane."""
+    rng = np.random.default_rng(seed)
+    f = np.exp(rng.normal(1.0, 2.0, n))
+    lon, lat = rng.normal(0, 20, n), rng.normal(0, 8, n)
+    f50 = 3.0 * (1 + 2 * np.exp(-0.5 * (lat / 4) ** 2))
+    p = 1 / (1 + np.exp(-3 * (np.log(f) - np.log(f50))))
+    d = rng.random(n) < p
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return {"flux": t(f), "l": t(lon), "b": t(lat), "d": t(d)}, f50
+
+
+def test_completeness_learns_known_function_and_is_monotone(tmp_path):
+    from astrotrunc.nre import Trainer
+
+    labels, _ = _toy_labels()
+    S = CompletenessFunction(detector_id="toy", hidden=32)
+    Trainer(max_epochs=25, batch_size=512, learning_rate=1e-2, progress=False, seed=1).fit(S, labels)
+    fl = np.geomspace(0.01, 1e4, 400)
+    for lat in (0.0, 3.0, 15.0):
+        p = S(fl, 5.0, lat)
+        assert np.all(np.diff(p) >= 0), "completeness must not decrease with flux"
+        f50_true = 3.0 * (1 + 2 * np.exp(-0.5 * (lat / 4) ** 2))
+        f50 = S.flux_at(0.5, 5.0, lat)
+        assert abs(np.log(f50) - np.log(f50_true)) < 0.25
+    # inputs: Quantities, SkyCoord, broadcasting
+    c = SkyCoord(5 * u.deg, 0 * u.deg, frame="galactic")
+    assert np.isclose(S(10.0 * u.dimensionless_unscaled, c), S(10.0, 5.0, 0.0))
+    assert S(np.ones((3, 1)), np.zeros((1, 4)) * u.deg, 0.0 * u.deg).shape == (3, 4)
+    with pytest.warns(Warning, match="non-positive"):
+        out = S([-1.0, np.nan, 2.0], 0.0, 0.0)
+    assert np.isnan(out[:2]).all() and np.isfinite(out[2])
+    with pytest.raises(ValueError, match="completeness must be in"):
+        S.flux_at(1.5, 0, 0)
+    # safe round-trip
+    path = tmp_path / "S.safetensors"
+    S.save(path)
+    back = CompletenessFunction.load(path)
+    assert back.detector_id == "toy" and np.allclose(back(fl, 0, 0), S(fl, 0, 0))
+
+
+def test_completeness_refuses_other_detector():
+    model = PointSourceModel.paper()
+    det = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2)
+    S = CompletenessFunction(detector_id="someone-else")
+    with pytest.raises(ValueError, match="belongs to detector"):
+        S.check_detector(det)
+
+
+def test_train_from_simulations_smoke():
+    model = PointSourceModel.paper()
+    det = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2)
+    S = CompletenessFunction()
+    S.train(model, det, n_maps=6, n_val_maps=2, max_epochs=1, batch_size=256, progress=False)
+    assert S.detector_id == det.identity
+    S.check_detector(det)
+
+
+def test_injection_recovery_with_shipped_detector():
+    model = PointSourceModel.paper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = injection_recovery(model, fluxes=[0.3, 300.0], positions=[(10.0, 30.0)], n_maps=20,
+                               progress=False, flux_threshold=1.0)
+    assert t["flux"].unit == u.dimensionless_unscaled and len(t) == 2
+    assert t["completeness"][1] >= 0.9  # bright, far from the plane: found
+    assert t["completeness"][0] <= t["completeness"][1]
+    assert np.all(t["completeness_low"] <= t["completeness"])
+    assert np.all(t["completeness"] <= t["completeness_high"])
+    with pytest.raises(ValueError, match="outside the map"):
+        injection_recovery(model, fluxes=[1.0], positions=[(60.0, 0.0)], n_maps=2, progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        injection_recovery(model, fluxes=[-1.0], positions=[(0.0, 0.0)], n_maps=2, progress=False)
+
+
+def test_shipped_completeness_pairs_with_shipped_detector():
+    S = default_completeness()
+    S.check_detector(default_detector())
+    p = S(np.geomspace(0.1, 1000, 50), 0.0, 10.0)
+    assert np.all(np.diff(p) >= 0) and p[-1] > 0.9 and p[0] < 0.5
