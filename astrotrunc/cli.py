@@ -67,6 +67,20 @@ def _cmd_train(args):
                      progress=not args.quiet)
         det.save(out, overwrite=args.overwrite)
         print(f"wrote detector to {out}")
+    elif args.what == "completeness":
+        from .completeness import CompletenessFunction
+        from .detection import SourceDetector
+
+        out = _check_writable(args.out, args.overwrite)
+        det = SourceDetector.load(args.detector) if args.detector else None
+        comp = CompletenessFunction()
+        comp.train(model, det, n_maps=args.n_maps, n_val_maps=args.n_val, seed=args.seed,
+                   flux_threshold=args.flux_threshold, threshold=args.threshold,
+                   max_epochs=args.epochs, batch_size=args.batch_size,
+                   learning_rate=args.learning_rate, progress=not args.quiet,
+                   checkpoint_dir=args.checkpoint_dir)
+        comp.save(out, overwrite=args.overwrite)
+        print(f"wrote completeness to {out}")
 
 
 def _cmd_detect(args):
@@ -104,18 +118,23 @@ def _parser():
     s.set_defaults(func=_cmd_simulate)
 
     t = sub.add_parser("train", help="train an estimator on the paper's model")
-    t.add_argument("what", choices=["detector"], help="which estimator")
+    t.add_argument("what", choices=["detector", "completeness"], help="which estimator")
     t.add_argument("--out", required=True, help="output model file (.safetensors)")
-    t.add_argument("--n-train", type=int, default=20000, help="simulations per epoch")
-    t.add_argument("--n-val", type=int, default=1000, help="validation simulations")
-    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--n-train", type=int, default=4000, help="detector: simulations per epoch")
+    t.add_argument("--n-val", type=int, default=400, help="validation simulations (maps)")
+    t.add_argument("--n-maps", type=int, default=2000, help="completeness: labelled maps")
+    t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--learning-rate", type=float, default=2e-3)
-    t.add_argument("--channels", type=int, default=16, help="U-Net base channels")
-    t.add_argument("--default-flux-threshold", type=float, default=None)
+    t.add_argument("--learning-rate", type=float, default=3e-3)
+    t.add_argument("--channels", type=int, default=16, help="detector: U-Net base channels")
+    t.add_argument("--default-flux-threshold", type=float, default=None,
+                   help="detector: F_th channel find_sources uses by default")
+    t.add_argument("--detector", help="completeness: detector file (default: the shipped one)")
+    t.add_argument("--flux-threshold", type=float, default=10.0, help="completeness: F_th channel")
+    t.add_argument("--threshold", type=float, default=5.0, help="completeness: odds threshold")
     t.add_argument("--name", default="astrotrunc-paper-r1")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch here; resumes")
+    t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch here")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_cmd_train)

@@ -35,8 +35,8 @@ from .nre import RatioEstimator, Trainer
 __all__ = ["UNet", "SourceDetector", "find_sources", "NeuralSourceFinder", "detection_labels",
            "default_detector", "catalog_to_regions", "PAPER_FLUX_THRESHOLDS"]
 
-#: The paper's flux-threshold grid: 12 values log-spaced from 0.1 to 100.
-PAPER_FLUX_THRESHOLDS = tuple(float(f) for f in np.logspace(-1, 2, 12))
+#: The paper's flux-threshold grid: the 13 edges of 12 log bins from 0.1 to 100 (F_th = 1, 10, ...).
+PAPER_FLUX_THRESHOLDS = tuple(float(f) for f in np.logspace(-1, 2, 13))
 
 _DEFAULT_DETECTOR = "detector_paper.safetensors"
 
