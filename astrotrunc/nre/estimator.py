@@ -104,6 +104,9 @@ def _atomic(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: use the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
