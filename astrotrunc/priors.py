@@ -109,9 +109,11 @@ class BoxPrior:
         ``generator`` is a `torch.Generator`, an integer seed, or `None` (global RNG).
         """
         gen = _as_generator(generator)
-        u01 = torch.rand(n, len(self), generator=gen, dtype=torch.float64)
-        theta = self.low + (self.high - self.low) * u01
-        theta = torch.where(self.integer, torch.floor(theta), theta)
+        where = gen.device if gen is not None else device
+        u01 = torch.rand(n, len(self), generator=gen, dtype=torch.float64, device=where)
+        low, high = self.low.to(u01.device), self.high.to(u01.device)
+        theta = low + (high - low) * u01
+        theta = torch.where(self.integer.to(u01.device), torch.floor(theta), theta)
         return theta.to(device=device, dtype=torch.float32)
 
     def log_prob(self, theta) -> torch.Tensor:
