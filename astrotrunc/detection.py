@@ -419,7 +419,13 @@ def _validated_map(data, mask):
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != data.shape:
             raise ValueError(f"mask shape {mask.shape} does not match the data shape {data.shape}")
+        unmasked_bad = bad & ~mask
         bad = bad | mask
+    else:
+        unmasked_bad = bad
+    if unmasked_bad.any() and not bad.all():
+        warnings.warn(f"{int(unmasked_bad.sum())} NaN or infinite pixel(s) are not in the mask: "
+                      "they are treated as masked", AstrotruncWarning)
     if bad.all():
         raise ValueError("every pixel of the map is masked or not finite: nothing to detect")
     return data, bad
