@@ -18,16 +18,44 @@ _REGISTRY: dict[str, type] = {}
 _FORMAT = "astrotrunc-ratio-estimator"
 
 
-def contrastive_loss(logit_fn, batch, key="theta"):
-    """The NRE loss: joint pairs vs pairs with ``batch[key]`` rolled within the batch (BCE).
+def contrastive_loss(logit_fn, batch, key="theta", reference=None):
+    """The NRE loss: binary cross-entropy between joint pairs and marginal pairs.
 
-    ``logit_fn(batch)`` returns log-ratio logits of shape ``(n, ...)``; the marginal pairs reuse
-    the same data with the parameters shifted by one position in the batch.
+    Parameters
+    ----------
+    logit_fn : callable
+        ``logit_fn(batch)`` returns log-ratio logits of shape ``(n, ...)``.
+    batch : dict of `torch.Tensor`
+        A batch of joint samples (all tensors batch-first).
+    key : str
+        Marginal pairs reuse the batch with ``batch[key]`` rolled by one position along the batch
+        axis (the batches themselves are shuffled), so that it is paired with another sample.
+    reference : dict, optional
+        Reference-density contrast: ``{name: reference_name}``; the marginal pairs are the batch
+        with ``batch[name]`` replaced by ``batch[reference_name]``, samples of a reference density
+        rho. The classifier then learns ``log p(name | rest) / rho(name)`` (r4 in DESIGN.md).
+
+    Returns
+    -------
+    loss : `torch.Tensor`
+        Scalar: mean BCE of the joint pairs (label 1) plus that of the marginal pairs (label 0).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from astrotrunc.nre import contrastive_loss
+    >>> batch = {"x": torch.randn(8, 2), "theta": torch.randn(8, 2)}
+    >>> float(contrastive_loss(lambda b: (b["x"] * b["theta"]).sum(1), batch)) > 0
+    True
     """
     joint = logit_fn(batch)
-    shuffled = dict(batch)
-    shuffled[key] = torch.roll(batch[key], 1, dims=0)
-    marginal = logit_fn(shuffled)
+    marginal_batch = dict(batch)
+    if reference:
+        for name, ref in reference.items():
+            marginal_batch[name] = batch[ref]
+    else:
+        marginal_batch[key] = torch.roll(batch[key], 1, dims=0)
+    marginal = logit_fn(marginal_batch)
     bce = nn.functional.binary_cross_entropy_with_logits
     return bce(joint, torch.ones_like(joint)) + bce(marginal, torch.zeros_like(marginal))
 
@@ -38,38 +66,96 @@ class RatioEstimator(nn.Module):
     A subclass defines its network in ``__init__`` from JSON-serialisable arguments and returns
     them in `config`; `save` writes the weights as safetensors with the class name and config in
     the metadata, and `load` rebuilds the estimator from those -- nothing is ever unpickled.
-    Subclasses register themselves by class name.
+    Subclasses register themselves by class name when they are defined.
+
+    The `~astrotrunc.nre.Trainer` only calls ``loss(batch)`` (and ``train()``/``eval()``), so an
+    estimator with another objective (a per-pixel classifier, say) overrides `loss`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from astrotrunc.nre import RatioEstimator
+    >>> class Bilinear(RatioEstimator):
+    ...     def __init__(self, n=2):
+    ...         super().__init__()
+    ...         self.n = n
+    ...         self.w = torch.nn.Parameter(torch.zeros(n, n))
+    ...     @property
+    ...     def config(self):
+    ...         return {"n": self.n}
+    ...     def forward(self, batch):
+    ...         return torch.einsum("bi,ij,bj->b", batch["x"], self.w, batch["theta"])
+    >>> est = Bilinear()
+    >>> est.loss({"x": torch.ones(4, 2), "theta": torch.ones(4, 2)}).item()  # 2 log 2
+    1.3862943649291992
     """
+
+    #: Batch key whose values are shuffled to make the marginal pairs of the default `loss`.
+    theta_key = "theta"
+    #: Reference-density contrast ``{name: reference_name}`` of the default `loss` (or `None`).
+    reference = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _REGISTRY[cls.__name__] = cls
 
     @property
-    def config(self) -> dict:  # pragma: no cover - abstract
-        """JSON-serialisable constructor arguments."""
-        raise NotImplementedError
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments (``type(self)(**config)`` rebuilds the network)."""
+        raise NotImplementedError(f"{type(self).__name__} must define the config property")
 
     def loss(self, batch) -> torch.Tensor:
-        """Contrastive NRE loss of a batch with ``"theta"`` (override for other estimators)."""
-        return contrastive_loss(self, batch)
+        """Contrastive NRE loss of a batch (see `contrastive_loss`); override for other objectives."""
+        return contrastive_loss(self, batch, key=self.theta_key, reference=self.reference)
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path, overwrite=False, metadata=None):
-        """Write weights (safetensors) + class name + config + ``metadata`` (JSON) atomically."""
+        """Write the estimator to a safetensors file, atomically.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Output file (``.safetensors`` by convention).
+        overwrite : bool
+            Replace an existing file; otherwise an existing ``path`` raises `OSError`.
+        metadata : dict, optional
+            JSON-serialisable user metadata (e.g. a detector's flux threshold), returned as the
+            ``metadata`` attribute of the loaded estimator.
+        """
         path = Path(path).expanduser()
         if path.exists() and not overwrite:
-            raise OSError(f"{path} already exists; pass overwrite=True to replace it")
+            raise OSError(f"File {path} already exists. If you mean to replace it then use the "
+                          "argument overwrite=True.")
         from .. import __version__
 
-        meta = {"format": _FORMAT, "class": type(self).__name__, "astrotrunc": __version__,
-                "config": json.dumps(self.config), "metadata": json.dumps(metadata or {})}
+        try:
+            meta = {"format": _FORMAT, "class": type(self).__name__, "astrotrunc": __version__,
+                    "config": json.dumps(self.config), "metadata": json.dumps(metadata or {})}
+        except TypeError as exc:
+            raise TypeError(f"the config and metadata of a {type(self).__name__} must be "
+                            f"JSON-serialisable to be saved: {exc}") from None
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         _atomic(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path, map_location=None):
-        """Rebuild a saved estimator. Only safetensors files written by `save` are accepted."""
+        """Rebuild a saved estimator. Only safetensors files written by `save` are accepted.
+
+        Parameters
+        ----------
+        path : str or path-like
+            A file written by `save`.
+        map_location : str or `torch.device`, optional
+            Device of the loaded weights (CPU by default).
+
+        Raises
+        ------
+        OSError
+            The file does not exist.
+        ValueError
+            The file is not an astrotrunc model file (a pickle, another safetensors file), holds
+            another class, or its weights do not fit the architecture described by its config.
+        """
         path = Path(path).expanduser()
         if not path.is_file():
             raise OSError(f"no such model file: {path}")
@@ -81,13 +167,17 @@ class RatioEstimator(nn.Module):
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{path} is not an astrotrunc model file (safetensors expected; "
                              f"pickled files are refused): {exc}") from None
-        if meta.get("format") != _FORMAT:
+        if meta.get("format") != _FORMAT or "class" not in meta or "config" not in meta:
             raise ValueError(f"{path} is a safetensors file but not an astrotrunc model file")
         name = meta["class"]
         klass = _REGISTRY.get(name)
         if klass is None or not issubclass(klass, cls):
-            raise ValueError(f"{path} holds a {name}, not a {cls.__name__}")
-        est = klass(**json.loads(meta["config"]))
+            raise ValueError(f"{path} holds a {name}, not a {cls.__name__}"
+                             + ("" if klass else " (is the module defining it imported?)"))
+        try:
+            est = klass(**json.loads(meta["config"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: its config cannot rebuild a {name}: {exc}") from None
         state = load_file(str(path), device=str(map_location or "cpu"))
         try:
             est.load_state_dict(state)

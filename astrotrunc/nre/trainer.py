@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from astropy import units as u
 from astropy.table import QTable
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -18,22 +20,32 @@ from .estimator import _atomic
 
 __all__ = ["Trainer"]
 
+_CKPT = "checkpoint.safetensors"
+_CKPT_SUMMARY = "checkpoint.json"
+_HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "learning_rate", "time")
 
+
+# ----------------------------------------------------------------------------------------------
+# Batch sources: what `Trainer.fit` iterates over
+# ----------------------------------------------------------------------------------------------
 class _TensorSource:
     """Batches from a dict of equal-length tensors (random validation split, shuffled batches)."""
 
+    checked = True  # validated once here, not batch by batch
+
     def __init__(self, data, val_fraction, generator):
-        tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+        if not data:
+            raise ValueError("the training data are empty (no arrays given)")
+        tensors = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
                    for k, v in data.items()}
-        lengths = {k: len(v) for k, v in tensors.items()}
+        lengths = {k: (len(v) if v.ndim else 0) for k, v in tensors.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"all arrays must have the same length (batch size), got {lengths}")
         n = next(iter(lengths.values()))
         if n < 2:
             raise ValueError(f"need at least 2 samples to train, got {n}")
         for k, v in tensors.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise ValueError(f"array {k!r} holds NaN or infinite values")
+            _check_finite(k, v)
         perm = torch.randperm(n, generator=generator)
         n_val = max(1, int(round(val_fraction * n)))
         self.tensors, self.val_idx, self.train_idx = tensors, perm[:n_val], perm[n_val:]
@@ -55,6 +67,71 @@ class _TensorSource:
         return -(-len(self.train_idx) // batch_size)
 
 
+class _DatasetSource:
+    """Batches from a map-style `torch.utils.data.Dataset` whose items are dicts of arrays."""
+
+    checked = False
+
+    def __init__(self, dataset, val_fraction, generator):
+        n = len(dataset)
+        if n < 2:
+            raise ValueError(f"need at least 2 samples to train, got {n}")
+        perm = torch.randperm(n, generator=generator).tolist()
+        n_val = max(1, int(round(val_fraction * n)))
+        self.dataset, self.val_idx, self.train_idx = dataset, perm[:n_val], perm[n_val:]
+        self.generator = generator
+
+    def _loader(self, idx, batch_size, shuffle):
+        from torch.utils.data import DataLoader, Subset
+
+        return DataLoader(Subset(self.dataset, idx), batch_size=batch_size, shuffle=shuffle,
+                          generator=self.generator if shuffle else None)
+
+    def train_batches(self, batch_size, epoch):
+        return iter(self._loader(self.train_idx, batch_size, True))
+
+    def val_batches(self, batch_size):
+        return iter(self._loader(self.val_idx, batch_size, False))
+
+    def n_batches(self, batch_size):
+        return -(-len(self.train_idx) // batch_size)
+
+
+def _as_source(data, val_fraction, generator):
+    if hasattr(data, "train_batches") and hasattr(data, "val_batches"):
+        return data
+    if hasattr(data, "batch_source"):  # a SimulationStore
+        return data.batch_source(val_fraction=val_fraction, generator=generator)
+    if isinstance(data, dict):
+        return _TensorSource(data, val_fraction, generator)
+    if isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError("an IterableDataset cannot be split for validation: give a map-style "
+                        "Dataset, a SimulationStore, or an object with train_batches/val_batches")
+    if isinstance(data, torch.utils.data.Dataset):
+        return _DatasetSource(data, val_fraction, generator)
+    raise TypeError(f"cannot train on a {type(data).__name__}: give a dict of arrays, a "
+                    "torch Dataset of dicts, a SimulationStore or a batch source")
+
+
+def _check_finite(key, value):
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise ValueError(f"array {key!r} holds NaN or infinite values")
+
+
+def _check_batch(batch):
+    """Validation of a streamed batch (dict arrays are checked once up front instead)."""
+    if not isinstance(batch, dict) or not batch:
+        raise TypeError(f"batches must be non-empty dicts of tensors, got {type(batch).__name__}")
+    sizes = {k: len(v) for k, v in batch.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"all arrays of a batch must have the same length (batch size), got {sizes}")
+    for k, v in batch.items():
+        _check_finite(k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
 class Trainer:
     """Train any `~astrotrunc.nre.RatioEstimator` by minimising its ``loss(batch)``.
 
@@ -67,109 +144,174 @@ class Trainer:
     learning_rate, weight_decay : float
         AdamW settings.
     val_fraction : float
-        Fraction of the data held out for validation (array data).
+        Fraction of the data held out for validation (chunks of a store; samples otherwise).
     patience : int
         Early stopping: stop after this many epochs without a better validation loss; the best
         weights are restored at the end.
     scheduler : {'cosine', 'plateau', None}
-        Learning-rate schedule (cosine annealing per step, or halving on a validation plateau).
+        Learning-rate schedule: cosine annealing per step (to 2 % of the initial rate), or
+        halving when the validation loss plateaus.
     device : str or `torch.device`, optional
         ``"cpu"``, ``"cuda"``...; CUDA when available by default.
-    checkpoint_dir : str, optional
-        A checkpoint (model, optimiser, scheduler, RNG, history) is written there atomically
-        after every epoch, as safetensors + JSON: ``fit(..., resume=True)`` continues from it.
+    checkpoint_dir : str or path-like, optional
+        A checkpoint (model, best model, optimiser, scheduler, RNG states, history) is written
+        there atomically after every epoch, as one safetensors file with JSON metadata (plus a
+        human-readable ``checkpoint.json`` summary): ``fit(..., resume=True)`` continues from it.
+        A fresh ``fit`` (``resume=False``) starts over and replaces it.
     progress : bool
         tqdm progress bars (only when stderr is a terminal).
     seed : int, optional
-        Seeds batching and initialisation-independent randomness: runs on CPU are reproducible.
+        Seeds the validation split, batch order and the torch RNG used during training (dropout);
+        CPU runs are then reproducible. The global RNG state is left untouched.
+    grad_clip : float, optional
+        Clip the gradient norm to this value.
 
     Notes
     -----
-    ``data`` given to `fit` is a dict of equal-length arrays/tensors, or a *batch source*: an
-    object with ``train_batches(batch_size, epoch)`` and ``val_batches(batch_size)`` returning
-    iterables of dict batches (and optionally ``n_batches(batch_size)``), e.g. an on-the-fly
-    simulator or a `~astrotrunc.store.SimulationStore` view.
+    ``data`` given to `fit` is a dict of equal-length arrays/tensors; a map-style
+    `torch.utils.data.Dataset` whose items are dicts; a `~astrotrunc.store.SimulationStore`
+    (streamed chunk by chunk); or a *batch source*: an object with
+    ``train_batches(batch_size, epoch)`` and ``val_batches(batch_size)`` returning iterables of
+    dict batches (and optionally ``n_batches(batch_size)``), e.g. an on-the-fly simulator.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from astrotrunc.nre import MarginalRatioEstimator, Trainer
+    >>> theta = torch.rand(512, 2)
+    >>> data = {"theta": theta, "x": theta + 0.1 * torch.randn(512, 2)}
+    >>> est = MarginalRatioEstimator(x_shape=2, params=["a", "b"], hidden=16)
+    >>> history = Trainer(max_epochs=2, batch_size=64, progress=False, seed=0).fit(est, data)
+    >>> history.colnames
+    ['epoch', 'train_loss', 'val_loss', 'learning_rate', 'time']
     """
 
     def __init__(self, max_epochs=50, batch_size=128, learning_rate=1e-3, weight_decay=1e-4,
                  val_fraction=0.1, patience=5, scheduler="cosine", device=None,
-                 checkpoint_dir=None, progress=True, seed=None):
+                 checkpoint_dir=None, progress=True, seed=None, grad_clip=None):
         if scheduler not in ("cosine", "plateau", None):
             raise ValueError(f"scheduler must be 'cosine', 'plateau' or None, got {scheduler!r}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if int(max_epochs) < 1 or int(batch_size) < 1:
+            raise ValueError(f"max_epochs and batch_size must be positive, got {max_epochs}, {batch_size}")
         self.max_epochs, self.batch_size = int(max_epochs), int(batch_size)
         self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
         self.val_fraction, self.patience, self.scheduler = float(val_fraction), int(patience), scheduler
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
         self.progress, self.seed = progress, seed
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
 
     def fit(self, estimator, data, resume=False):
-        """Train ``estimator`` on ``data``; returns the history as a `~astropy.table.QTable`."""
-        gen = torch.Generator().manual_seed(self.seed if self.seed is not None else
-                                            int(torch.randint(0, 2**62, (1,))))
-        source = (data if hasattr(data, "train_batches") else
-                  _TensorSource(data, self.val_fraction, gen))
+        """Train ``estimator`` on ``data``.
+
+        Parameters
+        ----------
+        estimator : `~astrotrunc.nre.RatioEstimator`
+            Any module with ``loss(batch)``.
+        data : dict, `torch.utils.data.Dataset`, `~astrotrunc.store.SimulationStore` or batch source
+            The training data (see the class notes).
+        resume : bool
+            Continue from the checkpoint in ``checkpoint_dir`` if there is one.
+
+        Returns
+        -------
+        history : `~astropy.table.QTable`
+            One row per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``learning_rate``,
+            ``time`` (s). The estimator holds the best weights (lowest validation loss), in
+            evaluation mode.
+        """
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        gen = torch.Generator().manual_seed(seed)
+        source = _as_source(data, self.val_fraction, gen)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            return self._fit(estimator, source, gen, resume)
+
+    def _fit(self, estimator, source, gen, resume):
         estimator.to(self.device)
         opt = torch.optim.AdamW(estimator.parameters(), lr=self.learning_rate,
                                 weight_decay=self.weight_decay)
-        n_steps = self.max_epochs * (source.n_batches(self.batch_size)
-                                     if hasattr(source, "n_batches") else 1000)
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_steps, 1), self.learning_rate * 0.02)
-                 if self.scheduler == "cosine" else
-                 torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(self.patience // 2, 1))
-                 if self.scheduler == "plateau" else None)
-        history, start, best, best_state, stale = [], 0, math.inf, None, 0
-        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.json").exists():
-            start, best, stale, history, best_state = self._restore(estimator, opt, sched, gen)
-        show = self.progress and sys.stderr.isatty()
-        for epoch in range(start, self.max_epochs):
+        n_batches = source.n_batches(self.batch_size) if hasattr(source, "n_batches") else None
+        if self.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, max(self.max_epochs * (n_batches or 1000), 1), self.learning_rate * 0.02)
+        elif self.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, factor=0.5, patience=max(self.patience // 2, 1))
+        else:
+            sched = None
+        state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "done": False}
+        best_state = None
+        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / _CKPT).exists():
+            state, best_state = self._restore(estimator, opt, sched, gen)
+        show = bool(self.progress) and sys.stderr.isatty()
+        check = not getattr(source, "checked", False)
+        history = state["history"]
+        for epoch in range(state["epoch"], self.max_epochs):
+            if state["done"]:
+                break
+            t0 = time.perf_counter()
             estimator.train()
-            losses = []
+            total, count = 0.0, 0
             bar = tqdm(source.train_batches(self.batch_size, epoch), disable=not show,
-                       desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False,
-                       total=source.n_batches(self.batch_size) if hasattr(source, "n_batches") else None)
+                       desc=f"epoch {epoch + 1}/{self.max_epochs}", leave=False, total=n_batches)
             for batch in bar:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                if check:
+                    _check_batch(batch)
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 loss = estimator.loss(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {loss.item()} at epoch {epoch + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the training loss became {value} at epoch {epoch + 1}")
+                if self.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(estimator.parameters(), self.grad_clip)
                 opt.step()
                 if self.scheduler == "cosine":
                     sched.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
-            if not losses:
+                total += value
+                count += 1
+                if show:
+                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            if count == 0:
                 raise ValueError("no training batches: the data are empty")
-            val = self._validate(estimator, source)
+            val = self._validate(estimator, source, check)
             if self.scheduler == "plateau":
                 sched.step(val)
-            history.append((epoch + 1, float(np.mean(losses)), val, opt.param_groups[0]["lr"]))
-            if val < best:
-                best, stale = val, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in estimator.state_dict().items()})
+            history.append((epoch + 1, total / count, val, opt.param_groups[0]["lr"],
+                            time.perf_counter() - t0))
+            if val < state["best"]:
+                state["best"], state["stale"] = val, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in estimator.state_dict().items()}
             else:
-                stale += 1
+                state["stale"] += 1
+            state["epoch"] = epoch + 1
+            state["done"] = state["stale"] >= self.patience
             if self.checkpoint_dir is not None:
-                self._checkpoint(estimator, opt, sched, gen, epoch + 1, best, stale, history, best_state)
+                self._checkpoint(estimator, opt, sched, gen, state, best_state)
             if show:
                 tqdm.write(f"epoch {epoch + 1}: train {history[-1][1]:.5g}  val {val:.5g}")
-            if stale >= self.patience:
-                break
         if best_state is not None:
             estimator.load_state_dict(best_state)
         estimator.eval()
-        return QTable(rows=history, names=("epoch", "train_loss", "val_loss", "learning_rate")) \
-            if history else QTable(names=("epoch", "train_loss", "val_loss", "learning_rate"))
+        if not history:
+            return QTable(names=_HISTORY_COLUMNS)
+        table = QTable(rows=history, names=_HISTORY_COLUMNS)
+        table["time"].unit = u.s
+        return table
 
     @torch.no_grad()
-    def _validate(self, estimator, source):
+    def _validate(self, estimator, source, check):
         estimator.eval()
         total, n = 0.0, 0
         for batch in source.val_batches(self.batch_size):
+            if check:
+                _check_batch(batch)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             size = len(next(iter(batch.values())))
             total += estimator.loss(batch).item() * size
@@ -178,8 +320,8 @@ class Trainer:
             raise ValueError("no validation batches: the data are empty")
         return total / n
 
-    # -- checkpoints: safetensors for tensors, JSON for the rest; never pickle ----------------
-    def _checkpoint(self, estimator, opt, sched, gen, epoch, best, stale, history, best_state):
+    # -- checkpoints: one safetensors file (tensors + JSON metadata), replaced atomically ------
+    def _checkpoint(self, estimator, opt, sched, gen, state, best_state):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in estimator.state_dict().items()}
         tensors.update({f"best.{k}": v.contiguous() for k, v in (best_state or {}).items()})
@@ -189,20 +331,31 @@ class Trainer:
                 tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
         tensors["rng.cpu"] = torch.get_rng_state()
         tensors["rng.batches"] = gen.get_state()
-        meta = {"epoch": epoch, "best": best, "stale": stale, "history": history,
-                "param_groups": opt_state["param_groups"],
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "architecture": type(estimator).__name__}
-        _atomic(self.checkpoint_dir / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp))
-        _atomic(self.checkpoint_dir / "checkpoint.json",
-                lambda tmp: Path(tmp).write_text(json.dumps(meta, default=float)))
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = dict(state, architecture=type(estimator).__name__,
+                    config=getattr(estimator, "config", None) if _jsonable(estimator) else None,
+                    param_groups=opt_state["param_groups"],
+                    scheduler=sched.state_dict() if sched is not None else None)
+        text = json.dumps(meta, default=float)
+        _atomic(self.checkpoint_dir / _CKPT,
+                lambda tmp: save_file(tensors, tmp, metadata={"astrotrunc-checkpoint": text}))
+        summary = {k: meta[k] for k in ("epoch", "best", "stale", "done", "architecture")}
+        _atomic(self.checkpoint_dir / _CKPT_SUMMARY,
+                lambda tmp: Path(tmp).write_text(json.dumps(summary, default=float)))
 
     def _restore(self, estimator, opt, sched, gen):
-        meta = json.loads((self.checkpoint_dir / "checkpoint.json").read_text())
+        path = self.checkpoint_dir / _CKPT
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["astrotrunc-checkpoint"])
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ValueError(f"{path} is not an astrotrunc checkpoint (pickled files are refused): "
+                             f"{exc}") from None
         if meta["architecture"] != type(estimator).__name__:
             raise ValueError(f"the checkpoint in {self.checkpoint_dir} is for a {meta['architecture']}, "
                              f"not a {type(estimator).__name__}")
-        tensors = load_file(str(self.checkpoint_dir / "checkpoint.safetensors"))
         model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             estimator.load_state_dict(model)
@@ -210,14 +363,26 @@ class Trainer:
             raise ValueError(f"the checkpoint in {self.checkpoint_dir} does not fit this estimator's "
                              f"architecture: {exc}") from None
         best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-        state = {}
+        opt_tensors = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
                 _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v.to(self.device) if name != "step" else v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+                opt_tensors.setdefault(int(pid), {})[name] = v.to(self.device) if name != "step" else v
+        opt.load_state_dict({"state": opt_tensors, "param_groups": meta["param_groups"]})
         if sched is not None and meta["scheduler"] is not None:
             sched.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng.cpu"])
         gen.set_state(tensors["rng.batches"])
-        return meta["epoch"], meta["best"], meta["stale"], [tuple(h) for h in meta["history"]], best_state
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        state = {k: meta[k] for k in ("epoch", "best", "stale", "done")}
+        state["history"] = [tuple(h) for h in meta["history"]]
+        return state, best_state
+
+
+def _jsonable(estimator) -> bool:
+    try:
+        json.dumps(estimator.config)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not recorded"
+        return False
