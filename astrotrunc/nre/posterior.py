@@ -193,7 +193,8 @@ class WeightedSamples:
         levels = np.empty(len(self.marginals))
         for c, m in enumerate(self.marginals):  # loop over weight columns
             dens_s, dens_p = self._histogram_density(c, m, point)
-            levels[c] = (self.weights[:, c] * (dens_s > dens_p)).sum()
+            w = self.weights[:, c]  # samples in bins as dense as the point's count half
+            levels[c] = (w * (dens_s > dens_p)).sum() + 0.5 * (w * (dens_s == dens_p)).sum()
         return levels
 
     def hpd_threshold(self, levels, column=0) -> np.ndarray:
@@ -208,16 +209,24 @@ class WeightedSamples:
         return lw[order][idx]
 
     def _histogram_density(self, c, m, point):
-        t = self.theta[:, list(m)]
-        n_bins = max(5, int(round(self.ess[c] ** (1 / (len(m) + 2)) * 2)))
-        hist, edges = np.histogramdd(t, bins=n_bins, weights=self.weights[:, c])
-        idx_s = tuple(np.clip(np.searchsorted(e, t[:, j], side="right") - 1, 0, n_bins - 1)
-                      for j, e in enumerate(edges))
-        p = point[list(m)]
-        inside = all(e[0] <= p[j] <= e[-1] for j, e in enumerate(edges))
-        idx_p = tuple(int(np.clip(np.searchsorted(e, p[j], side="right") - 1, 0, n_bins - 1))
-                      for j, e in enumerate(edges))
-        return hist[idx_s], (hist[idx_p] if inside else -math.inf)
+        """Weighted-histogram density at the samples and at ``point`` (marginal ``m``)."""
+        t, w = self.theta[:, list(m)], self.weights[:, c]
+        n_bins = max(5, int(round(3 * self.ess[c] ** (1 / (len(m) + 2)))))
+        ranges = []
+        for j in range(len(m)):  # bins over the weighted 0.05-99.95 % range of each parameter
+            order = np.argsort(t[:, j])
+            cdf = np.cumsum(w[order])
+            lo, hi = np.interp([5e-4, 1 - 5e-4], cdf / cdf[-1], t[order, j])
+            ranges.append((lo, hi) if hi > lo else (lo - 0.5, hi + 0.5))
+        hist, edges = np.histogramdd(t, bins=n_bins, range=ranges, weights=w)
+
+        def lookup(values):
+            idx = [np.searchsorted(e, values[..., j], side="right") - 1 for j, e in enumerate(edges)]
+            inside = np.all([(i >= 0) & (i < n_bins) for i in idx], axis=0)
+            dens = hist[tuple(np.clip(i, 0, n_bins - 1) for i in idx)]
+            return np.where(inside, dens, 0.0)
+
+        return lookup(t), lookup(point[list(m)][None, :])[0]
 
     def summary(self) -> QTable:
         """Per-parameter mean, std, median, 68 % interval and ESS as a `~astropy.table.QTable`.
