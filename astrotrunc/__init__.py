@@ -19,3 +19,7 @@ from .io import *  # noqa: F401,F403
 from .simulation import *  # noqa: F401,F403
 from .detection import *  # noqa: F401,F403
 from .completeness import *  # noqa: F401,F403
+from .nre import *  # noqa: F401,F403
+from .store import *  # noqa: F401,F403
+from .truncation import *  # noqa: F401,F403
+from .diagnostics import *  # noqa: F401,F403

@@ -115,7 +115,7 @@ class TruncationResult:
     >>> from astrotrunc.truncation import TruncationResult, TruncationRound
     >>> p0 = BoxPrior(a=Uniform(0, 10))
     >>> res = TruncationResult([TruncationRound(0, p0, p0.truncate([2], [4]), 100)])
-    >>> res.to_table()["shrink_factor"][0]
+    >>> float(res.to_table()["shrink_factor"][0])
     5.0
     """
 
