@@ -224,3 +224,31 @@ def test_weighted_samples():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         WeightedSamples(theta, np.zeros(len(theta)))
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    data = {"theta": torch.randn(200, 2), "x": torch.randn(200, 2)}
+
+    def make():
+        torch.manual_seed(1)
+        return MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
+
+    ref = Trainer(max_epochs=4, batch_size=32, progress=False, seed=5, patience=100).fit(make(), data)
+    est, calls = make(), []
+    loss = est.loss
+
+    def crashing(batch):
+        calls.append(1)
+        if len(calls) == 17:  # during epoch 3 (6 training + 1 validation batches per epoch)
+            raise KeyboardInterrupt
+        return loss(batch)
+
+    est.loss = crashing
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(max_epochs=4, batch_size=32, progress=False, seed=5, patience=100,
+                checkpoint_dir=tmp_path).fit(est, data)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 2
+    # resumed without the seed: split, batch order and RNG all come from the checkpoint
+    hist = Trainer(max_epochs=4, batch_size=32, progress=False, patience=100,
+                   checkpoint_dir=tmp_path).fit(make(), data, resume=True)
+    np.testing.assert_allclose(hist["val_loss"], ref["val_loss"], rtol=1e-6)

@@ -223,15 +223,17 @@ class Trainer:
             evaluation mode.
         """
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / _CKPT).exists():
+            seed = self._read_meta().get("seed", seed)  # the same validation split as before
         gen = torch.Generator().manual_seed(seed)
         source = _as_source(data, self.val_fraction, gen)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             if self.seed is not None:
                 torch.manual_seed(self.seed)
-            return self._fit(estimator, source, gen, resume)
+            return self._fit(estimator, source, gen, resume, seed)
 
-    def _fit(self, estimator, source, gen, resume):
+    def _fit(self, estimator, source, gen, resume, seed):
         estimator.to(self.device)
         opt = torch.optim.AdamW(estimator.parameters(), lr=self.learning_rate,
                                 weight_decay=self.weight_decay)
@@ -244,7 +246,7 @@ class Trainer:
                 opt, factor=0.5, patience=max(self.patience // 2, 1))
         else:
             sched = None
-        state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "done": False}
+        state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "done": False, "seed": seed}
         best_state = None
         if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / _CKPT).exists():
             state, best_state = self._restore(estimator, opt, sched, gen)
@@ -344,15 +346,18 @@ class Trainer:
         _atomic(self.checkpoint_dir / _CKPT_SUMMARY,
                 lambda tmp: Path(tmp).write_text(json.dumps(summary, default=float)))
 
-    def _restore(self, estimator, opt, sched, gen):
+    def _read_meta(self) -> dict:
         path = self.checkpoint_dir / _CKPT
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["astrotrunc-checkpoint"])
-            tensors = load_file(str(path))
+                return json.loads((f.metadata() or {})["astrotrunc-checkpoint"])
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ValueError(f"{path} is not an astrotrunc checkpoint (pickled files are refused): "
                              f"{exc}") from None
+
+    def _restore(self, estimator, opt, sched, gen):
+        meta = self._read_meta()
+        tensors = load_file(str(self.checkpoint_dir / _CKPT))
         if meta["architecture"] != type(estimator).__name__:
             raise ValueError(f"the checkpoint in {self.checkpoint_dir} is for a {meta['architecture']}, "
                              f"not a {type(estimator).__name__}")
@@ -375,7 +380,7 @@ class Trainer:
         gen.set_state(tensors["rng.batches"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        state = {k: meta[k] for k in ("epoch", "best", "stale", "done")}
+        state = {k: meta[k] for k in ("epoch", "best", "stale", "done", "seed")}
         state["history"] = [tuple(h) for h in meta["history"]]
         return state, best_state
 
