@@ -252,3 +252,20 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     hist = Trainer(max_epochs=4, batch_size=32, progress=False, patience=100,
                    checkpoint_dir=tmp_path).fit(make(), data, resume=True)
     np.testing.assert_allclose(hist["val_loss"], ref["val_loss"], rtol=1e-6)
+
+
+def test_deepsets_embedding_for_catalogs():
+    est = MarginalRatioEstimator([6, 3], ["N", "s"], embedding="deepsets",
+                                 embedding_kwargs={"n_features": 8, "hidden": 16}, hidden=8,
+                                 reference_key="x_ref")
+    x = torch.zeros(4, 6, 3)
+    x[:, :3] = torch.cat([torch.randn(4, 3, 2), torch.ones(4, 3, 1)], dim=2)  # 3 sources each
+    batch = {"x": x, "x_ref": x.flip(0), "theta": torch.randn(4, 2)}
+    assert torch.isfinite(est.loss(batch))  # training mode: masked standardisation updated
+    assert float(est.embedding.norm.count) == 24  # present elements of x and x_ref only
+    est.eval()
+    shuffled = x[:, [2, 0, 1, 3, 4, 5]]
+    padded_junk = x.clone()
+    padded_junk[:, 4, :2] = 99.0  # a padding row's features are ignored
+    for other in (shuffled, padded_junk):
+        torch.testing.assert_close(est.log_ratio(other, batch["theta"]), est.log_ratio(x, batch["theta"]))

@@ -29,7 +29,8 @@ class MarginalRatioEstimator(RatioEstimator):
         Joint 2-D heads, as pairs of parameter names or indices.
     embedding : str
         Name of the embedding network (`~astrotrunc.nre.EMBEDDINGS`: ``"mlp"``, ``"identity"``,
-        ``"cnn"``). Subclasses with their own embedding override `build_embedding`.
+        ``"cnn"``, ``"deepsets"``). Subclasses with their own embedding override
+        `build_embedding`.
     embedding_kwargs : dict, optional
         Keyword arguments of the embedding (JSON-serialisable).
     hidden, n_blocks : int
@@ -37,7 +38,8 @@ class MarginalRatioEstimator(RatioEstimator):
     dropout : float
         Dropout inside the heads.
     standardize : bool
-        Standardise ``theta`` and ``x`` online (running mean and std of the training data).
+        Standardise ``theta`` and ``x`` online (running mean and std of the training data);
+        ``x`` is left to embeddings that standardise their own input (``standardizes_input``).
     x_key, theta_key : str
         Batch keys of the data and the parameters.
     reference_key : str, optional
@@ -77,7 +79,8 @@ class MarginalRatioEstimator(RatioEstimator):
         n_features = self.embedding.n_features
         n = len(names)
         self.theta_norm = OnlineStandardize(n) if self.standardize else nn.Identity()
-        self.x_norm = OnlineStandardize(self.x_shape) if self.standardize else nn.Identity()
+        own = getattr(self.embedding, "standardizes_input", False)
+        self.x_norm = OnlineStandardize(self.x_shape) if self.standardize and not own else nn.Identity()
         self.marginal_heads = ChannelResidualNet(n, n_features, 1, self.hidden, self.n_blocks, self.dropout)
         self.pair_heads = (ChannelResidualNet(len(self.pairs), n_features, 2, self.hidden, self.n_blocks,
                                               self.dropout) if self.pairs else None)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["OnlineStandardize", "ChannelResidualNet", "MLPEmbedding", "CNNEmbedding",
-           "make_embedding", "EMBEDDINGS"]
+           "DeepSetEmbedding", "make_embedding", "EMBEDDINGS"]
 
 
 class OnlineStandardize(nn.Module):
@@ -190,8 +190,53 @@ class CNNEmbedding(nn.Module):
         return self.head(pooled)
 
 
+class DeepSetEmbedding(nn.Module):
+    """A permutation-invariant embedding of padded variable-length sets (DeepSets).
+
+    The data are ``(B, max_size, d + 1)``: ``d`` features per element and a last column that is
+    1 for a present element and 0 for padding. Each present element's features are standardised
+    online (from present elements only), mapped by an MLP, and mean-pooled; the pooled vector
+    and ``log(1 + set size)`` go through a second MLP. Padding never changes the output.
+    The embedding standardises its own input (``standardizes_input``), so the estimator leaves
+    the mask column alone.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from astrotrunc.nre import DeepSetEmbedding
+    >>> emb = DeepSetEmbedding((5, 3), n_features=4).eval()
+    >>> x = torch.zeros(1, 5, 3)
+    >>> x[0, :2] = torch.tensor([[1.0, 2.0, 1.0], [3.0, 4.0, 1.0]])   # two sources, three pads
+    >>> swapped = x[:, [1, 0, 2, 3, 4]]
+    >>> torch.allclose(emb(x), emb(swapped))
+    True
+    """
+
+    standardizes_input = True
+
+    def __init__(self, x_shape, n_features=32, hidden=64, standardize=True):
+        super().__init__()
+        if len(x_shape) != 2 or x_shape[1] < 2:
+            raise ValueError(f"a set embedding needs data of shape (max_size, d + 1), got {x_shape}")
+        d = int(x_shape[1]) - 1
+        self.norm = OnlineStandardize(d) if standardize else None
+        self.phi = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.rho = nn.Sequential(nn.Linear(hidden + 1, hidden), nn.SiLU(), nn.Linear(hidden, n_features))
+        self.n_features = int(n_features)
+
+    def forward(self, x):
+        feats, present = x[..., :-1], x[..., -1:] > 0.5
+        if self.norm is not None:
+            if self.training:
+                self.norm._update(feats[present[..., 0]].detach())
+            feats = (feats - self.norm.mean) / self.norm.std
+        count = present.sum(1).to(x.dtype)
+        pooled = (self.phi(feats) * present).sum(1) / count.clamp_min(1)
+        return self.rho(torch.cat([pooled, torch.log1p(count)], dim=1))
+
+
 EMBEDDINGS = {"mlp": MLPEmbedding, "identity": lambda x_shape: MLPEmbedding(x_shape, n_layers=0),
-              "cnn": CNNEmbedding}
+              "cnn": CNNEmbedding, "deepsets": DeepSetEmbedding}
 """Embedding networks that a `MarginalRatioEstimator` can build by name."""
 
 
