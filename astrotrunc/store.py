@@ -153,7 +153,8 @@ class SimulationStore:
 
     def read_chunk(self, index: int, keys=None) -> dict:
         """The rows of complete chunk ``index`` as a dict of numpy arrays."""
-        if index not in set(self.complete_chunks.tolist()):
+        if not (0 <= index < self.n_chunks
+                and int(self._group[_MARKER][index]) == self._expected_rows(index)):
             raise ValueError(f"chunk {index} of the store is not complete")
         start = index * self.chunk_size
         stop = start + self._expected_rows(index)
@@ -197,7 +198,8 @@ class SimulationStore:
         if n < 1:
             raise ValueError(f"n must be positive, got {n}")
         self._configure(int(chunk_size), int(seed), n)
-        todo = [i for i in range(self.n_chunks) if i not in set(self.complete_chunks.tolist())]
+        done = set(self.complete_chunks.tolist())
+        todo = [i for i in range(self.n_chunks) if i not in done]
         if not todo:
             return
         bar = tqdm(total=len(todo), desc="simulating", unit="chunk", disable=not progress)
