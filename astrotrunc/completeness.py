@@ -105,21 +105,27 @@ def match_sources(segmentation, flux, x, y, valid):
 # The estimator
 # ----------------------------------------------------------------------------------------------
 class _MonotoneFluxLogit(nn.Module):
-    """logit(F, s) = a(s) + Σ_k softplus(w_k(s)) tanh((log F - c_k(s)) / τ): increasing in F."""
+    """logit(F, s) = a(s) + Σ_k w_k(s) tanh(g_k(s) (log F - c_k(s))), w_k, g_k > 0: increasing in F.
+
+    Each step has its own position-dependent height, slope and location, so sharp completeness
+    edges (e.g. at F_th) and gentle confusion-limited tails are both representable.
+    """
 
     def __init__(self, hidden=64, n_steps=8):
         super().__init__()
         self.n_steps = n_steps
         self.position = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                      nn.SiLU(), nn.Linear(hidden, 1 + 2 * n_steps))
+                                      nn.SiLU(), nn.Linear(hidden, 1 + 3 * n_steps))
         # spread the initial steps over the log-flux range of typical training data
         with torch.no_grad():
-            self.position[-1].bias[1 + n_steps:] = torch.linspace(-2, 2, n_steps)
+            self.position[-1].bias[1 + n_steps:1 + 2 * n_steps] = torch.linspace(-2, 2, n_steps)
 
     def forward(self, z_flux, z_pos):
+        k = self.n_steps
         p = self.position(z_pos)
-        bias, w, c = p[:, :1], p[:, 1:1 + self.n_steps], p[:, 1 + self.n_steps:]
-        return bias[:, 0] + (nn.functional.softplus(w) * torch.tanh(z_flux[:, None] - c)).sum(1)
+        bias, w, c, g = p[:, 0], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
+        slope = nn.functional.softplus(g + 1.0) + 0.1
+        return bias + (nn.functional.softplus(w) * torch.tanh(slope * (z_flux[:, None] - c))).sum(1)
 
 
 class CompletenessFunction(RatioEstimator):
@@ -289,7 +295,7 @@ class CompletenessFunction(RatioEstimator):
         Returns a dict of 1-D tensors ``flux, l, b, d`` (one entry per source).
         """
         cols = {k: [] for k in ("flux", "l", "b", "d")}
-        bar = tqdm(total=n_maps, desc="labelling sources", unit="map", disable=not progress)
+        bar = tqdm(total=n_maps, desc="labelling sources", unit="map", disable=None if progress else True)
         for sims in model.iter_simulate(n_maps, seed=seed, chunk_size=chunk_size):
             segm = detect_batch(detector, sims.maps, threshold=threshold, flux_threshold=flux_threshold)
             d = match_sources(segm, sims.flux.numpy(), sims.x.numpy(), sims.y.numpy(), sims.in_map.numpy())
@@ -381,7 +387,7 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
         raise ValueError(f"positions {pos[outside].tolist()} fall outside the map")
     gen = torch.Generator().manual_seed(seed + 1)
     rows = []
-    bar = tqdm(total=len(fluxes) * len(pos), desc="injection-recovery", disable=not progress)
+    bar = tqdm(total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True)
     base = model.simulate(n_maps, seed=seed, noise=False)
     for (lon, lat), x0, y0 in zip(pos, px, py):
         for f in fluxes:

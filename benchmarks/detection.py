@@ -26,11 +26,10 @@ from astropy.convolution import Gaussian2DKernel, convolve_fft
 from photutils.detection import DAOStarFinder
 from photutils.segmentation import SourceCatalog, deblend_sources, detect_sources
 from photutils.utils import NoDetectionsWarning
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from astrotrunc import PointSourceModel, SourceDetector, find_sources
-from astrotrunc.detection import default_detector
+from astrotrunc.detection import default_detector, peak_centroids
 
 PSF_SIGMA = 1.5
 FWHM = PSF_SIGMA * 2 * np.sqrt(2 * np.log(2))
@@ -68,9 +67,8 @@ def r1_positions(log_odds, threshold):
         segm = detect_sources(log_odds, np.log(threshold), n_pixels=1)
     if segm is None:
         return np.zeros((0, 2))
-    odds = np.exp(np.clip(log_odds, -700, 700))
-    com = ndimage.center_of_mass(odds, segm.data, segm.labels)
-    return np.array(com)[:, ::-1].reshape(-1, 2)
+    x, y = peak_centroids(np.exp(np.clip(log_odds, -700, 700)), segm)
+    return np.column_stack([x, y])
 
 
 def dao_positions(data, threshold):
@@ -181,7 +179,7 @@ def main():
     best = None
     for k, f_th in enumerate(det.flux_thresholds[:9]):
         fn_tune = _indexed(lo_tune[:, k])
-        thr = tune(fn_tune, range(len(tune_maps)), tune_truth, 0.2, 1e5, args.purity, n_grid=16)
+        thr = tune(fn_tune, range(len(tune_maps)), tune_truth, 0.02, 1e5, args.purity, n_grid=16)
         t_ok, _, purity, _ = evaluate(fn_tune, range(len(tune_maps)), tune_truth, thr)
         print(f"  r1 channel F_th={f_th:7.3g}: odds threshold {thr:8.3g} -> tuning purity {purity:.3f}, "
               f"completeness {t_ok.mean():.3f}", flush=True)
