@@ -11,6 +11,7 @@ from astrotrunc.priors import BoxPrior, Uniform
 matplotlib.use("Agg")
 
 PRIOR = BoxPrior(a=Uniform(-5, 5), b=Uniform(-5, 5))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Exact(torch.nn.Module):

@@ -14,6 +14,8 @@ from astrotrunc.nre import (ChannelResidualNet, MarginalRatioEstimator, OnlineSt
                             effective_sample_size)
 from astrotrunc.priors import BoxPrior, Uniform
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 A = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
 SIGMA = 0.6
 PRIOR = BoxPrior(a=Uniform(-3, 3), b=Uniform(-3, 3), c=Uniform(-3, 3))
@@ -34,14 +36,6 @@ def _analytic_moments(x_obs):
         @ torch.linalg.cholesky(cov).T
     z = z[(z.abs() < 3).all(1)]
     return z.mean(0).numpy(), z.std(0).numpy()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_linear_gaussian_marginals_match_analytic():

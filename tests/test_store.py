@@ -8,19 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from astrotrunc.nre import MarginalRatioEstimator, Trainer
 from astrotrunc.store import SimulationStore, chunk_seed
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: avoid OpenMP spinning against the reader thread
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_simulator(n, seed):

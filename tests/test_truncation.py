@@ -8,13 +8,7 @@ from astrotrunc.nre import MarginalRatioEstimator, Trainer
 from astrotrunc.priors import BoxPrior, Uniform
 from astrotrunc.truncation import TruncationResult, run_rounds, truncation_bounds
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _simulator(theta, seed=0):
