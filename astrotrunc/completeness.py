@@ -22,7 +22,7 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from .detection import SourceDetector, default_detector
+from .detection import SourceDetector, default_detector, detection_regions
 from .exceptions import AstrotruncWarning
 from .nre import RatioEstimator, Trainer
 
@@ -38,10 +38,9 @@ _DEFAULT_COMPLETENESS = "completeness_paper.safetensors"
 def detect_batch(detector, maps, *, threshold=5.0, flux_threshold=None, batch_size=32):
     """Segmentation label maps ``(n, H, W)`` (0 = background) of a batch of maps.
 
-    The detector runs batched; regions are found per map with photutils ``detect_sources`` on the
-    log-odds, exactly as `~astrotrunc.find_sources` does.
+    The detector runs batched; regions are found per map with
+    `~astrotrunc.detection.detection_regions`, exactly as `~astrotrunc.find_sources` does.
     """
-    from photutils.segmentation import detect_sources
     from photutils.utils import NoDetectionsWarning
 
     k = detector._channel(flux_threshold)
@@ -56,7 +55,7 @@ def detect_batch(detector, maps, *, threshold=5.0, flux_threshold=None, batch_si
             for j, lo in enumerate(logits):
                 with warnings.catch_warnings():  # an empty map is a normal outcome here
                     warnings.simplefilter("ignore", NoDetectionsWarning)
-                    segm = detect_sources(lo, math.log(threshold), n_pixels=1)
+                    segm = detection_regions(lo, threshold)
                 if segm is not None:
                     out[start + j] = segm.data
     detector.train(was_training)

@@ -5,7 +5,8 @@ completeness per flux bin, the 50 %-completeness flux and speed are printed.
 
 Finders, each configured fairly for crowded Galactic-plane fields:
 
-* r1: `astrotrunc.find_sources` with the shipped detector (odds threshold scanned);
+* r1: `astrotrunc.find_sources`' regions (deblended odds segmentation, peak centroids) with the
+  shipped detector; the F_th channel and the odds threshold are tuned;
 * DAOStarFinder: FWHM of the model PSF, ``min_separation=1`` px, sharpness/roundness filters
   opened wide, no border exclusion (threshold scanned);
 * segmentation: `photutils.segmentation.detect_sources` + `deblend_sources` + `SourceCatalog` on
@@ -29,7 +30,7 @@ from photutils.utils import NoDetectionsWarning
 from scipy.spatial import cKDTree
 
 from astrotrunc import PointSourceModel, SourceDetector, find_sources
-from astrotrunc.detection import default_detector, peak_centroids
+from astrotrunc.detection import default_detector, detection_regions, peak_centroids
 
 PSF_SIGMA = 1.5
 FWHM = PSF_SIGMA * 2 * np.sqrt(2 * np.log(2))
@@ -64,7 +65,7 @@ def r1_positions(log_odds, threshold):
     """Odds-weighted centroids of the regions with odds > threshold (as find_sources makes them)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoDetectionsWarning)
-        segm = detect_sources(log_odds, np.log(threshold), n_pixels=1)
+        segm = detection_regions(log_odds, threshold)
     if segm is None:
         return np.zeros((0, 2))
     x, y = peak_centroids(np.exp(np.clip(log_odds, -700, 700)), segm)
@@ -179,7 +180,7 @@ def main():
     best = None
     for k, f_th in enumerate(det.flux_thresholds[:9]):
         fn_tune = _indexed(lo_tune[:, k])
-        thr = tune(fn_tune, range(len(tune_maps)), tune_truth, 0.02, 1e5, args.purity, n_grid=16)
+        thr = tune(fn_tune, range(len(tune_maps)), tune_truth, 0.01, 1e4, args.purity, n_grid=13)
         t_ok, _, purity, _ = evaluate(fn_tune, range(len(tune_maps)), tune_truth, thr)
         print(f"  r1 channel F_th={f_th:7.3g}: odds threshold {thr:8.3g} -> tuning purity {purity:.3f}, "
               f"completeness {t_ok.mean():.3f}", flush=True)
