@@ -9,7 +9,7 @@ Prints:
 * the expected-coverage table on held-out simulations (target: |empirical - nominal| <= 0.05
   at 0.68 and 0.95 on >= 200 simulations), and a plot ``benchmarks/output/nre_coverage.png``.
 
-Run: ``python benchmarks/nre_linear_gaussian.py [--n-train 20000] [--n-test 300] [--threads 1]``
+Run: ``python benchmarks/nre_linear_gaussian.py [--n-train 40000] [--n-test 300] [--threads 1]``
 """
 
 import argparse
@@ -44,7 +44,7 @@ def analytic(x_obs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-train", type=int, default=40000)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
