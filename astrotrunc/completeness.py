@@ -357,13 +357,22 @@ def default_completeness() -> CompletenessFunction:
 # Injection-recovery: the classical measurement
 # ----------------------------------------------------------------------------------------------
 def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positions=((0, 0),),
-                       n_maps=100, *, seed=0, threshold=5.0, flux_threshold=None, progress=True):
+                       n_maps=100, *, seed=0, threshold=5.0, flux_threshold=None,
+                       population_weighted=True, progress=True):
     """Brute-force completeness: inject sources of known flux, run the detector, count.
 
     For every (flux, position) pair, one source is injected into each of ``n_maps`` full-model
     maps (at the same pixel), the map is detected like `~astrotrunc.find_sources` does, and the
     injected source counts as recovered under the same one-to-one matching as the labels of
     `CompletenessFunction`.
+
+    With ``population_weighted=True`` (default) the maps' θ are drawn from
+    p(θ | a source (F, l, b)) ∝ p(θ) N p(F, l, b | θ) by sampling-importance-resampling, which is
+    the distribution a source of the population at (F, l, b) lives in -- the quantity S(F, s)
+    that `CompletenessFunction` learns from labelled population sources (near the plane, for
+    instance, a population source is more likely to sit in a crowded small-h map). With `False`,
+    θ ~ p(θ) as in the classical measurement, which answers "how complete is a map of the prior
+    for an extra injected source".
 
     Returns
     -------
@@ -388,8 +397,15 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     rows = []
     bar = tqdm(total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True)
     base = model.simulate(n_maps, seed=seed, noise=False)
+    pool = model.sample_population(50 * n_maps, seed=seed + 2)
     for (lon, lat), x0, y0 in zip(pos, px, py):
         for f in fluxes:
+            if population_weighted:
+                logw = torch.log(pool[:, 0].double().clamp_min(1e-300)) + model.source_log_density(
+                    torch.tensor(f), torch.tensor(lon), torch.tensor(lat), pool)
+                pick = torch.multinomial(torch.softmax(logw, 0).float(), n_maps, replacement=True,
+                                         generator=gen)
+                base = model.simulate(n_maps, seed=(seed, len(rows)), theta=pool[pick], noise=False)
             inj = model.render(torch.full((n_maps, 1), f), torch.full((n_maps, 1), float(x0)),
                                torch.full((n_maps, 1), float(y0)), torch.ones(n_maps, 1, dtype=torch.bool))
             bkg = model.instrument.background
@@ -410,7 +426,8 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     t["flux"] = t["flux"] * model.flux_unit
     t["l"] = t["l"] * u.deg
     t["b"] = t["b"] * u.deg
-    t.meta.update({"detector_id": detector.identity, "threshold": threshold, "seed": seed})
+    t.meta.update({"detector_id": detector.identity, "threshold": threshold, "seed": seed,
+                   "population_weighted": bool(population_weighted)})
     return t
 
 

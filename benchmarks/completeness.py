@@ -2,7 +2,9 @@
 
 Prints, for the shipped detector + completeness (or given files):
 
-* a table of injection-recovery completeness (with 68 % Clopper-Pearson errors) and the learned
+* a table of injection-recovery completeness (with 68 % Clopper-Pearson errors; maps drawn from
+  p(θ | a source at (F, l, b)), the population S is defined on, or from p(θ) with --classical)
+  and the learned
   S(F, l, b) over >= 10 flux bins x 3 latitudes, with the pull (S - IR) / sigma_IR, and the
   fraction of bins within 2 sigma;
 * the reliability of S on held-out labelled sources: predicted probability vs observed detection
@@ -32,6 +34,8 @@ def main():
     p.add_argument("--completeness")
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--classical", action="store_true",
+                   help="inject into maps with theta ~ p(theta) instead of p(theta | source at F, s)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,7 +51,10 @@ def main():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ir = injection_recovery(model, det, fluxes, positions, n_maps=args.n_maps, seed=args.seed,
-                                threshold=S.threshold, flux_threshold=S.flux_threshold)
+                                threshold=S.threshold, flux_threshold=S.flux_threshold,
+                                population_weighted=not args.classical)
+    print("injection-recovery maps drawn from "
+          + ("p(theta) (classical)" if args.classical else "p(theta | a source at (F, l, b))"))
     learned = S(ir["flux"].value, ir["l"].value, ir["b"].value)
     k, n = ir["n_recovered"], ir["n_injected"]
     # binomial sigma of the injection-recovery fraction (Jeffreys-smoothed so that 0/n, n/n have width)
