@@ -379,10 +379,14 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
     def _read(self, chunks, q, stop):
         try:
+            # open the arrays once per pass: zarr parses metadata on every open
+            arrays = {k: self.store._group[k] for k in (self.keys or self.store.keys())}
+            size, n = self.store.chunk_size, self.store.capacity
             for i in chunks:
                 if stop.is_set():
                     return
-                item = self.store.read_chunk(int(i), self.keys)
+                start = int(i) * size
+                item = {k: a[start:min(start + size, n)] for k, a in arrays.items()}
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
