@@ -42,7 +42,7 @@ def test_linear_gaussian_marginals_match_analytic():
     torch.manual_seed(0)
     est = MarginalRatioEstimator(3, PRIOR.names, pairs=[("a", "b")], hidden=64)
     Trainer(max_epochs=30, batch_size=128, learning_rate=3e-3, progress=False, seed=0,
-            patience=100).fit(est, _linear_gaussian(8000, 0))
+            patience=100).fit(est, _linear_gaussian(16000, 0))
     theta_true = torch.tensor([[0.45, -0.6, 0.65]])
     x_obs = theta_true @ A.T + SIGMA * torch.randn(1, 3, generator=torch.Generator().manual_seed(11))
     post = est.sample(x_obs, PRIOR, 50_000, generator=1)
