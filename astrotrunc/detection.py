@@ -272,7 +272,11 @@ class SourceDetector(RatioEstimator):
         self.eval()
         device = next(self.parameters()).device
         x = torch.as_tensor(np.where(mask, 0.0, data), dtype=torch.float32, device=device)
-        out = _tiled(lambda t: self(t)[:, k], x, self.shape, tile_overlap, batch_size)
+        # the U-Net is fully convolutional: on large maps, tiles of 4x the training size cut the
+        # overlap overhead while memory stays bounded
+        tile = (min(x.shape[0], 4 * self.shape[0]), min(x.shape[1], 4 * self.shape[1]))
+        tile = tuple(max(t, s) for t, s in zip(tile, self.shape))
+        out = _tiled(lambda t: self(t)[:, k], x, tile, tile_overlap, batch_size)
         self.train(was_training)
         logits = out.cpu().numpy().astype(np.float64)
         logits[mask] = -np.inf
