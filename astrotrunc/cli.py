@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 __all__ = ["main"]
 
 
 def _check_writable(path, overwrite):
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OSError(f"{path} already exists; pass --overwrite to replace it")
-    if not path.parent.exists():
-        raise OSError(f"the directory of {path} does not exist")
-    return path
+    from .io import _check_writable as check
+
+    return check(path, overwrite, option="--overwrite")
 
 
 def _cmd_simulate(args):

@@ -736,10 +736,14 @@ _STRUCTURAL = re.compile(
     r"T(TYPE|FORM|UNIT|NULL|DIM|SCAL|ZERO|DISP)\d+|TFIELDS|THEAP|CHECKSUM|DATASUM)$")
 
 
-def _check_writable(path, overwrite) -> Path:
+def _check_writable(path, overwrite, option="overwrite=True") -> Path:
+    """The path to write, or `OSError` if it exists (and ``overwrite`` is off) or has no directory.
+
+    The one no-clobber rule of every astrotrunc writer; ``option`` names the switch in the message.
+    """
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
-        raise OSError(f"{path} already exists; pass overwrite=True to replace it")
+        raise OSError(f"{path} already exists; pass {option} to replace it")
     if not path.parent.is_dir():
         raise OSError(f"cannot write {path}: directory {path.parent} does not exist")
     return path

@@ -122,11 +122,10 @@ class RatioEstimator(nn.Module):
             JSON-serialisable user metadata (e.g. a detector's flux threshold), returned as the
             ``metadata`` attribute of the loaded estimator.
         """
-        path = Path(path).expanduser()
-        if path.exists() and not overwrite:
-            raise OSError(f"File {path} already exists. If you mean to replace it then use the "
-                          "argument overwrite=True.")
         from .. import __version__
+        from ..io import _check_writable
+
+        path = _check_writable(path, overwrite)
 
         try:
             meta = {"format": _FORMAT, "class": type(self).__name__, "astrotrunc": __version__,
