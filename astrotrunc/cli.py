@@ -48,7 +48,11 @@ def _cmd_simulate(args):
 
 
 def _cmd_train(args):
+    import torch
+
     from .simulation import PointSourceModel
+
+    torch.manual_seed(args.seed)  # network initialisation: same command, same weights
 
     model = PointSourceModel.paper()
     if args.what == "detector":

@@ -155,8 +155,9 @@ class CompletenessFunction(RatioEstimator):
 
     def __init__(self, detector_id="", flux_threshold=None, threshold=5.0, hidden=64,
                  log_flux_center=1.0, log_flux_scale=2.0, lon_scale=20.0, lat_scale=10.0,
-                 flux_unit=""):
+                 flux_unit="", extent=None):
         super().__init__()
+        self.extent = None if extent is None else [float(e) for e in extent]
         self.detector_id = str(detector_id)
         self.flux_threshold = None if flux_threshold is None else float(flux_threshold)
         self.threshold = float(threshold)
@@ -170,7 +171,8 @@ class CompletenessFunction(RatioEstimator):
         c, s, ls, bs = self.scales
         return dict(detector_id=self.detector_id, flux_threshold=self.flux_threshold,
                     threshold=self.threshold, hidden=self.hidden, log_flux_center=c,
-                    log_flux_scale=s, lon_scale=ls, lat_scale=bs, flux_unit=self.flux_unit)
+                    log_flux_scale=s, lon_scale=ls, lat_scale=bs, flux_unit=self.flux_unit,
+                    extent=self.extent)
 
     # -- NRE engine interface --------------------------------------------------------------
     def forward(self, batch) -> torch.Tensor:
@@ -190,7 +192,8 @@ class CompletenessFunction(RatioEstimator):
         """Detection probability S(F, l, b), broadcasting; ``l`` may be a `SkyCoord` (then no ``b``).
 
         ``flux`` in the model's flux unit (or a Quantity), ``l, b`` in degrees or Quantities.
-        Non-positive or non-finite fluxes give NaN with a warning.
+        Non-positive or non-finite fluxes, and positions outside the map the completeness was
+        learned on, give NaN with a warning; shapes that do not broadcast raise `ValueError`.
         """
         if isinstance(flux, dict):  # engine call
             return super().__call__(flux)
@@ -201,6 +204,15 @@ class CompletenessFunction(RatioEstimator):
         if bad.any():
             warnings.warn(f"{bad.sum()} input(s) with non-positive or non-finite flux or position: "
                           "completeness set to NaN", AstrotruncWarning)
+        if self.extent is not None:
+            l0, l1, b0, b1 = self.extent
+            lw = (lo + 180.0) % 360.0 - 180.0
+            outside = ~bad & ((lw < l0) | (lw > l1) | (la < b0) | (la > b1))
+            if outside.any():
+                warnings.warn(f"{outside.sum()} position(s) outside the map the completeness was "
+                              f"learned on (l in [{l0:g}, {l1:g}], b in [{b0:g}, {b1:g}] deg): "
+                              "completeness set to NaN", AstrotruncWarning)
+                bad = bad | outside
         t = lambda a: torch.as_tensor(np.where(bad, 1.0, a), dtype=torch.float32)  # noqa: E731
         was_training = self.training
         self.eval()
@@ -279,6 +291,10 @@ class CompletenessFunction(RatioEstimator):
         labels = self.simulate_labels(model, detector, n_maps + n_val_maps, seed=seed,
                                       threshold=threshold, flux_threshold=f_th, progress=progress)
         self.detector_id, self.flux_threshold, self.threshold = detector.identity, f_th, float(threshold)
+        ny, nx = model.shape
+        corners = model.geometry.pixel_to_world([-0.5, nx - 0.5, -0.5, nx - 0.5], [-0.5, -0.5, ny - 0.5, ny - 0.5])
+        lon = corners.l.wrap_at(180 * u.deg).deg
+        self.extent = [float(lon.min()), float(lon.max()), float(corners.b.deg.min()), float(corners.b.deg.max())]
         self.flux_unit = model.flux_unit.to_string()
         trainer_kwargs.setdefault("val_fraction", n_val_maps / (n_maps + n_val_maps))
         trainer_kwargs.setdefault("seed", seed)

@@ -107,3 +107,9 @@ def test_shipped_completeness_pairs_with_shipped_detector():
     S.check_detector(default_detector())
     p = S(np.geomspace(0.1, 1000, 50), 0.0, 10.0)
     assert np.all(np.diff(p) >= 0) and p[-1] > 0.9 and p[0] < 0.5
+    assert np.allclose(S.extent, [-40, 40, -40, 40])
+    with pytest.warns(Warning, match="outside the map"):
+        out = S([10.0, 10.0], [0.0, 60.0], [0.0, 0.0])
+    assert np.isfinite(out[0]) and np.isnan(out[1])
+    with pytest.raises(ValueError):
+        S(np.ones(3), np.zeros(4), 0.0)
