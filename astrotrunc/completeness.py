@@ -18,11 +18,11 @@ import torch
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import QTable
-from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
 from .detection import SourceDetector, default_detector, detection_regions
+from .diagnostics import binomial_interval
 from .exceptions import AstrotruncWarning
 from .nre import RatioEstimator, Trainer
 
@@ -412,8 +412,10 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     gen = torch.Generator().manual_seed(seed + 1)
     rows = []
     bar = tqdm(total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True)
-    base = model.simulate(n_maps, seed=seed, noise=False)
-    pool = model.sample_population(50 * n_maps, seed=seed + 2)
+    if population_weighted:
+        pool = model.sample_population(50 * n_maps, seed=seed + 2)
+    else:
+        base = model.simulate(n_maps, seed=seed, noise=False)
     for (lon, lat), x0, y0 in zip(pos, px, py):
         for f in fluxes:
             if population_weighted:
@@ -433,7 +435,7 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
             y = torch.cat([base.y, torch.full((n_maps, 1), float(y0))], 1).numpy()
             valid = torch.cat([base.in_map, torch.ones(n_maps, 1, dtype=torch.bool)], 1).numpy()
             k = int(match_sources(segm, flux, x, y, valid)[:, -1].sum())
-            lo, hi = _clopper_pearson(k, n_maps)
+            lo, hi = binomial_interval(k, n_maps, 0.6827, method="clopper-pearson")
             rows.append((f, lon, lat, n_maps, k, k / n_maps, lo, hi))
             bar.update()
     bar.close()
@@ -445,10 +447,3 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     t.meta.update({"detector_id": detector.identity, "threshold": threshold, "seed": seed,
                    "population_weighted": bool(population_weighted)})
     return t
-
-
-def _clopper_pearson(k, n, level=0.6827):
-    a = (1 - level) / 2
-    lo = stats.beta.ppf(a, k, n - k + 1) if k > 0 else 0.0
-    hi = stats.beta.ppf(1 - a, k + 1, n - k) if k < n else 1.0
-    return float(lo), float(hi)

@@ -7,7 +7,7 @@ import torch
 from astropy.table import QTable
 from scipy import stats
 
-__all__ = ["coverage", "credible_levels", "plot_coverage"]
+__all__ = ["binomial_interval", "coverage", "credible_levels", "plot_coverage"]
 
 _LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.68, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -117,17 +117,35 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
     n = len(cred)
     names = getattr(estimator, "marginal_names", tuple(f"head_{c}" for c in range(cred.shape[1])))
     rows = []
-    tail = (1 - confidence) / 2
     for c, name in enumerate(names):
         for level in levels:
             k = int((cred[:, c] < level).sum())
-            lo = stats.beta.ppf(tail, k + 0.5, n - k + 0.5) if k > 0 else 0.0
-            hi = stats.beta.ppf(1 - tail, k + 0.5, n - k + 0.5) if k < n else 1.0
+            lo, hi = binomial_interval(k, n, confidence)
             rows.append((name, level, k / n, lo, hi, n))
     table = QTable(rows=rows, names=("marginal", "nominal", "empirical", "lower", "upper", "n_test"))
     table.meta["credible_levels"] = cred
     table.meta["confidence"] = confidence
     return table
+
+
+def binomial_interval(k, n, confidence=0.6827, method="jeffreys"):
+    """Interval on a binomial fraction ``k / n``: ``"jeffreys"`` or ``"clopper-pearson"`` (exact).
+
+    Examples
+    --------
+    >>> from astrotrunc.diagnostics import binomial_interval
+    >>> lo, hi = binomial_interval(50, 100)
+    >>> bool(lo < 0.5 < hi)
+    True
+    """
+    if method not in ("jeffreys", "clopper-pearson"):
+        raise ValueError(f"method must be 'jeffreys' or 'clopper-pearson', got {method!r}")
+    tail = (1 - confidence) / 2
+    a_lo, b_lo = (k + 0.5, n - k + 0.5) if method == "jeffreys" else (k, n - k + 1)
+    a_hi, b_hi = (k + 0.5, n - k + 0.5) if method == "jeffreys" else (k + 1, n - k)
+    lo = float(stats.beta.ppf(tail, a_lo, b_lo)) if k > 0 else 0.0
+    hi = float(stats.beta.ppf(1 - tail, a_hi, b_hi)) if k < n else 1.0
+    return lo, hi
 
 
 def plot_coverage(table, ax=None):
