@@ -187,6 +187,25 @@ class CompletenessFunction(RatioEstimator):
         """Binary cross-entropy of the detected/undetected labels ``batch["d"]``."""
         return nn.functional.binary_cross_entropy_with_logits(self(batch), batch["d"].float())
 
+    @torch.no_grad()
+    def logit_table(self, flux, l, b) -> torch.Tensor:  # noqa: E741
+        """Logits of S on a grid: ``(n_positions, n_fluxes)`` for 1-D tensors ``flux`` and ``l, b``.
+
+        The position network runs once per position (not once per flux), so tabulating S over
+        every pixel of a map and a fine flux grid is cheap. Positions in degrees, fluxes in the
+        model's unit; no input checks (an engine-level method).
+        """
+        c, s, ls, bs = self.scales
+        zf = (torch.log(torch.as_tensor(flux, dtype=torch.float32).clamp_min(1e-30)) - c) / s
+        zl = (torch.remainder(torch.as_tensor(l, dtype=torch.float32) + 180.0, 360.0) - 180.0) / ls
+        zb = torch.as_tensor(b, dtype=torch.float32) / bs
+        net, k = self.net, self.net.n_steps
+        p = net.position(torch.stack([zl, zb], dim=-1))  # no dropout/normalisation layers
+        bias, w, cen, g = p[:, :1], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
+        slope = nn.functional.softplus(g + 1.0) + 0.1
+        steps = torch.tanh(slope[:, :, None] * (zf[None, None, :] - cen[:, :, None]))
+        return bias + (nn.functional.softplus(w)[:, :, None] * steps).sum(1)
+
     # -- user interface --------------------------------------------------------------------
     def __call__(self, flux, l=None, b=None):  # noqa: E741
         """Detection probability S(F, l, b), broadcasting; ``l`` may be a `SkyCoord` (then no ``b``).

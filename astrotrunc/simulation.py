@@ -285,6 +285,9 @@ class SimulationBatch:
         ``(n, n_max)`` bool: the entry is a real source (index < N).
     in_map : `torch.Tensor`
         ``(n, n_max)`` bool: a real source whose centre falls inside the map.
+    detected : `torch.Tensor` or `None`
+        ``(n, n_max)`` bool, truncated-model batches only: the source stands for a detection of
+        the observed catalog (placed in its region R_i); the others are sub-threshold sources.
     """
 
     maps: torch.Tensor
@@ -298,6 +301,7 @@ class SimulationBatch:
     in_map: torch.Tensor
     param_names: tuple = ("N", "sigma_F", "h")
     flux_unit: str = ""
+    detected: torch.Tensor | None = None
 
     def __len__(self):
         return self.maps.shape[0]
@@ -333,6 +337,8 @@ class SimulationBatch:
         t["x"] = get(self.x) * u.pix
         t["y"] = get(self.y) * u.pix
         t["in_map"] = get(self.in_map)
+        if self.detected is not None:
+            t["detected"] = get(self.detected)
         t.meta.update({name: float(v) for name, v in zip(self.param_names, self.theta[i].tolist())})
         return t
 
@@ -477,18 +483,26 @@ class PointSourceModel:
         valid = torch.arange(n_max, device=theta.device) < counts[:, None]
         return flux, lon, lat, valid
 
+    def flux_log_density(self, flux, theta) -> torch.Tensor:
+        """log p(F | θ) of single sources (flux in model units), broadcasting; float64."""
+        flux = torch.as_tensor(flux, dtype=torch.float64)
+        sig = torch.as_tensor(theta, dtype=torch.float64)[..., 1]
+        logf = torch.log(flux)
+        return (-0.5 * ((logf - self.flux_mu) / sig) ** 2 - torch.log(sig)
+                - 0.5 * math.log(2 * math.pi) - logf)
+
+    def position_log_density(self, l, b, theta) -> torch.Tensor:  # noqa: E741
+        """log p(l, b | θ) of single sources (degrees, per square degree), broadcasting; float64."""
+        l, b = (torch.as_tensor(a, dtype=torch.float64) for a in (l, b))  # noqa: E741
+        h = torch.as_tensor(theta, dtype=torch.float64)[..., 2]
+        lsc = self.l_scale.to_value(u.deg)
+        lp_l = (-0.5 * (torch.remainder(l + 180, 360) - 180) ** 2 / lsc**2 - math.log(lsc)
+                - 0.5 * math.log(2 * math.pi))
+        return lp_l - 0.5 * (b / h) ** 2 - torch.log(h) - 0.5 * math.log(2 * math.pi)
+
     def source_log_density(self, flux, l, b, theta) -> torch.Tensor:  # noqa: E741
         """log p(F, l, b | θ) of single sources (flux in model units, l, b in degrees)."""
-        flux, l, b = (torch.as_tensor(a, dtype=torch.float64) for a in (flux, l, b))  # noqa: E741
-        theta = torch.as_tensor(theta, dtype=torch.float64)
-        sig, h = theta[..., 1], theta[..., 2]
-        logf = torch.log(flux)
-        lsc = self.l_scale.to_value(u.deg)
-        half_log_2pi = 0.5 * math.log(2 * math.pi)
-        lp_f = -0.5 * ((logf - self.flux_mu) / sig) ** 2 - torch.log(sig) - half_log_2pi - logf
-        lp_l = -0.5 * (torch.remainder(l + 180, 360) - 180) ** 2 / lsc**2 - math.log(lsc) - half_log_2pi
-        lp_b = -0.5 * (b / h) ** 2 - torch.log(h) - half_log_2pi
-        return lp_f + lp_l + lp_b
+        return self.flux_log_density(flux, theta) + self.position_log_density(l, b, theta)
 
     def render(self, flux, x, y, mask) -> torch.Tensor:
         """Noiseless mean map ``(n, ny, nx)`` from sources at pixel positions (x, y).
@@ -587,6 +601,47 @@ class PointSourceModel:
         if not batches:
             raise ValueError("n must be at least 1")
         return batches[0] if len(batches) == 1 else SimulationBatch.concatenate(batches)
+
+    def simulate_truncated(self, catalog, completeness, n: int, *, seed=None, theta=None,
+                           chunk_size=256, segmentation=None, mask=None, flux_threshold=None,
+                           device=None) -> SimulationBatch:
+        """Simulate ``n`` maps from the truncated model of an observed catalog.
+
+        θ ~ p(θ) restricted to N ≥ N_det; the N_det detected sources are drawn inside their
+        detection regions from p(F, s | θ) S(F, s); the N − N_det others from
+        p(F, s | θ) (1 − S(F, s)). See `~astrotrunc.truncation.TruncatedModel`, which this
+        builds (build it once yourself to simulate repeatedly for the same catalog).
+
+        Parameters
+        ----------
+        catalog : `~astropy.table.QTable` or `~astrotrunc.truncation.DetectedRegions`
+            The observed catalog (from `~astrotrunc.find_sources`) or its regions.
+        completeness : `~astrotrunc.CompletenessFunction`
+            S(F, s) of the detector that made the catalog.
+        n : int
+            Number of maps.
+        seed, theta, chunk_size, device
+            As in `simulate`.
+        segmentation : `~photutils.segmentation.SegmentationImage`, optional
+            The catalog's regions (``find_sources(..., return_segmentation=True)``); without it,
+            each region is a disk around the catalog position.
+        mask : 2-D bool array, optional
+            Pixels where nothing can be detected.
+        flux_threshold : float, optional
+            Also require F ≥ ``flux_threshold`` for detected sources (the paper's option).
+
+        Returns
+        -------
+        `SimulationBatch`
+            With ``detected`` marking the sources that stand for the catalog's detections.
+        """
+        from .truncation import DetectedRegions, TruncatedModel
+
+        regions = (catalog if isinstance(catalog, DetectedRegions) else
+                   DetectedRegions.from_catalog(catalog, self.shape, segmentation=segmentation,
+                                                mask=mask))
+        truncated = TruncatedModel(self, regions, completeness, flux_threshold=flux_threshold)
+        return truncated.simulate(n, seed, theta=theta, chunk_size=chunk_size, device=device)
 
     def simulate_arrays(self, n: int, seed=None, max_sources=None) -> dict:
         """Simulate ``n`` maps as plain numpy arrays (for `~astrotrunc.store.SimulationStore`).
