@@ -45,6 +45,9 @@ class MarginalRatioEstimator(RatioEstimator):
     reference_key : str, optional
         Reference-density contrast: the marginal pairs are ``(batch[reference_key], theta)``
         instead of ``(x, shuffled theta)``; the heads then learn ``log p(x | theta) / rho(x)``.
+    joint : bool
+        Add one head over all parameters (the joint ratio), after the 1-D and pair heads: what
+        a product with another likelihood (r3 × p(I=1 | θ)) needs.
 
     Examples
     --------
@@ -59,7 +62,7 @@ class MarginalRatioEstimator(RatioEstimator):
 
     def __init__(self, x_shape, params, pairs=(), embedding="mlp", embedding_kwargs=None,
                  hidden=64, n_blocks=2, dropout=0.0, standardize=True, x_key="x",
-                 theta_key="theta", reference_key=None):
+                 theta_key="theta", reference_key=None, joint=False):
         super().__init__()
         self.x_shape = (int(x_shape),) if isinstance(x_shape, int) else tuple(int(s) for s in x_shape)
         names = [f"theta_{i}" for i in range(params)] if isinstance(params, int) else [str(p) for p in params]
@@ -70,6 +73,7 @@ class MarginalRatioEstimator(RatioEstimator):
         self.pairs = tuple(tuple(_param_index(p, index) for p in pair) for pair in pairs)
         if any(len(p) != 2 or p[0] == p[1] for p in self.pairs):
             raise ValueError(f"pairs must be pairs of two different parameters, got {pairs!r}")
+        self.joint = bool(joint)
         self.embedding_name = str(embedding)
         self.embedding_kwargs = dict(embedding_kwargs or {})
         self.hidden, self.n_blocks, self.dropout = int(hidden), int(n_blocks), float(dropout)
@@ -85,6 +89,8 @@ class MarginalRatioEstimator(RatioEstimator):
         self.pair_heads = (ChannelResidualNet(len(self.pairs), n_features, 2, self.hidden, self.n_blocks,
                                               self.dropout) if self.pairs else None)
         self.register_buffer("_pair_index", torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2))
+        self.joint_head = (ChannelResidualNet(1, n_features, n, self.hidden, self.n_blocks,
+                                              self.dropout) if self.joint else None)
 
     @property
     def config(self) -> dict:
@@ -93,7 +99,7 @@ class MarginalRatioEstimator(RatioEstimator):
                     embedding=self.embedding_name, embedding_kwargs=self.embedding_kwargs,
                     hidden=self.hidden, n_blocks=self.n_blocks, dropout=self.dropout,
                     standardize=self.standardize, x_key=self.x_key, theta_key=self.theta_key,
-                    reference_key=self.reference_key)
+                    reference_key=self.reference_key, joint=self.joint)
 
     def build_embedding(self) -> nn.Module:
         """The data embedding (a module with an ``n_features`` attribute); override to customise.
@@ -106,8 +112,10 @@ class MarginalRatioEstimator(RatioEstimator):
     # -- what the heads estimate -------------------------------------------------------------
     @property
     def marginals(self) -> tuple:
-        """Parameter indices of every head: ``(0,), (1,), ..., (i, j), ...``."""
-        return tuple((i,) for i in range(len(self.param_names))) + self.pairs
+        """Parameter indices of every head: ``(0,), (1,), ..., (i, j), ...`` (then all, if joint)."""
+        n = len(self.param_names)
+        return (tuple((i,) for i in range(n)) + self.pairs
+                + ((tuple(range(n)),) if self.joint else ()))
 
     @property
     def marginal_names(self) -> tuple:
@@ -125,6 +133,8 @@ class MarginalRatioEstimator(RatioEstimator):
         out = self.marginal_heads(features, z.unsqueeze(-1))
         if self.pair_heads is not None:
             out = torch.cat([out, self.pair_heads(features, z[:, self._pair_index])], dim=1)
+        if self.joint_head is not None:
+            out = torch.cat([out, self.joint_head(features, z.unsqueeze(1))], dim=1)
         return out
 
     def log_ratio(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,3 @@
+"""Population inference (r3, r4 and their combination): what population produced this map?"""
+
+from .likelihood import *  # noqa: F401,F403
