@@ -80,13 +80,17 @@ class CatalogLikelihood:
         i_h = model.param_names.index("h")
         lo, hi = float(model.prior.low[i_h]), float(model.prior.high[i_h])
         self.h_grid = torch.linspace(lo, hi, int(n_h), dtype=torch.float64)
-        rows = []
+        rows, inside = [], []
+        unmasked = (torch.ones(table.shape[0], dtype=torch.float64) if regions.mask is None else
+                    torch.as_tensor(~np.asarray(regions.mask, bool).reshape(-1), dtype=torch.float64))
         for hs in self.h_grid.split(8):
             theta = torch.zeros(len(hs), len(model.param_names), dtype=torch.float64)
             theta[:, 1], theta[:, i_h] = 1.0, hs
             mass = torch.exp(self.grid.log_mass(model, theta)).sum(-1)  # (n, npix)
             rows.append(mass @ table)
+            inside.append(mass @ unmasked)
         self._pbar_h = torch.cat(rows)  # (n_h, n_flux)
+        self._inside_h = torch.cat(inside)  # (n_h,) prior mass of the unmasked map
         # the region pixels' S columns
         self._region_table = table[regions.pixel_index]  # (P_R, n_flux)
 
@@ -100,12 +104,18 @@ class CatalogLikelihood:
         new._region_table = self.table.table.double()[regions.pixel_index]
         return new
 
-    def _interp_h(self, h):
+    def _interp_h(self, h, values=None):
+        values = self._pbar_h if values is None else values
         g = self.h_grid
         pos = ((h - g[0]) / (g[1] - g[0])).clamp(0, len(g) - 1)
         i0 = pos.floor().long().clamp(max=len(g) - 2)
-        frac = (pos - i0)[:, None]
-        return self._pbar_h[i0] * (1 - frac) + self._pbar_h[i0 + 1] * frac
+        frac = (pos - i0).reshape(-1, *([1] * (values.ndim - 1)))
+        return values[i0] * (1 - frac) + values[i0 + 1] * frac
+
+    def in_map_fraction(self, theta) -> torch.Tensor:
+        """The probability that one source of the population falls in the unmasked map."""
+        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, len(self.model.param_names))
+        return self._interp_h(theta[:, 2], self._inside_h).clamp(0, 1)
 
     def detection_fraction(self, theta) -> torch.Tensor:
         """p̄(θ): the probability that one source of the population is detected (float64)."""
@@ -142,7 +152,7 @@ class CatalogLikelihood:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def naive_catalog_log_likelihood(model, catalog, theta, *, grid=None, mask=None, oversample=4):
+def naive_catalog_log_likelihood(likelihood, catalog, theta):
     """The classical fit that takes the catalog as complete: what selection bias looks like.
 
     Every catalog row is taken as a source of the population with the catalogued flux and
@@ -151,25 +161,27 @@ def naive_catalog_log_likelihood(model, catalog, theta, *, grid=None, mask=None,
     with q(h) the probability that a source falls inside the (unmasked) map. For comparison
     only: it ignores the completeness, so faint sources are missing and N, σ_F, h come out
     biased.
+
+    Parameters
+    ----------
+    likelihood : `CatalogLikelihood`
+        Of the same map (for its model and the in-map fraction q).
+    catalog : `~astropy.table.Table` or `None`
+        Rows with ``flux``, ``l``, ``b``.
+    theta : array-like
+        ``(n, 3)`` parameters.
     """
+    model = likelihood.model
     theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, len(model.param_names))
-    grid = grid if grid is not None else _SubpixelGrid(model.geometry, oversample)
     n_det = 0 if catalog is None else len(catalog)
-    out = []
-    for t in theta.split(2048):
-        mass = torch.exp(grid.log_mass(model, t)).sum(-1)  # (n, npix)
-        if mask is not None:
-            mass = mass * torch.as_tensor(~np.asarray(mask, bool).reshape(-1))
-        q = mass.sum(1).clamp(max=1 - 1e-12)
-        n_src = torch.floor(t[:, 0])
-        rest = (n_src - n_det).clamp_min(0)
-        lp = torch.lgamma(n_src + 1) - torch.lgamma(rest + 1) + rest * torch.log1p(-q)
-        if n_det:
-            flux = np.clip(np.asarray(getattr(catalog["flux"], "value", catalog["flux"]), float),
-                           1e-6, None)
-            lon = np.asarray(getattr(catalog["l"], "value", catalog["l"]), float)
-            lat = np.asarray(getattr(catalog["b"], "value", catalog["b"]), float)
-            lp = lp + model.source_log_density(torch.as_tensor(flux)[None], torch.as_tensor(lon)[None],
-                                               torch.as_tensor(lat)[None], t[:, None, :]).sum(1)
-        out.append(torch.where(n_src >= n_det, lp, -math.inf))
-    return torch.cat(out)
+    q = likelihood.in_map_fraction(theta).clamp(max=1 - 1e-12)
+    n_src = torch.floor(theta[:, 0])
+    rest = (n_src - n_det).clamp_min(0)
+    lp = torch.lgamma(n_src + 1) - torch.lgamma(rest + 1) + rest * torch.log1p(-q)
+    if n_det:
+        value = lambda c: np.asarray(getattr(catalog[c], "value", catalog[c]), float)  # noqa: E731
+        flux = torch.as_tensor(np.clip(value("flux"), 1e-6, None))
+        lp = lp + model.source_log_density(flux[None], torch.as_tensor(value("l"))[None],
+                                           torch.as_tensor(value("b"))[None],
+                                           theta[:, None, :]).sum(1)
+    return torch.where(n_src >= n_det, lp, -math.inf)
