@@ -1,4 +1,4 @@
-"""The ``astrotrunc`` command line: ``simulate``, ``train``, ``detect``."""
+"""The ``astrotrunc`` command line: ``simulate``, ``train``, ``detect``, ``infer``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,85 @@ def _cmd_detect(args):
         print(f"wrote DS9 regions to {args.regions}")
 
 
+def _cmd_infer(args):
+    import shutil
+    from pathlib import Path
+
+    from astropy.table import QTable
+
+    from .inference import PopulationInference
+    from .io import read_map
+
+    out = _check_writable(args.out, args.overwrite)
+    if Path(args.map).expanduser().resolve() == out.resolve():
+        raise ValueError("--out must not be the input map")
+    plots = {}
+    if args.plots:
+        pdir = Path(args.plots).expanduser()
+        pdir.mkdir(parents=True, exist_ok=True)
+        plots = {k: _check_writable(pdir / f"{k}.png", args.overwrite)
+                 for k in ("posterior_corner", "truncated_samples", "truncation")}
+    workdir = Path(args.workdir).expanduser() if args.workdir else out.with_name(out.name + ".work")
+    nd = read_map(args.map)
+    if not hasattr(nd, "wcs"):
+        raise ValueError(f"{args.map} is a HEALPix map: project the patch to infer on first "
+                         "(astrotrunc.read_map(path, center=..., shape=..., resolution=...))")
+    catalog = QTable.read(args.catalog) if args.catalog else None
+    inference = PopulationInference()
+    post = inference.run(nd, catalog, quick=args.quick, seed=args.seed, workdir=workdir,
+                         n_rounds=args.n_rounds, n_simulations=args.n_simulations,
+                         client=args.client, progress=not args.quiet)
+    post.write(out, overwrite=args.overwrite)
+    print(f"wrote the posterior samples to {out}")
+    print(post.summary())
+    if plots:
+        import matplotlib
+
+        matplotlib.use("agg")
+        import matplotlib.pyplot as plt
+
+        figs = {"posterior_corner": post.plot_corner(),
+                "truncated_samples": post.plot_truncated_samples()}
+        if post.truncation is not None:
+            fig, axes = plt.subplots(1, 3, figsize=(9, 2.8))
+            for ax, name in zip(axes, post.names):
+                r = list(post.truncation["round"]) + [len(post.truncation)]
+                lo = [post.meta["prior"][name]["low"]] + list(post.truncation[f"{name}_low"])
+                hi = [post.meta["prior"][name]["high"]] + list(post.truncation[f"{name}_high"])
+                ax.fill_between(r, lo, hi, step="post", alpha=0.4)
+                ax.set(xlabel="round", title=name)
+            fig.tight_layout()
+            figs["truncation"] = fig
+        for key, fig in figs.items():
+            fig.savefig(plots[key], dpi=110, bbox_inches="tight")
+            print(f"wrote {plots[key]}")
+    times = post.meta["times_s"]
+    print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    if not args.keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _add_infer_parser(sub):
+    i = sub.add_parser("infer", help="population posterior of a map (r3 x detected catalog)")
+    i.add_argument("map", help="input FITS map (image with WCS, the model's geometry)")
+    i.add_argument("--catalog", help="its catalog (.ecsv; default: detect with the shipped r1)")
+    i.add_argument("--out", required=True, help="output posterior samples (.ecsv or .fits)")
+    i.add_argument("--plots", help="write posterior_corner.png, truncated_samples.png, "
+                                   "truncation.png into this directory")
+    i.add_argument("--quick", action="store_true", help="quick settings (a few minutes)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--n-rounds", type=int, default=None, help="TMNRE rounds of r3")
+    i.add_argument("--n-simulations", type=int, default=None, help="simulations per round")
+    i.add_argument("--client", default=None,
+                   help="Dask scheduler address for the simulations ('sync': no Dask)")
+    i.add_argument("--workdir", help="stores and checkpoints (default: OUT.work); a killed run "
+                                     "resumes from it")
+    i.add_argument("--keep-workdir", action="store_true", help="keep the work directory")
+    i.add_argument("--quiet", action="store_true", help="no progress bars")
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(func=_cmd_infer)
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="astrotrunc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +227,7 @@ def _parser():
     d.add_argument("--detector", help="detector file (default: the shipped one)")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=_cmd_detect)
+    _add_infer_parser(sub)
     return p
 
 
