@@ -26,8 +26,8 @@ from .diagnostics import binomial_interval
 from .exceptions import AstrotruncWarning
 from .nre import RatioEstimator, Trainer
 
-__all__ = ["CompletenessFunction", "injection_recovery", "detect_batch", "match_sources",
-           "default_completeness"]
+__all__ = ["CompletenessFunction", "ConditionalCompleteness", "injection_recovery",
+           "detect_batch", "match_sources", "default_completeness"]
 
 _DEFAULT_COMPLETENESS = "completeness_paper.safetensors"
 
@@ -110,10 +110,10 @@ class _MonotoneFluxLogit(nn.Module):
     edges (e.g. at F_th) and gentle confusion-limited tails are both representable.
     """
 
-    def __init__(self, hidden=64, n_steps=8):
+    def __init__(self, hidden=64, n_steps=8, n_in=2):
         super().__init__()
         self.n_steps = n_steps
-        self.position = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+        self.position = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                       nn.SiLU(), nn.Linear(hidden, 1 + 3 * n_steps))
         # spread the initial steps over the log-flux range of typical training data
         with torch.no_grad():
@@ -466,3 +466,121 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     t.meta.update({"detector_id": detector.identity, "threshold": threshold, "seed": seed,
                    "population_weighted": bool(population_weighted)})
     return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Completeness that depends on the population (crowding)
+# ----------------------------------------------------------------------------------------------
+class ConditionalCompleteness(CompletenessFunction):
+    """r2 conditional on θ: S(F, l, b | θ), the completeness of a detector in a map of population θ.
+
+    In crowded maps (many sources, a thin disk) a source is harder to detect than the
+    θ-averaged `CompletenessFunction` says, and easier in sparse ones; a catalog likelihood
+    with a θ-averaged S is then biased (checked in ``benchmarks/inference.py detected``). This
+    estimator adds θ to the inputs of S's position network (standardised ``log N, sigma_F,
+    log h``); S stays monotone in flux.
+
+    Parameters
+    ----------
+    params : sequence of str
+        Names of θ (the model's ``param_names``).
+    theta_center, theta_scale : sequence of float
+        Standardisation of ``(log N, sigma_F, log h)``.
+    **kwargs
+        As `CompletenessFunction`.
+
+    Examples
+    --------
+    >>> from astrotrunc import ConditionalCompleteness
+    >>> S = ConditionalCompleteness(detector_id="example")
+    >>> S([1.0, 100.0], 0.0, 0.0, theta=[200.0, 2.0, 5.0]).shape
+    (2,)
+    """
+
+    def __init__(self, detector_id="", params=("N", "sigma_F", "h"), theta_center=(5.0, 2.0, 1.7),
+                 theta_scale=(1.0, 0.6, 0.8), **kwargs):
+        super().__init__(detector_id=detector_id, **kwargs)
+        self.params = tuple(str(p) for p in params)
+        self.theta_center = tuple(float(c) for c in theta_center)
+        self.theta_scale = tuple(float(c) for c in theta_scale)
+        self.net = _MonotoneFluxLogit(self.hidden, n_in=2 + len(self.params))
+
+    @property
+    def config(self) -> dict:
+        return dict(super().config, params=list(self.params), theta_center=list(self.theta_center),
+                    theta_scale=list(self.theta_scale))
+
+    def _z_theta(self, theta):
+        theta = torch.as_tensor(theta, dtype=torch.float32).reshape(-1, len(self.params))
+        t = torch.stack([torch.log(theta[:, 0].clamp_min(1)), theta[:, 1],
+                         torch.log(theta[:, 2].clamp_min(1e-3))], 1)
+        return (t - torch.tensor(self.theta_center)) / torch.tensor(self.theta_scale)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Logit of S for 1-D ``batch["flux"], batch["l"], batch["b"]`` and ``batch["theta"]``."""
+        c, s, ls, bs = self.scales
+        zf = (torch.log(batch["flux"].clamp_min(1e-30)) - c) / s
+        zl = (torch.remainder(batch["l"] + 180.0, 360.0) - 180.0) / ls
+        zb = batch["b"] / bs
+        zt = self._z_theta(batch["theta"]).to(zf.device).expand(len(zf), -1)
+        return self.net(zf, torch.cat([torch.stack([zl, zb], dim=-1), zt], 1))
+
+    @torch.no_grad()
+    def logit_table(self, flux, l, b, theta=None) -> torch.Tensor:  # noqa: E741
+        """Logits ``(n_positions, n_fluxes)`` of S on a grid, for one ``theta`` (required)."""
+        if theta is None:
+            raise ValueError("a ConditionalCompleteness needs theta")
+        c, s, ls, bs = self.scales
+        zf = (torch.log(torch.as_tensor(flux, dtype=torch.float32).clamp_min(1e-30)) - c) / s
+        zl = (torch.remainder(torch.as_tensor(l, dtype=torch.float32) + 180.0, 360.0) - 180.0) / ls
+        zb = torch.as_tensor(b, dtype=torch.float32) / bs
+        zt = self._z_theta(theta).expand(len(zl), -1)
+        net, k = self.net, self.net.n_steps
+        p = net.position(torch.cat([torch.stack([zl, zb], dim=-1), zt], 1))
+        bias, w, cen, g = p[:, :1], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
+        slope = nn.functional.softplus(g + 1.0) + 0.1
+        steps = torch.tanh(slope[:, :, None] * (zf[None, None, :] - cen[:, :, None]))
+        return bias + (nn.functional.softplus(w)[:, :, None] * steps).sum(1)
+
+    def __call__(self, flux, l=None, b=None, theta=None):  # noqa: E741
+        """S(F, l, b | θ) (numpy, broadcasting over flux and position); ``theta`` is one θ."""
+        if isinstance(flux, dict):  # engine call
+            return nn.Module.__call__(self, flux)
+        if theta is None:
+            raise ValueError("a ConditionalCompleteness needs theta=(N, sigma_F, h)")
+        flux, lon, lat = self._inputs(flux, l, b)
+        shape = np.broadcast_shapes(flux.shape, lon.shape, lat.shape)
+        f, lo, la = (np.broadcast_to(a, shape).ravel() for a in (flux, lon, lat))
+        t = lambda a: torch.as_tensor(np.asarray(a, float), dtype=torch.float32)  # noqa: E731
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                logit = nn.Module.__call__(self, {"flux": t(np.clip(f, 1e-30, None)), "l": t(lo),
+                                                  "b": t(la), "theta": t(theta)})
+        finally:
+            self.train(was_training)
+        return torch.sigmoid(logit).numpy().astype(np.float64).reshape(shape)
+
+    @staticmethod
+    def simulate_labels(model, detector, n_maps, *, seed=0, threshold=5.0, flux_threshold=None,
+                        chunk_size=256, progress=True):
+        """Like `CompletenessFunction.simulate_labels`, with the θ of each source's map."""
+        cols = {k: [] for k in ("flux", "l", "b", "d", "theta")}
+        bar = tqdm(total=n_maps, desc="labelling sources", unit="map",
+                   disable=None if progress else True)
+        for sims in model.iter_simulate(n_maps, seed=seed, chunk_size=chunk_size):
+            segm = detect_batch(detector, sims.maps, threshold=threshold,
+                                flux_threshold=flux_threshold)
+            d = match_sources(segm, sims.flux.numpy(), sims.x.numpy(), sims.y.numpy(),
+                              sims.in_map.numpy())
+            keep = sims.in_map.numpy()
+            cols["flux"].append(sims.flux.numpy()[keep])
+            cols["l"].append(sims.l.numpy()[keep])
+            cols["b"].append(sims.b.numpy()[keep])
+            cols["d"].append(d[keep].astype(np.float32))
+            rows = np.nonzero(keep)[0]
+            cols["theta"].append(sims.theta.numpy()[rows])
+            bar.update(len(sims))
+        bar.close()
+        return {k: torch.as_tensor(np.concatenate(v)) for k, v in cols.items()}

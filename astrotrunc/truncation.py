@@ -20,7 +20,8 @@ from astropy.table import QTable
 from .priors import BoxPrior
 
 __all__ = ["truncation_bounds", "TruncationRound", "TruncationResult", "run_rounds",
-           "DetectedRegions", "CompletenessTable", "TruncatedModel"]
+           "DetectedRegions", "CompletenessTable", "ConditionalCompletenessTable",
+           "completeness_table", "TruncatedModel"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,6 +412,13 @@ class _SubpixelGrid:
         return lp + torch.log(area)[None]
 
 
+def completeness_table(completeness, model, mask=None):
+    """The tabulated S of a completeness on ``model``'s map: conditional on θ or not."""
+    if hasattr(completeness, "theta_center"):
+        return ConditionalCompletenessTable(completeness, model.geometry, model.prior, mask)
+    return CompletenessTable(completeness, model.geometry, mask)
+
+
 class CompletenessTable:
     """S(F, s) of a completeness function tabulated on every pixel of a map and a log-flux grid.
 
@@ -477,6 +485,111 @@ class CompletenessTable:
         return torch.where(inside, self.at_pixels(flux, pixel), 0.0)
 
 
+class ConditionalCompletenessTable(CompletenessTable):
+    """S(F, s | θ) of a `~astrotrunc.ConditionalCompleteness`, tabulated per θ node on demand.
+
+    S depends smoothly on θ (through crowding), so the catalog likelihood interpolates it
+    trilinearly in ``(log N, sigma_F, log h)`` between the nodes of a grid over the prior box;
+    the truncated model evaluates it exactly at each source and the θ of its map.
+
+    Parameters
+    ----------
+    completeness : `~astrotrunc.ConditionalCompleteness`
+        The learned S(F, s | θ).
+    geometry : `~astrotrunc.SkyGeometry`
+        The map.
+    prior : `~astrotrunc.priors.BoxPrior`
+        The box the nodes cover.
+    mask : 2-D bool array, optional
+        Masked pixels.
+    n_nodes : tuple of int
+        Nodes in N (log-spaced), sigma_F and h (log-spaced).
+    flux_range, n_flux
+        The log-flux grid, as `CompletenessTable`.
+    """
+
+    def __init__(self, completeness, geometry, prior, mask=None, n_nodes=(6, 4, 8),
+                 flux_range=(1e-3, 1e5), n_flux=161):
+        ny, nx = geometry.shape
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        sky = geometry.pixel_to_world(xx.ravel(), yy.ravel())
+        self.lon = torch.as_tensor(sky.l.wrap_at(180 * u.deg).deg, dtype=torch.float32)
+        self.lat = torch.as_tensor(sky.b.deg, dtype=torch.float32)
+        self.log_flux = torch.linspace(math.log(flux_range[0]), math.log(flux_range[1]), n_flux,
+                                       dtype=torch.float64)
+        off = torch.zeros(ny * nx, dtype=torch.bool)
+        extent = getattr(completeness, "extent", None)
+        if extent is not None:
+            l0, l1, b0, b1 = extent
+            off |= (self.lon < l0) | (self.lon > l1) | (self.lat < b0) | (self.lat > b1)
+        if mask is not None:
+            off |= torch.as_tensor(np.asarray(mask, dtype=bool)).reshape(-1)
+        self.off, self.completeness = off, completeness
+        self.shape, self.n_flux = (ny, nx), int(n_flux)
+        self._step = float(self.log_flux[1] - self.log_flux[0])
+        self.table = None
+        lo, hi = prior.low.double(), prior.high.double()
+        nn_, ns, nh = n_nodes
+        self.axes = (torch.linspace(math.log(max(lo[0], 1.0)), math.log(hi[0]), nn_,
+                                    dtype=torch.float64),
+                     torch.linspace(float(lo[1]), float(hi[1]), ns, dtype=torch.float64),
+                     torch.linspace(math.log(lo[2]), math.log(hi[2]), nh, dtype=torch.float64))
+        grid = torch.meshgrid(*self.axes, indexing="ij")
+        self.nodes = torch.stack([torch.exp(grid[0]), grid[1], torch.exp(grid[2])], -1).reshape(-1, 3)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    def corners(self, theta):
+        """Trilinear interpolation: ``(n, 8)`` node indices and weights of each θ."""
+        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, 3)
+        coords = [torch.log(theta[:, 0].clamp_min(1.0)), theta[:, 1],
+                  torch.log(theta[:, 2].clamp_min(1e-6))]
+        i0s, fracs = [], []
+        for c, ax in zip(coords, self.axes):
+            pos = ((c - ax[0]) / (ax[1] - ax[0])).clamp(0, len(ax) - 1)
+            i0 = pos.floor().long().clamp(max=len(ax) - 2)
+            i0s.append(i0)
+            fracs.append(pos - i0)
+        sizes = [len(a) for a in self.axes]
+        idx, w = [], []
+        for corner in range(8):
+            bits = [(corner >> k) & 1 for k in range(3)]
+            flat = ((i0s[0] + bits[0]) * sizes[1] + (i0s[1] + bits[1])) * sizes[2] + i0s[2] + bits[2]
+            weight = torch.ones_like(fracs[0])
+            for b, f in zip(bits, fracs):
+                weight = weight * (f if b else 1 - f)
+            idx.append(flat)
+            w.append(weight)
+        return torch.stack(idx, 1), torch.stack(w, 1)
+
+    def node_table(self, node, pixels=None) -> torch.Tensor:
+        """S ``(n_pixels, n_flux)`` at one node (all pixels, or the flat ``pixels``)."""
+        lon, lat, off = ((a if pixels is None else a[pixels]) for a in (self.lon, self.lat, self.off))
+        t = torch.sigmoid(self.completeness.logit_table(torch.exp(self.log_flux), lon, lat,
+                                                        theta=self.nodes[node]))
+        return torch.where(off[:, None], 0.0, t)
+
+    def at_pixels(self, flux, pixel, theta=None):
+        """S at ``flux`` in flat pixels ``pixel``, for θ ``(n, 3)`` of the leading axis."""
+        if theta is None:
+            raise ValueError("a conditional completeness needs the θ of each map")
+        theta = torch.as_tensor(theta, dtype=torch.float32)
+        th = theta.reshape(theta.shape[0], *([1] * (flux.ndim - 1)), 3).expand(*flux.shape, 3)
+        with torch.no_grad():
+            logit = self.completeness({"flux": flux.reshape(-1).float(),
+                                       "l": self.lon[pixel.reshape(-1)],
+                                       "b": self.lat[pixel.reshape(-1)],
+                                       "theta": th.reshape(-1, 3)})
+        s = torch.sigmoid(logit).reshape(flux.shape)
+        return torch.where(self.off[pixel], 0.0, s)
+
+    def __call__(self, flux, x, y, theta=None):
+        pixel, inside = self.pixel(x, y)
+        return torch.where(inside, self.at_pixels(flux, pixel, theta), 0.0)
+
+
 class TruncatedModel:
     """The truncated simulation model of an observation: detection is truncation.
 
@@ -539,7 +652,8 @@ class TruncatedModel:
         self.prior = self.restrict(model.prior if prior is None else prior)
         self.n_candidates, self.grid = int(n_candidates), _SubpixelGrid(model.geometry, oversample)
         self.table = (completeness if isinstance(completeness, CompletenessTable) else
-                      CompletenessTable(completeness, model.geometry, regions.mask))
+                      completeness_table(completeness, model, regions.mask))
+        self._theta_arg = isinstance(self.table, ConditionalCompletenessTable)
         # padded region cells: (n_det, max cells) flat indices into the grid's (pixel, cell) table
         k2 = oversample**2
         cells = (self.regions.pixel_index[:, None] * k2 + torch.arange(k2)).reshape(-1)
@@ -588,7 +702,8 @@ class TruncatedModel:
             u01 = a + (1 - a) * u01
         z = torch.special.ndtri(u01.clamp(1e-300, 1 - 1e-16))
         flux = torch.exp(self.model.flux_mu + sig * z).float()
-        s = self.table.at_pixels(flux, cell // self.grid.oversample**2)
+        s = self.table.at_pixels(flux, cell // self.grid.oversample**2,
+                                 *((theta,) if self._theta_arg else ()))
         w = torch.where(s.sum(-1, keepdim=True) > 0, s, torch.ones_like(s)).reshape(n * m, k)
         one = torch.multinomial(w, 1, generator=gen).reshape(n, m, 1)
         take = lambda a: a.gather(2, one)[..., 0]  # noqa: E731
@@ -608,7 +723,7 @@ class TruncatedModel:
             prop[:, 0] = n_prop
             flux, lon, lat, _ = self.model.sample_sources(prop, gen)
             x, y = self.model.geometry.world_to_pixel(lon, lat)
-            s = self.table(flux, x, y)
+            s = self.table(flux, x, y, *((theta,) if self._theta_arg else ()))
             accept = torch.rand(s.shape, generator=gen) >= s
             rank = torch.cumsum(accept.long(), 1)
             keep = accept & (rank <= need[:, None])

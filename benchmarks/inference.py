@@ -31,6 +31,7 @@ from astrotrunc.diagnostics import binomial_interval
 from astrotrunc.inference import CatalogLikelihood, naive_catalog_log_likelihood
 from astrotrunc.inference.population import _focused_draws
 from astrotrunc.nre import WeightedSamples
+from astrotrunc.priors import BoxPrior
 from astrotrunc.truncation import DetectedRegions
 
 OUT = Path(__file__).parent / "output"
@@ -52,9 +53,16 @@ def _print_coverage(label, hits, n):
     print(f"{label:>10}: " + "; ".join(parts))
 
 
+def _completeness(args):
+    from astrotrunc.nre import RatioEstimator
+
+    return RatioEstimator.load(args.completeness) if args.completeness else default_completeness()
+
+
 def detected(args):
     model = PointSourceModel.paper()
-    det, S = default_detector(), default_completeness()
+    det, S = default_detector(), _completeness(args)
+    print(f"completeness: {type(S).__name__} ({args.completeness or 'shipped'})")
     rng_seed = args.seed
     obs = model.simulate(args.n_obs, seed=rng_seed)
     base = None
@@ -109,6 +117,92 @@ def detected(args):
     return out
 
 
+def r3(args):
+    """Local calibration of r3 (both features) on held-out truncated simulations."""
+    from astrotrunc import PopulationInference
+    from astrotrunc.diagnostics import coverage
+    from astrotrunc.inference import InferenceSettings
+    from astrotrunc.nre import RatioEstimator
+    from astrotrunc.truncation import TruncatedModel
+
+    model = PointSourceModel.paper()
+    obs = model.simulate(1, seed=args.seed)
+    out = {"truth": obs.theta[0].tolist()}
+    print(f"observation seed {args.seed}, truth {obs.theta[0].tolist()}")
+    for features in args.features.split(","):
+        cfg = InferenceSettings(features=features, n_rounds=args.n_rounds,
+                                n_simulations=args.n_simulations, n_samples=args.n_samples)
+        inf = PopulationInference(model, completeness=_completeness(args)
+                                  if args.completeness else None, settings=cfg)
+        work = OUT / f"r3_work_{features}"
+        t0 = time.perf_counter()
+        post = inf.run(obs.maps[0], workdir=work, progress=False, seed=args.seed,
+                       branches=("sub-threshold",), client="sync")
+        wall = time.perf_counter() - t0
+        last = len(post.truncation) - 1
+        est = RatioEstimator.load(work / f"round_{last}" / "r3.safetensors")
+        import json as _json
+
+        box = BoxPrior.from_dict(_json.loads((work / f"round_{last}" / "round.json").read_text())
+                                 ["prior"])
+        tm = TruncatedModel(model, post.regions, inf.completeness)
+        held = tm.simulate(args.n_test, seed=(args.seed, 77), prior=box)
+        cov = coverage(est, {"theta": held.theta, "x": est.prepare(held.maps)}, box,
+                       n_test=args.n_test, n_samples=5000, levels=(0.68, 0.95))
+        widths = post.widths()
+        res = {"wall_s": wall, "coverage": {f"{r['marginal']}@{r['nominal']}": float(r["empirical"])
+                                            for r in cov},
+               "widths_68": {n: float(widths[n][0]) for n in NAMES}}
+        print(f"{features}: run {wall:.0f} s; widths(68%) " +
+              ", ".join(f"{k} {v:.3g}" for k, v in res["widths_68"].items()))
+        print("   coverage: " + ", ".join(f"{k} {v:.3f}" for k, v in res["coverage"].items()))
+        out[features] = res
+    return out
+
+
+def end_to_end(args):
+    """PopulationInference.run on independent observations: coverage, widths, stage times."""
+    from astrotrunc import PopulationInference
+    from astrotrunc.inference import InferenceSettings
+
+    model = PointSourceModel.paper()
+    obs = model.simulate(args.n_obs, seed=args.seed)
+    cfg = InferenceSettings.quick() if args.quick else InferenceSettings()
+    inf = PopulationInference(model, completeness=_completeness(args) if args.completeness
+                              else None, settings=cfg)
+    hits, widths, times = [], [], []
+    for j in range(args.n_obs):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            post = inf.run(obs.maps[j], seed=args.seed + j, progress=False, client="sync")
+        truth = obs.theta[j].double().numpy()
+        hits.append([_covered(p, truth, 0.68) for p in post.posteriors().values()])
+        w = post.widths()
+        widths.append([[float(w[n][k]) for n in NAMES] for k in range(len(w))])
+        times.append(post.meta["times_s"])
+        print(f"  obs {j}: truth {np.round(truth, 2).tolist()}, N_det {post.meta['n_detected']}, "
+              f"{time.perf_counter() - t0:.0f} s, combined 68% hit {hits[-1][-1].tolist()}")
+    hits, widths = np.array(hits), np.array(widths)  # (obs, branch, param)
+    out = {"n_obs": args.n_obs, "quick": bool(args.quick), "settings": str(cfg)}
+    for b, branch in enumerate(("sub-threshold", "detected", "combined")):
+        cov = hits[:, b].mean(0)
+        med = np.median(widths[:, b], 0)
+        out[branch] = {"coverage_68": dict(zip(NAMES, cov.tolist())),
+                       "median_width_68": dict(zip(NAMES, med.tolist()))}
+        print(f"{branch:>13}: 68% coverage " + ", ".join(f"{n} {c:.2f}" for n, c in zip(NAMES, cov))
+              + "; median 68% width " + ", ".join(f"{n} {m:.3g}" for n, m in zip(NAMES, med)))
+    tighter = (widths[:, 2] <= np.minimum(widths[:, 0], widths[:, 1]) * 1.05).mean(0)
+    out["combined_at_least_as_tight"] = dict(zip(NAMES, tighter.tolist()))
+    print("combined at least as tight as the tighter branch (within 5%): "
+          + ", ".join(f"{n} {t:.2f}" for n, t in zip(NAMES, tighter)))
+    keys = times[0].keys()
+    out["median_stage_s"] = {k: float(np.median([t[k] for t in times])) for k in keys}
+    print("median stage times: " + ", ".join(f"{k} {v:.1f} s"
+                                            for k, v in out["median_stage_s"].items()))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("mode", choices=["detected", "r3", "end-to-end"])
@@ -116,10 +210,16 @@ def main():
     p.add_argument("--n-samples", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--completeness", help="completeness file (default: the shipped one)")
+    p.add_argument("--features", default="summary,cnn", help="r3 mode: features to compare")
+    p.add_argument("--n-rounds", type=int, default=2, help="r3 mode: TMNRE rounds")
+    p.add_argument("--n-simulations", type=int, default=4096, help="r3 mode: per round")
+    p.add_argument("--n-test", type=int, default=300, help="r3 mode: held-out simulations")
+    p.add_argument("--quick", action="store_true", help="end-to-end mode: quick settings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = {"detected": detected}[args.mode](args)
+    out = {"detected": detected, "r3": r3, "end-to-end": end_to_end}[args.mode](args)
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     OUT.mkdir(exist_ok=True)

@@ -19,7 +19,8 @@ import math
 import numpy as np
 import torch
 
-from ..truncation import CompletenessTable, _SubpixelGrid
+from ..truncation import (CompletenessTable, ConditionalCompletenessTable, _SubpixelGrid,
+                          completeness_table)
 
 __all__ = ["CatalogLikelihood", "naive_catalog_log_likelihood"]
 
@@ -42,8 +43,9 @@ class CatalogLikelihood:
         The full model (its flux and position densities).
     regions : `~astrotrunc.truncation.DetectedRegions`
         The regions R_i of the catalog.
-    completeness : `~astrotrunc.CompletenessFunction` or `~astrotrunc.truncation.CompletenessTable`
-        S(F, s) of the detector that made the catalog.
+    completeness : `~astrotrunc.CompletenessFunction`, `~astrotrunc.ConditionalCompleteness` or a table
+        S(F, s) of the detector that made the catalog; a `~astrotrunc.ConditionalCompleteness`
+        gives S(F, s | θ), interpolated between θ nodes.
     flux_threshold : float, optional
         Also require F ≥ ``flux_threshold`` of detected sources (the paper's option).
     oversample : int
@@ -69,30 +71,50 @@ class CatalogLikelihood:
         self.model, self.regions = model, regions
         self.flux_threshold = None if flux_threshold is None else float(flux_threshold)
         self.table = (completeness if isinstance(completeness, CompletenessTable) else
-                      CompletenessTable(completeness, model.geometry, regions.mask))
+                      completeness_table(completeness, model, regions.mask))
+        self.conditional = isinstance(self.table, ConditionalCompletenessTable)
         self.grid = grid if grid is not None else _SubpixelGrid(model.geometry, oversample)
         lf = self.table.log_flux
         mid = 0.5 * (lf[1:] + lf[:-1])
         inf = torch.tensor([math.inf], dtype=torch.float64)
         self.log_edges = torch.cat([-inf, mid, inf])
-        table = self.table.table.double()  # (npix, n_flux)
-        # p̄ tabulated over h: U[j, f] = sum_p S(F_f, p) m_p(h_j)
+        # prior mass of every pixel on a grid in h (the position density depends on h only)
         i_h = model.param_names.index("h")
         lo, hi = float(model.prior.low[i_h]), float(model.prior.high[i_h])
-        self.h_grid = torch.linspace(lo, hi, int(n_h), dtype=torch.float64)
-        rows, inside = [], []
-        unmasked = (torch.ones(table.shape[0], dtype=torch.float64) if regions.mask is None else
-                    torch.as_tensor(~np.asarray(regions.mask, bool).reshape(-1), dtype=torch.float64))
+        self.h_grid = torch.linspace(lo, hi, int(n_h) if not self.conditional else 100,
+                                     dtype=torch.float64)
+        mass = []
         for hs in self.h_grid.split(8):
             theta = torch.zeros(len(hs), len(model.param_names), dtype=torch.float64)
             theta[:, 1], theta[:, i_h] = 1.0, hs
-            mass = torch.exp(self.grid.log_mass(model, theta)).sum(-1)  # (n, npix)
-            rows.append(mass @ table)
-            inside.append(mass @ unmasked)
-        self._pbar_h = torch.cat(rows)  # (n_h, n_flux)
-        self._inside_h = torch.cat(inside)  # (n_h,) prior mass of the unmasked map
-        # the region pixels' S columns
-        self._region_table = table[regions.pixel_index]  # (P_R, n_flux)
+            mass.append(torch.exp(self.grid.log_mass(model, theta)).sum(-1))  # (n, npix)
+        mass = torch.cat(mass)
+        npix = mass.shape[1]
+        unmasked = (torch.ones(npix, dtype=torch.float64) if regions.mask is None else
+                    torch.as_tensor(~np.asarray(regions.mask, bool).reshape(-1),
+                                    dtype=torch.float64))
+        self._inside_h = mass @ unmasked  # (n_h,) prior mass of the unmasked map
+        # p̄ per node of S: U[node, j, f] = sum_p S_node(F_f, p) m_p(h_j)
+        self._pbar_h = torch.stack([mass @ t.double() for t in self._node_tables()])
+        self._region_table = self._region_tables(regions)
+
+    def _node_tables(self, pixels=None):
+        if not self.conditional:
+            t = self.table.table
+            yield t if pixels is None else t[pixels]
+            return
+        for n in range(self.table.n_nodes):
+            yield self.table.node_table(n, pixels)
+
+    def _region_tables(self, regions):
+        return torch.stack([t.double() for t in self._node_tables(regions.pixel_index)])
+
+    def _corners(self, theta):
+        if not self.conditional:
+            n = len(theta)
+            return (torch.zeros(n, 1, dtype=torch.long),
+                    torch.ones(n, 1, dtype=torch.float64))
+        return self.table.corners(theta)
 
     def for_regions(self, regions) -> "CatalogLikelihood":
         """The likelihood of another catalog on the same map (mask), reusing the tabulated p̄."""
@@ -101,27 +123,29 @@ class CatalogLikelihood:
                              f"{self.regions.shape}")
         new = copy.copy(self)
         new.regions = regions
-        new._region_table = self.table.table.double()[regions.pixel_index]
+        new._region_table = self._region_tables(regions)
         return new
 
-    def _interp_h(self, h, values=None):
-        values = self._pbar_h if values is None else values
+    def _interp_h(self, h, values):
+        """Linear interpolation along the first axis of ``values`` (tabulated on ``h_grid``)."""
         g = self.h_grid
         pos = ((h - g[0]) / (g[1] - g[0])).clamp(0, len(g) - 1)
         i0 = pos.floor().long().clamp(max=len(g) - 2)
         frac = (pos - i0).reshape(-1, *([1] * (values.ndim - 1)))
         return values[i0] * (1 - frac) + values[i0 + 1] * frac
 
-    def in_map_fraction(self, theta) -> torch.Tensor:
-        """The probability that one source of the population falls in the unmasked map."""
-        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, len(self.model.param_names))
-        return self._interp_h(theta[:, 2], self._inside_h).clamp(0, 1)
-
     def detection_fraction(self, theta) -> torch.Tensor:
         """p̄(θ): the probability that one source of the population is detected (float64)."""
         theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, len(self.model.param_names))
-        w = _flux_bin_mass(self.model, self.log_edges, theta[:, 1])
-        return (w * self._interp_h(theta[:, 2])).sum(1).clamp(0, 1)
+        w = _flux_bin_mass(self.model, self.log_edges, theta[:, 1])  # (n, n_flux)
+        idx, cw = self._corners(theta)  # (n, c)
+        g = self.h_grid
+        pos = ((theta[:, 2] - g[0]) / (g[1] - g[0])).clamp(0, len(g) - 1)
+        i0 = pos.floor().long().clamp(max=len(g) - 2)
+        frac = (pos - i0)[:, None, None]
+        u = (self._pbar_h[idx, i0[:, None]] * (1 - frac)
+             + self._pbar_h[idx, i0[:, None] + 1] * frac)  # (n, c, n_flux)
+        return ((u * w[:, None, :]).sum(-1) * cw).sum(1).clamp(0, 1)
 
     def region_log_prob(self, theta) -> torch.Tensor:
         """``(n, N_det)`` log P_i(θ): a source of the population is detected in region R_i."""
@@ -130,11 +154,18 @@ class CatalogLikelihood:
         if m == 0:
             return torch.zeros(n, 0, dtype=torch.float64)
         w = _flux_bin_mass(self.model, self.log_edges, theta[:, 1], self.flux_threshold)
-        g = w @ self._region_table.T  # (n, P_R): flux-integrated S per region pixel
+        idx, cw = self._corners(theta)
+        # flux-integrated S per region pixel, interpolated between the nodes
+        g = torch.einsum("tf,tcpf,tc->tp", w, self._region_table[idx], cw)
         mass = torch.exp(self.grid.log_mass(self.model, theta, self.regions.pixel_index)).sum(-1)
         per_region = torch.zeros(n, m, dtype=torch.float64)
         per_region.index_add_(1, self.regions.region_index, g * mass)
         return torch.log(per_region)
+
+    def in_map_fraction(self, theta) -> torch.Tensor:
+        """The probability that one source of the population falls in the unmasked map."""
+        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, len(self.model.param_names))
+        return self._interp_h(theta[:, 2], self._inside_h).clamp(0, 1)
 
     def log_prob(self, theta, batch_size=4096) -> torch.Tensor:
         """log p(I=1 | θ) up to a constant, ``(n,)`` float64; ``-inf`` where N < N_det."""

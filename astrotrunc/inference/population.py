@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ..nre import RatioEstimator, Trainer, WeightedSamples
 from ..priors import BoxPrior
-from ..truncation import (CompletenessTable, DetectedRegions, TruncatedModel, TruncationResult,
-                          TruncationRound, _SubpixelGrid, truncation_bounds)
+from ..truncation import (DetectedRegions, TruncatedModel, TruncationResult, TruncationRound,
+                          completeness_table, truncation_bounds)
 from .likelihood import CatalogLikelihood
 from .posterior import BRANCHES, PopulationPosterior
 from .r3 import SubThresholdRatio, TruncatedSimulations
@@ -233,11 +233,14 @@ class PopulationInference:
                                                segmentation=segmentation, mask=mask)
         return catalog, regions
 
-    def _tables(self, mask):
-        key = None if mask is None else mask.tobytes()
+    def _tables(self, mask, flux_cut):
+        """S tabulated on the map and the catalog likelihood of no detection (cached per mask)."""
+        key = (None if mask is None else mask.tobytes(), flux_cut)
         if key not in self._table_cache:
-            table = CompletenessTable(self.completeness, self.model.geometry, mask)
-            self._table_cache = {key: (table, _SubpixelGrid(self.model.geometry))}
+            table = completeness_table(self.completeness, self.model, mask)
+            none = DetectedRegions(np.zeros(self.model.shape, dtype=np.int32), ids=[], mask=mask)
+            base = CatalogLikelihood(self.model, none, table, flux_threshold=flux_cut)
+            self._table_cache = {key: (table, base)}
         return self._table_cache[key]
 
     # -- the run ---------------------------------------------------------------------------
@@ -305,8 +308,8 @@ class PopulationInference:
         t0 = time.perf_counter()
         x, bad = self._observation(data, wcs, mask)
         catalog, regions = self._catalog(x, bad, catalog, segmentation, wcs)
-        table, grid = self._tables(bad)
         f_cut = self.flux_threshold if cfg.detected_flux_cut else None
+        table, base_likelihood = self._tables(bad, f_cut)
         truncated = TruncatedModel(self.model, regions, table, flux_threshold=f_cut)
         times["detection"] = time.perf_counter() - t0
         if progress:
@@ -334,7 +337,7 @@ class PopulationInference:
             times["sub-threshold posterior"] = time.perf_counter() - t1
         if "detected" in branches:
             t1 = time.perf_counter()
-            like = CatalogLikelihood(self.model, regions, table, flux_threshold=f_cut, grid=grid)
+            like = base_likelihood.for_regions(regions)
             theta_d, lw_d = _focused_draws(like.log_prob, box0, cfg.n_samples, gen)
             posts["detected"] = WeightedSamples(theta_d, lw_d, names=names, units=_units(self))
             if log_r3 is not None:
@@ -364,7 +367,7 @@ class PopulationInference:
             meta["truth"] = [float(t) for t in np.asarray(truth, float).ravel()]
         post = PopulationPosterior(posts.get("sub-threshold"), posts.get("detected"),
                                    posts["combined"], truncation=trunc, meta=meta, maps=maps)
-        post.catalog = catalog
+        post.catalog, post.regions = catalog, regions
         if progress:
             tqdm.write("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
         return post
