@@ -1,4 +1,4 @@
-"""The ``astrotrunc`` command line: ``simulate``, ``train``, ``detect``, ``infer``."""
+"""The ``astrotrunc`` command line: ``simulate``, ``train``, ``detect``, ``infer``, ``demo``."""
 
 from __future__ import annotations
 
@@ -184,6 +184,25 @@ def _add_infer_parser(sub):
     i.set_defaults(func=_cmd_infer)
 
 
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, map_path=args.map,
+             overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _add_demo_parser(sub):
+    m = sub.add_parser("demo", help="the whole pipeline on one map: detections, completeness, "
+                                    "population posterior, plots and report.html")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--quick", action="store_true", help="quick inference (a few minutes)")
+    m.add_argument("--seed", type=int, default=1, help="seed of the simulated observation")
+    m.add_argument("--map", help="use this FITS map instead of a simulated observation")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    m.set_defaults(func=_cmd_demo)
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="astrotrunc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +247,7 @@ def _parser():
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=_cmd_detect)
     _add_infer_parser(sub)
+    _add_demo_parser(sub)
     return p
 
 
