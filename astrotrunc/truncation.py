@@ -508,7 +508,7 @@ class ConditionalCompletenessTable(CompletenessTable):
         The log-flux grid, as `CompletenessTable`.
     """
 
-    def __init__(self, completeness, geometry, prior, mask=None, n_nodes=(6, 4, 8),
+    def __init__(self, completeness, geometry, prior, mask=None, n_nodes=(5, 4, 6),
                  flux_range=(1e-3, 1e5), n_flux=161):
         ny, nx = geometry.shape
         yy, xx = np.mgrid[0:ny, 0:nx]
@@ -570,6 +570,22 @@ class ConditionalCompletenessTable(CompletenessTable):
         t = torch.sigmoid(self.completeness.logit_table(torch.exp(self.log_flux), lon, lat,
                                                         theta=self.nodes[node]))
         return torch.where(off[:, None], 0.0, t)
+
+    def all_nodes(self, pixels=None, lon=None, lat=None, nodes=None) -> torch.Tensor:
+        """S ``(n_nodes, n_positions, n_flux)`` at the nodes (all, or the indices ``nodes``).
+
+        Positions are flat ``pixels`` (masked ones get S = 0) or sky positions ``lon, lat``.
+        """
+        nodes = torch.arange(self.n_nodes) if nodes is None else torch.as_tensor(nodes)
+        if pixels is not None:
+            lon, lat, off = self.lon[pixels], self.lat[pixels], self.off[pixels]
+        else:
+            off = torch.zeros(len(lon), dtype=torch.bool)
+        k, n = len(lon), len(nodes)
+        theta = self.nodes[nodes].repeat_interleave(k, 0)
+        t = torch.sigmoid(self.completeness.logit_table(torch.exp(self.log_flux), lon.repeat(n),
+                                                        lat.repeat(n), theta=theta))
+        return torch.where(off.repeat(n)[:, None], 0.0, t).reshape(n, k, self.n_flux)
 
     def at_pixels(self, flux, pixel, theta=None):
         """S at ``flux`` in flat pixels ``pixel``, for θ ``(n, 3)`` of the leading axis."""

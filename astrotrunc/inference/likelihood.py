@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import math
 
+from astropy import units as u
+
 import numpy as np
 import torch
 
@@ -50,8 +52,9 @@ class CatalogLikelihood:
         Also require F ≥ ``flux_threshold`` of detected sources (the paper's option).
     oversample : int
         Sub-pixel grid for the position integrals.
-    n_h : int
-        Grid in h on which p̄ is tabulated (p̄ depends on θ only through σ_F and h).
+    n_h, n_sigma : int
+        Grids in h and σ_F on which p̄ and the flux integrals are tabulated (they depend on θ
+        through σ_F and h only, besides S's own dependence on θ).
 
     Examples
     --------
@@ -67,7 +70,7 @@ class CatalogLikelihood:
     """
 
     def __init__(self, model, regions, completeness, *, flux_threshold=None, oversample=4,
-                 n_h=200, grid=None):
+                 n_h=200, n_sigma=64, grid=None):
         self.model, self.regions = model, regions
         self.flux_threshold = None if flux_threshold is None else float(flux_threshold)
         self.table = (completeness if isinstance(completeness, CompletenessTable) else
@@ -94,20 +97,57 @@ class CatalogLikelihood:
                     torch.as_tensor(~np.asarray(regions.mask, bool).reshape(-1),
                                     dtype=torch.float64))
         self._inside_h = mass @ unmasked  # (n_h,) prior mass of the unmasked map
-        # p̄ per node of S: U[node, j, f] = sum_p S_node(F_f, p) m_p(h_j)
-        self._pbar_h = torch.stack([mass @ t.double() for t in self._node_tables()])
+        # the flux integrals are linear in S: contract them once on a fine grid in sigma_F
+        i_s = model.param_names.index("sigma_F")
+        self.sigma_grid = torch.linspace(float(model.prior.low[i_s]), float(model.prior.high[i_s]),
+                                         n_sigma, dtype=torch.float64)
+        self._w = _flux_bin_mass(model, self.log_edges, self.sigma_grid)  # (n_sigma, n_flux)
+        self._w_cut = _flux_bin_mass(model, self.log_edges, self.sigma_grid, self.flux_threshold)
+        # p̄ per node of S: V[node, j, k] = sum_p m_p(h_j) sum_f S_node(F_f, p) w_f(sigma_k)
+        if self.conditional:
+            self._pbar = self._conditional_pbar(mass * unmasked, model.geometry)
+        else:
+            self._pbar = ((mass * unmasked) @ self.table.table.double() @ self._w.T)[None]
         self._region_table = self._region_tables(regions)
 
-    def _node_tables(self, pixels=None):
-        if not self.conditional:
-            t = self.table.table
-            yield t if pixels is None else t[pixels]
-            return
-        for n in range(self.table.n_nodes):
-            yield self.table.node_table(n, pixels)
+    def _conditional_pbar(self, mass, geometry, block=2, nodes_per_call=8):
+        """p̄ at every node of a conditional S, with S evaluated on ``block``² super-pixels.
+
+        S varies over many pixels (crowding, latitude), the prior mass over few: the mass is
+        summed exactly over each super-pixel, S taken at its centre. Masked pixels and pixels
+        outside S's extent carry no mass (``mass`` is zero there).
+        """
+        ny, nx = geometry.shape
+        off = self.table.off.double()
+        mass = mass * (1 - off)
+        by, bx = -(-ny // block), -(-nx // block)
+        pad = lambda a: torch.nn.functional.pad(  # noqa: E731
+            a.reshape(-1, ny, nx), (0, bx * block - nx, 0, by * block - ny))
+        coarse = pad(mass).reshape(-1, by, block, bx, block).sum((2, 4)).reshape(len(mass), -1)
+        yy, xx = np.mgrid[0:by, 0:bx]
+        sky = geometry.pixel_to_world(np.minimum(xx.ravel() * block + (block - 1) / 2, nx - 1),
+                                      np.minimum(yy.ravel() * block + (block - 1) / 2, ny - 1))
+        lon = torch.as_tensor(sky.l.wrap_at(180 * u.deg).deg, dtype=torch.float32)
+        lat = torch.as_tensor(sky.b.deg, dtype=torch.float32)
+        out = []
+        for nodes in torch.arange(self.table.n_nodes).split(nodes_per_call):
+            s = self.table.all_nodes(lon=lon, lat=lat, nodes=nodes)  # (n, P, n_flux)
+            a = s @ self._w.T.float()  # (n, P, n_sigma)
+            out.append(torch.einsum("hp,npk->nhk", coarse.float(), a).double())
+        return torch.cat(out)
 
     def _region_tables(self, regions):
-        return torch.stack([t.double() for t in self._node_tables(regions.pixel_index)])
+        """``(n_nodes, n_sigma, P_R)``: flux-integrated S of every region pixel."""
+        if self.conditional:
+            tables = self.table.all_nodes(regions.pixel_index).double()
+        else:
+            tables = self.table.table[regions.pixel_index].double()[None]
+        return torch.einsum("kf,npf->nkp", self._w_cut, tables)
+
+    def _grid_pos(self, values, grid):
+        pos = ((values - grid[0]) / (grid[1] - grid[0])).clamp(0, len(grid) - 1)
+        i0 = pos.floor().long().clamp(max=len(grid) - 2)
+        return i0, pos - i0
 
     def _corners(self, theta):
         if not self.conditional:
@@ -137,15 +177,14 @@ class CatalogLikelihood:
     def detection_fraction(self, theta) -> torch.Tensor:
         """p̄(θ): the probability that one source of the population is detected (float64)."""
         theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, len(self.model.param_names))
-        w = _flux_bin_mass(self.model, self.log_edges, theta[:, 1])  # (n, n_flux)
         idx, cw = self._corners(theta)  # (n, c)
-        g = self.h_grid
-        pos = ((theta[:, 2] - g[0]) / (g[1] - g[0])).clamp(0, len(g) - 1)
-        i0 = pos.floor().long().clamp(max=len(g) - 2)
-        frac = (pos - i0)[:, None, None]
-        u = (self._pbar_h[idx, i0[:, None]] * (1 - frac)
-             + self._pbar_h[idx, i0[:, None] + 1] * frac)  # (n, c, n_flux)
-        return ((u * w[:, None, :]).sum(-1) * cw).sum(1).clamp(0, 1)
+        ih, fh = self._grid_pos(theta[:, 2], self.h_grid)
+        js, fs = self._grid_pos(theta[:, 1], self.sigma_grid)
+        ih, js, fh, fs = ih[:, None], js[:, None], fh[:, None], fs[:, None]
+        v = self._pbar
+        val = ((v[idx, ih, js] * (1 - fs) + v[idx, ih, js + 1] * fs) * (1 - fh)
+               + (v[idx, ih + 1, js] * (1 - fs) + v[idx, ih + 1, js + 1] * fs) * fh)
+        return (val * cw).sum(1).clamp(0, 1)
 
     def region_log_prob(self, theta) -> torch.Tensor:
         """``(n, N_det)`` log P_i(θ): a source of the population is detected in region R_i."""
@@ -153,10 +192,11 @@ class CatalogLikelihood:
         n, m = len(theta), self.regions.n
         if m == 0:
             return torch.zeros(n, 0, dtype=torch.float64)
-        w = _flux_bin_mass(self.model, self.log_edges, theta[:, 1], self.flux_threshold)
         idx, cw = self._corners(theta)
-        # flux-integrated S per region pixel, interpolated between the nodes
-        g = torch.einsum("tf,tcpf,tc->tp", w, self._region_table[idx], cw)
+        js, fs = self._grid_pos(theta[:, 1], self.sigma_grid)
+        r = self._region_table
+        g = r[idx, js[:, None]] * (1 - fs[:, None, None]) + r[idx, js[:, None] + 1] * fs[:, None, None]
+        g = (g * cw[..., None]).sum(1)  # (n, P_R): flux-integrated S, between the nodes
         mass = torch.exp(self.grid.log_mass(self.model, theta, self.regions.pixel_index)).sum(-1)
         per_region = torch.zeros(n, m, dtype=torch.float64)
         per_region.index_add_(1, self.regions.region_index, g * mass)

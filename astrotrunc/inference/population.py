@@ -354,7 +354,7 @@ class PopulationInference:
             posts["combined"] = WeightedSamples(only.theta, only.log_weights[:, -1], names=names,
                                                 units=_units(self))
         t1 = time.perf_counter()
-        maps = self._example_maps(x, truncated, seed)
+        maps = self._example_maps(x, truncated, posts["combined"], seed)
         times["example maps"] = time.perf_counter() - t1
         times["total"] = time.perf_counter() - t0
         meta = {"parameters": list(names), "units": list(_units(self)), "n_detected": regions.n,
@@ -425,9 +425,14 @@ class PopulationInference:
             if tmp is not None:
                 tmp.cleanup()
 
-    def _example_maps(self, x, truncated, seed, n=3):
-        full = self.model.simulate(n, seed=(int(seed), 101))
-        trunc = truncated.simulate(n, seed=(int(seed), 102))
+    def _example_maps(self, x, truncated, posterior, seed, n=3):
+        """Maps of the full and truncated models at θ drawn from the combined posterior."""
+        gen = torch.Generator().manual_seed(int(seed) + 103)
+        w = torch.as_tensor(posterior.weights[:, -1])
+        theta = torch.as_tensor(posterior.theta[torch.multinomial(w, n, True, generator=gen)],
+                                dtype=torch.float32)
+        full = self.model.simulate(n, seed=(int(seed), 101), theta=theta)
+        trunc = truncated.simulate(n, seed=(int(seed), 102), theta=theta)
         return {"observation": x, "full": full.maps.numpy(), "truncated": trunc.maps.numpy(),
                 "wcs": self.model.wcs, "regions": truncated.regions.label_image(),
                 "full_theta": full.theta.numpy(), "truncated_theta": trunc.theta.numpy()}
