@@ -593,13 +593,15 @@ class ConditionalCompletenessTable(CompletenessTable):
             raise ValueError("a conditional completeness needs the θ of each map")
         theta = torch.as_tensor(theta, dtype=torch.float32)
         th = theta.reshape(theta.shape[0], *([1] * (flux.ndim - 1)), 3).expand(*flux.shape, 3)
+        flat, pix = flux.reshape(-1), pixel.reshape(-1)
+        need = torch.nonzero(~self.off[pix]).ravel()
+        s = torch.zeros(flat.shape)
         with torch.no_grad():
-            logit = self.completeness({"flux": flux.reshape(-1).float(),
-                                       "l": self.lon[pixel.reshape(-1)],
-                                       "b": self.lat[pixel.reshape(-1)],
-                                       "theta": th.reshape(-1, 3)})
-        s = torch.sigmoid(logit).reshape(flux.shape)
-        return torch.where(self.off[pixel], 0.0, s)
+            logit = self.completeness({"flux": flat[need].float(), "l": self.lon[pix[need]],
+                                       "b": self.lat[pix[need]],
+                                       "theta": th.reshape(-1, 3)[need]})
+        s[need] = torch.sigmoid(logit)
+        return s.reshape(flux.shape)
 
     def __call__(self, flux, x, y, theta=None):
         pixel, inside = self.pixel(x, y)
