@@ -26,6 +26,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs
 
+from ._utils import _to_numpy, check_writable
 from .exceptions import AstrotruncWarning, NoWCSWarning
 
 __all__ = ["HealpixMap", "healpix_to_patch", "make_wcs", "read_map", "write_map"]
@@ -178,15 +179,6 @@ def make_wcs(shape, center, resolution, projection="CAR", frame="galactic") -> W
 # ----------------------------------------------------------------------------------------------
 # Array checks
 # ----------------------------------------------------------------------------------------------
-def _to_numpy(data):
-    """ndarray from an ndarray, Quantity, masked array or torch tensor (no torch import)."""
-    if hasattr(data, "detach") and hasattr(data, "cpu"):  # torch.Tensor
-        data = data.detach().cpu().numpy()
-    if isinstance(data, np.ma.MaskedArray):
-        data = data.filled(np.nan) if data.dtype.kind == "f" else data.data
-    return np.asarray(data)
-
-
 def _check_image(data, what="map") -> np.ndarray:
     data = _to_numpy(data)
     if data.ndim != 2:
@@ -736,17 +728,7 @@ _STRUCTURAL = re.compile(
     r"T(TYPE|FORM|UNIT|NULL|DIM|SCAL|ZERO|DISP)\d+|TFIELDS|THEAP|CHECKSUM|DATASUM)$")
 
 
-def _check_writable(path, overwrite, option="overwrite=True") -> Path:
-    """The path to write, or `OSError` if it exists (and ``overwrite`` is off) or has no directory.
-
-    The one no-clobber rule of every astrotrunc writer; ``option`` names the switch in the message.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise OSError(f"{path} already exists; pass {option} to replace it")
-    if not path.parent.is_dir():
-        raise OSError(f"cannot write {path}: directory {path.parent} does not exist")
-    return path
+_check_writable = check_writable  # the name other modules used before 0.2
 
 
 def _merge_header(target: fits.Header, extra) -> None:
@@ -840,7 +822,7 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
     mask = _check_mask(mask, data.shape)
     wcs = _check_wcs(wcs, data.shape)
     unit = _unit(unit)
-    path = _check_writable(path, overwrite)
+    path = check_writable(path, overwrite)
 
     hdr = fits.Header()
     _merge_header(hdr, meta)
@@ -859,7 +841,7 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
 
 
 def _write_healpix(path, hmap: HealpixMap, *, mask, unit, header, overwrite):
-    path = _check_writable(path, overwrite)
+    path = check_writable(path, overwrite)
     bad = hmap.mask if mask is None else hmap.mask | _check_mask(mask, hmap.values.shape)
     if bad.all():
         raise ValueError(f"HEALPix map for {path} has no valid pixel; expected at least one "

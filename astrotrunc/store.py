@@ -17,6 +17,8 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from ._utils import spawn_seed
+
 __all__ = ["SimulationStore", "StoreDataset", "chunk_seed"]
 
 _MARKER = "_complete_rows"
@@ -32,8 +34,7 @@ def chunk_seed(seed: int, index: int) -> int:
     >>> chunk_seed(0, 1) == chunk_seed(0, 1) != chunk_seed(0, 2)
     True
     """
-    state = np.random.SeedSequence(int(seed), spawn_key=(int(index),)).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
+    return spawn_seed(seed, index)
 
 
 def _simulate_chunk(simulator, size, seed):

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -108,6 +108,19 @@ class RatioEstimator(nn.Module):
         """Contrastive NRE loss of a batch (see `contrastive_loss`); override for other objectives."""
         return contrastive_loss(self, batch, key=self.theta_key, reference=self.reference)
 
+    def train(self, mode=True):
+        """`torch.nn.Module.train`: switch training mode on (``True``) or off (``False``).
+
+        Estimators do not train themselves: give them and their data to
+        `~astrotrunc.nre.Trainer.fit` (or use a ``fit_to`` classmethod).
+        """
+        if not isinstance(mode, bool):
+            msg = (f"{type(self).__name__}.train(mode) is torch's training-mode switch and takes "
+                   f"True or False, not a {type(mode).__name__}; to train on simulations use "
+                   f"{type(self).__name__}.fit_to(...) or Trainer().fit(estimator, data)")
+            raise TypeError(msg)
+        return super().train(mode)
+
     # -- files -----------------------------------------------------------------------------
     def save(self, path, overwrite=False, metadata=None):
         """Write the estimator to a safetensors file, atomically.
@@ -123,9 +136,9 @@ class RatioEstimator(nn.Module):
             ``metadata`` attribute of the loaded estimator.
         """
         from .. import __version__
-        from ..io import _check_writable
+        from .._utils import check_writable
 
-        path = _check_writable(path, overwrite)
+        path = check_writable(path, overwrite)
 
         try:
             meta = {"format": _FORMAT, "class": type(self).__name__, "astrotrunc": __version__,
@@ -159,8 +172,6 @@ class RatioEstimator(nn.Module):
         if not path.is_file():
             raise OSError(f"no such model file: {path}")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -173,18 +184,46 @@ class RatioEstimator(nn.Module):
         if klass is None or not issubclass(klass, cls):
             raise ValueError(f"{path} holds a {name}, not a {cls.__name__}"
                              + ("" if klass else " (is the module defining it imported?)"))
+        config = _json_field(meta, "config", path)
+        user_meta = _json_field(meta, "metadata", path, default="{}")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: the model file's config is not a JSON object")
+        # build on the meta device first (no memory) and compare with the header's tensor shapes:
+        # a tampered config is refused before any real allocation
         try:
-            est = klass(**json.loads(meta["config"]))
-        except (TypeError, ValueError) as exc:
+            with torch.device("meta"):
+                skeleton = klass(**config)
+            expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        except Exception as exc:  # noqa: BLE001 - any failure means the config is unusable
             raise ValueError(f"{path}: its config cannot rebuild a {name}: {exc}") from None
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if stored != expected:
+            diff = sorted(set(stored) ^ set(expected)) or sorted(
+                k for k in stored if stored[k] != expected[k])
+            raise ValueError(f"{path}: its config does not describe the stored weights "
+                             f"(the {name} it describes differs in {diff[:3]}...)")
         state = load_file(str(path), device=str(map_location or "cpu"))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{path}: weights {bad[:3]} hold NaN or infinite values")
         try:
+            est = klass(**config)
             est.load_state_dict(state)
-        except RuntimeError as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{path}: weights do not fit the {name} architecture: {exc}") from None
-        est.metadata = json.loads(meta.get("metadata", "{}"))
+        est.metadata = user_meta
         est._source_path = str(path)
         return est.eval()
+
+
+def _json_field(meta, key, path, default=None):
+    text = meta.get(key, default)
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the {key!r} metadata of the model file is not valid JSON "
+                         f"({exc}); the file is damaged or was not written by astrotrunc") from None
 
 
 def _atomic(path: Path, write):
