@@ -6,7 +6,8 @@
   on exceptions);
 * `nearest_pixel` -- the one rounding rule from pixel coordinates to pixel indices;
 * `spawn_seed` -- independent seeds from a base seed and a key;
-* `check_writable` -- the no-clobber rule of every writer.
+* `check_writable` -- the no-clobber rule of every writer;
+* `atomic_write` -- write through a temporary file, then rename (never a partial file).
 
 Nothing here imports torch at module level.
 """
@@ -14,6 +15,8 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +88,26 @@ def check_writable(path, overwrite, option="overwrite=True") -> Path:
     if not path.parent.is_dir():
         raise OSError(f"cannot write {path}: directory {path.parent} does not exist")
     return path
+
+
+def atomic_write(path, write):
+    """Write ``path`` through a temporary file in the same directory, then rename it over ``path``.
+
+    ``write(tmp_path)`` writes the file; on any error the temporary file is removed and ``path``
+    is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: use the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _to_numpy(data):

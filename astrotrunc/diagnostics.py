@@ -7,6 +7,8 @@ import torch
 from astropy.table import QTable
 from scipy import stats
 
+from ._utils import evaluating
+
 __all__ = ["binomial_interval", "coverage", "credible_levels", "plot_coverage"]
 
 _LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.68, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -42,20 +44,18 @@ def credible_levels(estimator, x, theta_true, prior, n_samples=10_000, *, genera
     -------
     levels : `numpy.ndarray`, shape ``(n_test, n_heads)``
     """
-    was_training = estimator.training
-    estimator.eval()
     device = next(estimator.parameters()).device
     samples = prior.sample(int(n_samples), generator=generator).to(device)
     x = torch.as_tensor(x, dtype=torch.float32, device=device)
     theta_true = torch.as_tensor(theta_true, dtype=torch.float32, device=device)
     out = []
-    for i in range(len(x)):  # one held-out simulation at a time, all draws in one batch
-        xi = x[i:i + 1]
-        lr = torch.cat([estimator.log_ratio(xi, t) for t in samples.split(batch_size)])
-        lr_true = estimator.log_ratio(xi, theta_true[i:i + 1])[0]
-        w = torch.softmax(lr.double(), dim=0)
-        out.append((w * (lr > lr_true)).sum(0).cpu().numpy())
-    estimator.train(was_training)
+    with evaluating(estimator):
+        for i in range(len(x)):  # one held-out simulation at a time, all draws in one batch
+            xi = x[i:i + 1]
+            lr = torch.cat([estimator.log_ratio(xi, t) for t in samples.split(batch_size)])
+            lr_true = estimator.log_ratio(xi, theta_true[i:i + 1])[0]
+            w = torch.softmax(lr.double(), dim=0)
+            out.append((w * (lr > lr_true)).sum(0).cpu().numpy())
     return np.array(out)
 
 

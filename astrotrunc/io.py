@@ -12,6 +12,8 @@ HEALPix ``UNSEEN`` pixels all end up ``True`` in the ``mask`` (``True`` = bad, a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
 from pathlib import Path
@@ -26,7 +28,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs
 
-from ._utils import _to_numpy, check_writable
+from ._utils import _to_numpy, atomic_write, check_writable
 from .exceptions import AstrotruncWarning, NoWCSWarning
 
 __all__ = ["HealpixMap", "healpix_to_patch", "make_wcs", "read_map", "write_map"]
@@ -508,6 +510,42 @@ def healpix_to_patch(values, center, shape, resolution, *, nest=False, frame="ga
                   meta=meta)
 
 
+def _check_healpix_length(path, header, field):
+    """Refuse a HEALPix table whose length is not 12 * nside**2 before healpy reads it."""
+    if str(header.get("OBJECT", "")).strip().upper() == "PARTIAL" or \
+            str(header.get("INDXSCHM", "")).strip().upper() == "EXPLICIT":
+        return
+    n_rows = int(header.get("NAXIS2", 0))
+    match = re.match(r"\s*(\d*)", str(header.get(f"TFORM{field + 1}", "")))
+    repeat = int(match.group(1) or 1) if match else 1
+    npix = n_rows * repeat
+    if npix < 12 or not hp.isnpixok(npix):
+        raise ValueError(f"HEALPix table in {path} holds {npix} values ({n_rows} rows of {repeat}); "
+                         "expected 12*nside**2 values with nside a power of 2 (a truncated or "
+                         "cut map? partial maps need OBJECT='PARTIAL' and an index column)")
+    if "NSIDE" in header and hp.nside2npix(int(header["NSIDE"])) != npix:
+        raise ValueError(f"HEALPix table in {path} has NSIDE = {header['NSIDE']} "
+                         f"({hp.nside2npix(int(header['NSIDE']))} pixels) but holds {npix} values")
+
+
+def _hdu_data(hdu_obj, path, index):
+    """The data of an HDU; a truncated or corrupt file raises `OSError` naming the problem."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = hdu_obj.data
+        except (ValueError, TypeError, OSError, IndexError) as err:
+            raise OSError(f"{path} is truncated or corrupt: the data of HDU {index} cannot be "
+                          f"read ({err}); expected a complete FITS file") from None
+    truncated = [w for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        raise OSError(f"{path} is truncated ({truncated[0].message}); expected a complete FITS "
+                      "file (was a download or a write interrupted?)")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return data
+
+
 def _read_healpix(path, index, header, field, hdu_frame_default) -> HealpixMap:
     pixtype = str(header.get("PIXTYPE", "")).strip().upper()
     if pixtype != "HEALPIX":
@@ -526,8 +564,10 @@ def _read_healpix(path, index, header, field, hdu_frame_default) -> HealpixMap:
     if not isinstance(field, (int, np.integer)):
         raise ValueError(f"field {field!r} is not a column number; expected one int (0 for the "
                          "first map column)")
+    _check_healpix_length(path, header, int(field))
     try:
-        values, hdr = hp.read_map(path, field=int(field), hdu=index, nest=None, h=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # healpy prints its dtype choice
+            values, hdr = hp.read_map(path, field=int(field), hdu=index, nest=None, h=True)
     except (IndexError, KeyError) as err:
         raise ValueError(f"HEALPix table in {path} has no column {field}; expected field < "
                          f"{header.get('TFIELDS')}") from err
@@ -592,7 +632,7 @@ def _image_wcs(header, hdul, data_shape, path):
 
 def _read_image(path, hdul, index, hdu_obj):
     header = hdu_obj.header
-    data = hdu_obj.data
+    data = _hdu_data(hdu_obj, path, index)
     if data is None:
         raise ValueError(f"HDU {index} of {path} has no data; expected a 2-D image")
     if data.ndim != 2:
@@ -618,7 +658,7 @@ def _read_image(path, hdul, index, hdu_obj):
                  for h in hdul)
     if mask_name in hdul and hdul[mask_name] is not hdu_obj and ("MASKEXT" in header
                                                                  or n_maps == 1):
-        stored = hdul[mask_name].data
+        stored = _hdu_data(hdul[mask_name], path, mask_name)
         if stored is not None and np.squeeze(stored).shape == data.shape:
             bad |= np.squeeze(stored).astype(bool)
         elif "MASKEXT" in header:
@@ -695,11 +735,20 @@ def read_map(path, *, hdu=None, center=None, shape=None, resolution=None, projec
     if not path.exists():
         raise FileNotFoundError(f"no such map file: {path}; expected a FITS image or HEALPix FITS "
                                 "file")
-    try:
-        hdul = fits.open(path, memmap=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise OSError(f"cannot read {path} as FITS ({err}); expected a FITS image or HEALPix "
-                      "FITS file") from err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False)
+        except (OSError, ValueError, TypeError) as err:
+            raise OSError(f"cannot read {path} as FITS ({err}); expected a FITS image or HEALPix "
+                          "FITS file") from err
+    truncated = [w for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        hdul.close()
+        raise OSError(f"{path} is truncated ({truncated[0].message}); expected a complete FITS "
+                      "file (was a download or a write interrupted?)")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     with hdul:
         index, hdu_obj = _pick_hdu(hdul, hdu, path)
         if isinstance(hdu_obj, (fits.BinTableHDU, fits.TableHDU)):
@@ -823,7 +872,13 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
     wcs = _check_wcs(wcs, data.shape)
     unit = _unit(unit)
     path = check_writable(path, overwrite)
+    _write_images(path, [dict(data=data, wcs=wcs, unit=unit, meta=meta, header=header,
+                              mask=mask)], overwrite=overwrite)
 
+
+def _image_hdus(data, *, wcs=None, unit=None, meta=None, header=None, mask=None, name=None,
+                primary=True):
+    """The HDU(s) of one checked map (and its mask extension)."""
     hdr = fits.Header()
     _merge_header(hdr, meta)
     _merge_header(hdr, header)
@@ -831,13 +886,30 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
         hdr.update(wcs.to_header(relax=wcs.sip is not None))
     if unit is not None:
         hdr["BUNIT"] = _unit_string(unit)
-    hdus = [fits.PrimaryHDU(data, hdr)]
+    hdus = [fits.PrimaryHDU(data, hdr) if primary else fits.ImageHDU(data, hdr, name=name)]
     if mask is not None:
         hdus[0].header["MASKEXT"] = (MASK_EXTNAME, "extension holding the bad-pixel mask")
         mhdr = wcs.to_header() if wcs is not None else fits.Header()
         mhdr["COMMENT"] = "bad-pixel mask of the primary map: 1 = bad, 0 = good"
         hdus.append(fits.ImageHDU(mask.astype(np.uint8), mhdr, name=MASK_EXTNAME))
-    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+    return hdus
+
+
+def _write_images(path, images, *, overwrite=False):
+    """Write maps (dicts of `_image_hdus` arguments) as one FITS file, atomically.
+
+    The first map is the primary HDU; the others are image extensions named by their ``name``.
+    """
+    path = check_writable(path, overwrite)
+    hdus = []
+    for i, image in enumerate(images):
+        image = dict(image)
+        data = _check_image(image.pop("data"))
+        image["wcs"] = _check_wcs(image.get("wcs"), data.shape)
+        image["mask"] = _check_mask(image.get("mask"), data.shape)
+        image["unit"] = _unit(image.get("unit"))
+        hdus += _image_hdus(data, primary=(i == 0), **image)
+    atomic_write(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
 
 
 def _write_healpix(path, hmap: HealpixMap, *, mask, unit, header, overwrite):

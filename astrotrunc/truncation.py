@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from astropy.table import QTable
 
+from ._utils import evaluating
 from .priors import BoxPrior
 
 __all__ = ["truncation_bounds", "TruncationRound", "TruncationResult", "run_rounds"]
@@ -61,14 +62,13 @@ def truncation_bounds(estimator, x_obs, prior: BoxPrior, epsilon=1e-6, n_samples
     heads = {m[0]: c for c, m in enumerate(estimator.marginals) if len(m) == 1}
     if not heads:
         raise ValueError("the estimator has no 1-D marginal heads to truncate with")
-    was_training = estimator.training
-    estimator.eval()
     device = next(estimator.parameters()).device
     x = torch.as_tensor(np.asarray(x_obs), dtype=torch.float32, device=device)
     x = x.reshape(1, *getattr(estimator, "x_shape", x.shape))
     theta = prior.sample(int(n_samples), generator=generator)
-    log_r = torch.cat([estimator.log_ratio(x, t.to(device)).cpu() for t in theta.split(batch_size)])
-    estimator.train(was_training)
+    with evaluating(estimator):
+        log_r = torch.cat([estimator.log_ratio(x, t.to(device)).cpu()
+                           for t in theta.split(batch_size)])
     if not torch.isfinite(log_r).all():
         raise ValueError("the estimator returned non-finite log-ratios on the observation")
     low, high = prior.low.clone(), prior.high.clone()

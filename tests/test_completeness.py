@@ -8,9 +8,11 @@ import torch
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
-from astrotrunc import CompletenessFunction, PointSourceModel, SourceDetector
-from astrotrunc.completeness import (default_completeness, injection_recovery, match_sources)
+from astrotrunc import CompletenessFunction, NeuralSourceFinder, PointSourceModel, SourceDetector
+from astrotrunc.completeness import (CompletenessLabels, default_completeness, detect_batch,
+                                     injection_recovery, match_sources)
 from astrotrunc.detection import default_detector
+from astrotrunc.nre import Trainer
 
 
 def test_match_sources_one_to_one():
@@ -76,22 +78,53 @@ def test_completeness_refuses_other_detector():
         S.check_detector(det)
 
 
-def test_train_from_simulations_smoke():
+def test_training_through_the_engine_records_every_finder_setting(tmp_path):
     model = PointSourceModel.paper()
-    det = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2)
-    S = CompletenessFunction()
-    S.train(model, det, n_maps=6, n_val_maps=2, max_epochs=1, batch_size=256, progress=False)
-    assert S.detector_id == det.identity
-    S.check_detector(det)
+    det = SourceDetector.from_model(model, flux_thresholds=[3.0, 10.0], base_channels=4, depth=2)
+    finder = NeuralSourceFinder(det, threshold=2.0, n_pixels=2, flux_threshold=10.0,
+                                deblend=False, tile_overlap=16)
+    labels = CompletenessLabels(model, finder, n_maps=6, n_val_maps=2, progress=False)
+    assert len(labels.train["d"]) > 0 and len(labels.val["d"]) > 0
+    S = CompletenessFunction.for_finder(finder, model)
+    hist = Trainer(max_epochs=1, batch_size=256, progress=False, seed=0).fit(S, labels)
+    assert len(hist) == 1 and S.training is False
+    assert (S.detector_id, S.threshold, S.flux_threshold, S.n_pixels, S.deblend,
+            S.tile_overlap) == (det.identity, 2.0, 10.0, 2, False, 16)
+    S.save(tmp_path / "S.safetensors")
+    back = CompletenessFunction.load(tmp_path / "S.safetensors")
+    assert back.finder(det).settings == finder.settings  # the file rebuilds the same finder
+    with pytest.raises(TypeError, match="fit_to"):
+        S.train(model)
+    # the one-liner
+    S2 = CompletenessFunction.fit_to(model, finder, n_maps=6, n_val_maps=2, max_epochs=1,
+                                     batch_size=256, progress=False)
+    assert S2.detector_id == det.identity and len(S2.history) == 1
+
+
+def test_find_batch_equals_the_finder_on_each_map():
+    model = PointSourceModel.paper()
+    finder = NeuralSourceFinder(threshold=3.0, n_pixels=2, flux_threshold=10.0)
+    maps = model.simulate(3, seed=11).maps
+    labels = finder.find_batch(maps)
+    for m, lab in zip(maps, labels):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cat, segm = finder(m, return_segmentation=True)
+        assert np.array_equal(lab, segm.data if segm is not None else np.zeros_like(lab))
+    with pytest.warns(Warning, match="deprecated"):
+        old = detect_batch(finder.detector, maps, threshold=3.0, flux_threshold=10.0)
+    assert old.shape == labels.shape
 
 
 def test_injection_recovery_with_shipped_detector():
     model = PointSourceModel.paper()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = injection_recovery(model, fluxes=[0.3, 300.0], positions=[(10.0, 30.0)], n_maps=20,
-                               progress=False, flux_threshold=1.0)
+        t = injection_recovery(model, NeuralSourceFinder(flux_threshold=1.0, deblend=False),
+                               fluxes=[0.3, 300.0], positions=[(10.0, 30.0)], n_maps=20,
+                               progress=False)
     assert t["flux"].unit == u.dimensionless_unscaled and len(t) == 2
+    assert t.meta["flux_threshold"] == 1.0 and t.meta["deblend"] is False  # settings recorded
     assert t["completeness"][1] >= 0.9  # bright, far from the plane: found
     assert t["completeness"][0] <= t["completeness"][1]
     assert np.all(t["completeness_low"] <= t["completeness"])
@@ -100,6 +133,8 @@ def test_injection_recovery_with_shipped_detector():
         injection_recovery(model, fluxes=[1.0], positions=[(60.0, 0.0)], n_maps=2, progress=False)
     with pytest.raises(ValueError, match="positive"):
         injection_recovery(model, fluxes=[-1.0], positions=[(0.0, 0.0)], n_maps=2, progress=False)
+    with pytest.raises(TypeError, match="belong to the NeuralSourceFinder"):
+        injection_recovery(model, NeuralSourceFinder(), threshold=3.0, n_maps=2, progress=False)
 
 
 def test_shipped_completeness_pairs_with_shipped_detector():

@@ -1,4 +1,4 @@
-"""r1: labels, the U-Net, tiling, find_sources catalogs, the shipped detector, the CLI."""
+"""r1: labels, the U-Net, tiling, the finder and its catalogs, training, the shipped detector."""
 
 import math
 import os
@@ -12,8 +12,11 @@ from astropy.table import QTable
 from photutils.utils import NoDetectionsWarning
 
 from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector, find_sources
-from astrotrunc.detection import (UNet, _tiled, catalog_to_regions, default_detector,
+from astrotrunc.detection import (DetectionSimulations, catalog_to_regions, default_detector,
                                   detection_labels)
+from astrotrunc.detection.tiling import tiled
+from astrotrunc.detection.unet import UNet
+from astrotrunc.nre import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +71,8 @@ def test_tiling_matches_full_map():
     x = torch.randn(300, 211)
     local = lambda t: torch.nn.functional.avg_pool2d(t[:, None], 3, 1, 1, count_include_pad=True)[:, 0]  # noqa: E731
     full = local(x[None])[0]
-    tiled = _tiled(local, x, (64, 64), overlap=8, batch_size=5)
-    assert torch.allclose(tiled, full, atol=1e-6)
+    out = tiled(local, x, (64, 64), overlap=8, batch_size=5)
+    assert torch.allclose(out, full, atol=1e-6)
 
 
 def test_find_sources_catalog(model):
@@ -176,21 +179,38 @@ def test_detector_file_roundtrip_and_bad_file(model, tmp_path):
         SourceDetector.load(junk)
 
 
-def test_training_smoke(model):
+def test_training_goes_through_the_engine(model):
     det = SourceDetector.from_model(model, flux_thresholds=[3.0, 30.0], base_channels=4, depth=2)
-    hist = det.train(model, n_train=48, n_val=16, max_epochs=2, batch_size=16, progress=False,
-                     learning_rate=3e-3)
-    assert len(hist) == 2
-    assert det.training is False or det.training is True  # nn.Module semantics kept
-    det.train(False)
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    data = DetectionSimulations(model, det.flux_thresholds, n_train=48, n_val=16, seed=1)
+    hist = Trainer(max_epochs=2, batch_size=16, progress=False, learning_rate=3e-3,
+                   seed=1).fit(det, data)
+    assert len(hist) == 2 and det.training is False
+    assert any(not torch.equal(before[k], v) for k, v in det.state_dict().items())
+    # train(mode) is torch's switch, in both directions; a model instead of a bool is refused
+    assert det.train(True) is det and det.training is True
+    assert det.train(False).training is False
+    with pytest.raises(TypeError, match="fit_to"):
+        det.train(model)
     assert det.training is False
+
+
+def test_fit_to_is_reproducible_and_records_the_domain(model):
+    kw = dict(n_train=16, n_val=8, base_channels=4, depth=1, domain_maps=20, max_epochs=1,
+              batch_size=8, progress=False, seed=3)
+    a = SourceDetector.fit_to(model, [10.0], **kw)
+    b = SourceDetector.fit_to(model, [10.0], **kw)
+    assert a.identity == b.identity and len(a.history) == 1 and a.training is False
+    dom = a.domain
+    assert dom["pixel_scale_deg"] == pytest.approx(0.625) and dom["psf_sigma_px"] == 1.5
+    assert dom["exposure"] == 100.0 and dom["statistics"]["n_maps"] == 20
+    lo, hi = dom["statistics"]["p99"]
+    assert 0 < lo <= hi
 
 
 def test_shipped_detector_finds_bright_sources(model):
     det = default_detector()
-    size = os.path.getsize(det._source_path) if hasattr(det, "_source_path") else None
-    if size is not None:
-        assert size <= 5 * 2**20
+    assert os.path.getsize(det._source_path) <= 5 * 2**20
     # a sparse field (thin disk) with three bright sources injected far from the plane
     theta = torch.tensor([[100.0, 1.0, 2.0]])
     base = model.simulate(1, seed=5, theta=theta, noise=False).maps
@@ -206,23 +226,3 @@ def test_shipped_detector_finds_bright_sources(model):
         d = np.hypot(*(xy - np.array(p)).T)
         assert d.min() < 1.5, f"bright source at {p} not found"
         assert math.isclose(cat["flux"][d.argmin()].value, 100.0, rel_tol=0.2)
-
-
-def test_cli_simulate_detect(tmp_path):
-    from astropy.io import fits
-    from regions import Regions
-
-    from astrotrunc.cli import main
-
-    obs, truth = tmp_path / "obs.fits", tmp_path / "truth.ecsv"
-    assert main(["simulate", "--seed", "3", "--out", str(obs), "--truth", str(truth)]) == 0
-    assert main(["simulate", "--seed", "3", "--out", str(obs)]) == 2  # no clobber
-    hdr = fits.getheader(obs)
-    assert hdr["CTYPE1"] == "GLON-CAR" and hdr["BUNIT"] is not None
-    t = QTable.read(truth)
-    assert t["l"].unit == u.deg and len(t) == int(hdr["HIERARCH TRUTH N"])
-    cat, reg = tmp_path / "cat.ecsv", tmp_path / "cat.reg"
-    assert main(["detect", str(obs), "--out", str(cat), "--regions", str(reg)]) == 0
-    c = QTable.read(cat)
-    assert len(c) > 0 and "sky_centroid" in c.colnames
-    assert len(Regions.read(reg, format="ds9")) == len(c)

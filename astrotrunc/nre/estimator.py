@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .._utils import atomic_write
 
 __all__ = ["RatioEstimator", "contrastive_loss"]
 
@@ -201,8 +201,9 @@ class RatioEstimator(nn.Module):
         if stored != expected:
             diff = sorted(set(stored) ^ set(expected)) or sorted(
                 k for k in stored if stored[k] != expected[k])
-            raise ValueError(f"{path}: its config does not describe the stored weights "
-                             f"(the {name} it describes differs in {diff[:3]}...)")
+            raise ValueError(f"{path}: the stored weights do not fit the {name} its config "
+                             f"describes (they differ in {diff[:3]}); the config was altered or "
+                             "the file is damaged")
         state = load_file(str(path), device=str(map_location or "cpu"))
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -226,16 +227,4 @@ def _json_field(meta, key, path, default=None):
                          f"({exc}); the file is damaged or was not written by astrotrunc") from None
 
 
-def _atomic(path: Path, write):
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: use the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+_atomic = atomic_write  # used by the trainer

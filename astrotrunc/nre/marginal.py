@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._utils import evaluating
 from .estimator import RatioEstimator
 from .networks import ChannelResidualNet, OnlineStandardize, make_embedding
 
@@ -188,14 +189,13 @@ class MarginalRatioEstimator(RatioEstimator):
         if tuple(prior.names) != self.param_names:
             raise ValueError(f"prior parameters {prior.names} differ from the estimator's "
                              f"{self.param_names}")
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         x = torch.as_tensor(x_obs, dtype=torch.float32, device=device).reshape(1, *self.x_shape)
         theta = prior.sample(int(n_samples), generator=generator)
-        f = self.features(x)
-        lw = torch.cat([self.heads(f.expand(len(t), -1), t.to(device)) for t in theta.split(batch_size)])
-        self.train(was_training)
+        with evaluating(self):
+            f = self.features(x)
+            lw = torch.cat([self.heads(f.expand(len(t), -1), t.to(device))
+                            for t in theta.split(batch_size)])
 
         def log_weight_fn(t):
             with torch.no_grad():
