@@ -172,8 +172,7 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
         hist = Trainer(max_epochs=3, batch_size=32, progress=False, seed=5, **kw).fit(est, data)
         return est, hist
 
-    rng_before = torch.get_rng_state()
-    (e1, h1), (e2, h2) = run(), run(checkpoint_dir=tmp_path)
+    (_, h1), (e2, h2) = run(), run(checkpoint_dir=tmp_path)
     assert list(h1["val_loss"]) == list(h2["val_loss"])
     # resuming a finished run trains no more and restores the best weights
     e3 = MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
@@ -189,7 +188,15 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x80\x04junk")
     with pytest.raises(ValueError, match="not an astrotrunc checkpoint"):
         Trainer(max_epochs=3, progress=False, checkpoint_dir=tmp_path).fit(e3, data, resume=True)
-    del rng_before
+
+
+def test_seeded_trainer_leaves_the_global_rng_alone():
+    data = {"theta": torch.randn(200, 2), "x": torch.randn(200, 2)}
+    est = MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    Trainer(max_epochs=2, batch_size=32, progress=False, seed=5).fit(est, data)
+    assert torch.equal(torch.get_rng_state(), rng_before)
 
 
 def test_weighted_samples():

@@ -23,7 +23,7 @@ from .._utils import evaluating, validate_map
 from ..exceptions import AstrotruncWarning, OutOfDomainWarning
 from .catalog import RegionCatalog
 from .domain import domain_differences, nonphysical_limit
-from .estimator import SourceDetector, default_detector
+from .estimator import SourceDetector, default_detector, fill_bad_pixels
 
 __all__ = ["NeuralSourceFinder", "find_sources", "detection_regions", "as_finder"]
 
@@ -289,9 +289,9 @@ class NeuralSourceFinder:
         """Region label maps ``(n, H, W)`` (0 = background) of a batch of same-shape maps.
 
         The detector runs batched; the regions of every map are found exactly as for one map
-        (same threshold, channel, ``n_pixels``, deblending). Maps are taken as they are, in the
-        detector's flux unit (no domain check: meant for simulations); NaN, infinite and masked
-        pixels are bad.
+        (same threshold, channel, ``n_pixels``, deblending, bad-pixel filling). Maps are taken as
+        they are, in the detector's flux unit (no domain check: meant for simulations); NaN,
+        infinite and masked pixels are bad.
 
         Parameters
         ----------
@@ -315,7 +315,9 @@ class NeuralSourceFinder:
         bad = ~torch.isfinite(maps)
         if mask is not None:
             bad |= torch.as_tensor(np.asarray(mask, dtype=bool)).expand_as(maps)
-        maps = torch.where(bad, torch.zeros((), dtype=maps.dtype), maps)
+        if bad.any():  # the same filling as for one map
+            maps = torch.stack([torch.as_tensor(fill_bad_pixels(m.numpy(), b.numpy()),
+                                                dtype=torch.float32) for m, b in zip(maps, bad)])
         det, k = self.detector, self.channel
         out = np.zeros(maps.shape, dtype=np.int32)
         large = maps.shape[1] > 4 * det.shape[0] or maps.shape[2] > 4 * det.shape[1]

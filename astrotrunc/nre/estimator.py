@@ -201,8 +201,8 @@ class RatioEstimator(nn.Module):
         if stored != expected:
             diff = sorted(set(stored) ^ set(expected)) or sorted(
                 k for k in stored if stored[k] != expected[k])
-            raise ValueError(f"{path}: the stored weights do not fit the {name} its config "
-                             f"describes (they differ in {diff[:3]}); the config was altered or "
+            raise ValueError(f"{path}: the stored weights do not fit the {name} architecture its "
+                             f"config describes (they differ in {diff[:3]}); the config was altered or "
                              "the file is damaged")
         state = load_file(str(path), device=str(map_location or "cpu"))
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
