@@ -127,6 +127,9 @@ def _add_train(sub):
     t.add_argument("--flux-threshold", type=float, default=10.0, help="completeness: F_th channel")
     t.add_argument("--threshold", type=float, default=5.0, help="completeness: odds threshold")
     t.add_argument("--n-pixels", type=int, default=1, help="completeness: minimum region size")
+    t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
+    t.add_argument("--domain-maps", type=int, default=1000,
+                   help="detector: simulations whose statistics record its domain")
     t.add_argument("--name", default="astrotrunc-paper-r1")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch here")
@@ -149,7 +152,8 @@ def _cmd_train(args):
 
         est = SourceDetector.fit_to(model, PAPER_FLUX_THRESHOLDS, n_train=args.n_train,
                                     n_val=args.n_val, seed=args.seed,
-                                    base_channels=args.channels, name=args.name,
+                                    base_channels=args.channels, depth=args.depth,
+                                    domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold, **trainer)
     else:
         from .completeness import CompletenessFunction

@@ -1,5 +1,6 @@
 """r1: labels, the U-Net, tiling, the finder and its catalogs, training, the shipped detector."""
 
+import json
 import math
 import os
 import warnings
@@ -226,3 +227,187 @@ def test_shipped_detector_finds_bright_sources(model):
         d = np.hypot(*(xy - np.array(p)).T)
         assert d.min() < 1.5, f"bright source at {p} not found"
         assert math.isclose(cat["flux"][d.argmin()].value, 100.0, rel_tol=0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The finder's settings, the detector's domain, hostile maps
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"threshold": 0}, ValueError, "threshold must be positive"),
+    ({"threshold": -1.0}, ValueError, "threshold must be positive"),
+    ({"threshold": float("nan")}, ValueError, "threshold must be positive"),
+    ({"threshold": "high"}, TypeError, "threshold must be a positive number"),
+    ({"n_pixels": 0}, ValueError, "n_pixels"),
+    ({"n_pixels": 1.5}, ValueError, "n_pixels"),
+    ({"flux_threshold": 7.0}, ValueError, "not one of the detector's thresholds"),
+    ({"flux_threshold": float("nan")}, ValueError, "flux_threshold must be positive"),
+    ({"deblend": "yes"}, TypeError, "deblend"),
+    ({"tile_overlap": 500}, ValueError, "tile_overlap"),
+])
+def test_finder_settings_are_validated_once(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        NeuralSourceFinder(**kwargs)
+
+
+def test_finder_records_every_setting_in_the_catalog(model):
+    finder = NeuralSourceFinder(threshold=3.0, n_pixels=1, flux_threshold=10.0, deblend=False,
+                                tile_overlap=16)
+    cat = finder(model.simulate(1, seed=3).maps[0], wcs=model.wcs)
+    assert {k: cat.meta[k] for k in finder.settings} == finder.settings
+    assert cat.meta["deblend"] is False and cat.meta["tile_overlap"] == 16
+    assert "NeuralSourceFinder(" in repr(finder)
+
+
+@pytest.fixture(scope="module")
+def paper_map(model):
+    return model.simulate(1, seed=11).maps[0].numpy().astype(float)
+
+
+def _domain_warnings(data, **kwargs):
+    from astrotrunc import OutOfDomainWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        find_sources(data, **kwargs)
+    return " ".join(str(w.message) for w in caught if issubclass(w.category, OutOfDomainWarning))
+
+
+def test_maps_like_the_training_maps_raise_no_domain_warning(model, paper_map):
+    assert _domain_warnings(paper_map, wcs=model.wcs) == ""
+    for seed in range(3):
+        assert _domain_warnings(model.simulate(1, seed=100 + seed).maps[0]) == ""
+
+
+@pytest.mark.parametrize("case, match", [
+    ("pixel_scale", "pixel scale is 0.1 deg"),
+    ("times_1e6", "99th-percentile pixel value"),
+    ("over_1000", "99th-percentile pixel value"),
+    ("background", "median pixel value"),
+    ("psf4", "PSF width measured on the map"),
+    ("zero", "the map is constant"),
+    ("negative", "1st-percentile pixel value"),
+])
+def test_maps_outside_the_domain_are_named(model, paper_map, case, match):
+    from astrotrunc import Instrument, make_wcs
+
+    kwargs = {}
+    data = paper_map
+    if case == "pixel_scale":
+        kwargs["wcs"] = make_wcs(128, (0, 0), 0.1 * u.deg)
+    elif case == "times_1e6":
+        data = paper_map * 1e6
+    elif case == "over_1000":
+        data = paper_map / 1000
+    elif case == "background":
+        data = PointSourceModel(instrument=Instrument(background=1.0)).simulate(1, seed=11).maps[0]
+    elif case == "psf4":
+        data = PointSourceModel(instrument=Instrument(psf=4.0)).simulate(1, seed=11).maps[0]
+    elif case == "zero":
+        data = np.zeros((128, 128))
+    elif case == "negative":
+        data = -paper_map
+    message = _domain_warnings(data, **kwargs)
+    assert match in message and "retrain" in message
+
+
+def test_quantity_maps_are_converted_or_refused(model, paper_map):
+    with pytest.raises(ValueError, match="does not convert to the detector's flux unit"):
+        find_sources(paper_map * u.mJy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = find_sources(paper_map)
+        same = find_sources(paper_map * u.dimensionless_unscaled)
+    assert len(plain) == len(same)
+    # a detector in Jy: a map in mJy is converted, and the catalog keeps the map's unit
+    jy = PointSourceModel(flux_unit=u.Jy)
+    det = _FixedOdds.from_model(jy, flux_thresholds=[10.0], base_channels=4, depth=1)
+    det.set_map(_blobs((128, 128), [(64, 64)]))
+    in_jy = find_sources(paper_map * u.Jy, det)
+    in_mjy = find_sources((paper_map * 1000) * u.mJy, det)
+    assert in_mjy["flux"].unit == u.mJy and in_jy["flux"].unit == u.Jy
+    assert u.allclose(in_mjy["flux"], in_jy["flux"])
+
+
+def test_non_physical_pixel_is_masked_and_its_neighbours_survive(paper_map):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = find_sources(paper_map)
+    xy = np.c_[clean["x_centroid"].value, clean["y_centroid"].value]
+    # the pixel with most catalogued sources within 4 px
+    grid = [(ix, iy) for ix in range(5, 123, 2) for iy in range(5, 123, 2)]
+    best = max(grid, key=lambda p: (np.hypot(*(xy - p).T) < 4).sum())
+    near = np.hypot(*(xy - best).T) < 4
+    assert near.sum() >= 3
+    spiked = paper_map.copy()
+    spiked[best[1], best[0]] = 1e30
+    with pytest.warns(Warning, match="not physical for this detector"):
+        cat = find_sources(spiked)
+    xy2 = np.c_[cat["x_centroid"].value, cat["y_centroid"].value]
+    for p in xy[near]:
+        assert np.hypot(*(xy2 - p).T).min() < 1.0, f"source at {p} lost next to the bad pixel"
+
+
+def test_tiny_maps(model):
+    with pytest.raises(ValueError, match="too small"):
+        find_sources(np.ones((1, 1)))
+    with pytest.raises(ValueError, match="too small"):
+        find_sources(np.ones((2, 50)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cat = find_sources(np.ones((3, 3)))
+    assert cat is None or len(cat) >= 0
+
+
+def _tampered(det, tmp_path, name, config=None, tensors=None, raw_config=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "det.safetensors"
+    if not path.exists():
+        det.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(str(path))
+    if config:
+        cfg = json.loads(meta["config"])
+        cfg.update(config)
+        meta["config"] = json.dumps(cfg)
+    if raw_config is not None:
+        meta["config"] = raw_config
+    if tensors:
+        tensors(state)
+    out = tmp_path / f"{name}.safetensors"
+    save_file(state, str(out), metadata=meta)
+    return out
+
+
+def test_tampered_model_files_are_refused_before_building(model, tmp_path):
+    det = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2)
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        SourceDetector.load(_tampered(det, tmp_path, "d60", config={"depth": 60}))
+    with pytest.raises(ValueError, match="do not fit"):  # valid config, other shapes
+        SourceDetector.load(_tampered(det, tmp_path, "d3", config={"depth": 3}))
+    with pytest.raises(ValueError, match="do not fit"):
+        SourceDetector.load(_tampered(det, tmp_path, "c64", config={"base_channels": 64}))
+
+    def nan(state):
+        state["net.head.weight"][...] = float("nan")
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        SourceDetector.load(_tampered(det, tmp_path, "nan", tensors=nan))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SourceDetector.load(_tampered(det, tmp_path, "json", raw_config='{"depth": 2,'))
+    with pytest.raises(ValueError, match="not a JSON object"):
+        SourceDetector.load(_tampered(det, tmp_path, "list", raw_config="[1, 2]"))
+
+
+def test_shipped_detector_records_its_instrument():
+    det = default_detector()
+    dom = det.domain
+    assert dom["pixel_scale_deg"] == pytest.approx(0.625) and dom["psf_sigma_px"] == 1.5
+    assert dom["exposure"] == 100.0 and dom["background"] == 0.0 and dom["flux_unit"] == ""
+    assert dom["statistics"]["n_maps"] == 1000
+    from astrotrunc import CompletenessFunction
+
+    # the domain is descriptive: the identity, which pairs r2 with r1, is the same as before
+    assert det.identity == "21fddd5b790ec9d8" == CompletenessFunction.load_default().detector_id
