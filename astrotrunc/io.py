@@ -585,9 +585,13 @@ def _is_image(hdu) -> bool:
     return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
 
 
-def _squeezed_ndim(hdu) -> int:
-    shape = hdu.shape if hdu.header.get("NAXIS", 0) else ()
-    return sum(n > 1 for n in shape)
+def _plane_shape(hdu):
+    """The 2-D shape ``(ny, nx)`` of an image HDU (extra length-1 axes allowed), or None."""
+    shape = tuple(hdu.shape) if hdu.header.get("NAXIS", 0) else ()
+    if len(shape) >= 2 and all(n == 1 for n in shape[:-2]):
+        return shape[-2:]  # a 2-D image, possibly (1, 1, ny, nx); also 1 x 1 and 1 x n images
+    squeezed = tuple(n for n in shape if n > 1)
+    return squeezed if len(squeezed) == 2 else None
 
 
 def _pick_hdu(hdul, hdu, path):
@@ -601,7 +605,7 @@ def _pick_hdu(hdul, hdu, path):
     for i, h in enumerate(hdul):
         if h.name == MASK_EXTNAME:
             continue
-        if _is_image(h) and h.header.get("NAXIS", 0) >= 2 and _squeezed_ndim(h) == 2:
+        if _is_image(h) and h.header.get("NAXIS", 0) >= 2 and _plane_shape(h) is not None:
             return i, h
     for i, h in enumerate(hdul):
         if isinstance(h, fits.BinTableHDU) and str(h.header.get("PIXTYPE", "")).upper().strip() \
@@ -636,11 +640,12 @@ def _read_image(path, hdul, index, hdu_obj):
     if data is None:
         raise ValueError(f"HDU {index} of {path} has no data; expected a 2-D image")
     if data.ndim != 2:
-        if _squeezed_ndim(hdu_obj) != 2:
+        plane = _plane_shape(hdu_obj)
+        if plane is None:
             raise ValueError(f"HDU {index} of {path} holds a {hdu_obj.data.ndim}-D array of shape "
                              f"{hdu_obj.data.shape}; expected a 2-D image (ny, nx) -- slice the "
                              "cube and pass the plane as an array")
-        data = np.squeeze(data)  # e.g. a radio image (1, 1, ny, nx)
+        data = data.reshape(plane)  # e.g. a radio image (1, 1, ny, nx)
     bad = np.zeros(data.shape, bool)
     if data.dtype.kind in "iu" and "BLANK" in header:
         bad |= data == header["BLANK"]
