@@ -150,7 +150,9 @@ def validate_map(data, mask=None, *, what="data"):
     if data.ndim != 2:
         hint = ""
         if data.ndim == 3:
-            hint = " (for a batch of maps, call it on each map or use NeuralSourceFinder.find_batch)"
+            hint = (
+                " (for a batch of maps, call it on each map or use NeuralSourceFinder.find_batch)"
+            )
         elif data.ndim == 1:
             hint = (" (a 1-D array of 12*nside**2 values is a HEALPix map: project it to a patch "
                     "with astrotrunc.healpix_to_patch)")

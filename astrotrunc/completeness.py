@@ -166,13 +166,22 @@ class CompletenessFunction(RatioEstimator):
                  log_flux_center=1.0, log_flux_scale=2.0, lon_scale=20.0, lat_scale=10.0,
                  flux_unit="", extent=None, n_pixels=1, deblend=True, tile_overlap=32):
         super().__init__()
-        self.n_pixels, self.deblend, self.tile_overlap = int(n_pixels), bool(deblend), int(tile_overlap)
+        self.n_pixels, self.deblend, self.tile_overlap = (
+            int(n_pixels),
+            bool(deblend),
+            int(tile_overlap),
+        )
         self.extent = None if extent is None else [float(e) for e in extent]
         self.detector_id = str(detector_id)
         self.flux_threshold = None if flux_threshold is None else float(flux_threshold)
         self.threshold = float(threshold)
         self.hidden = int(hidden)
-        self.scales = (float(log_flux_center), float(log_flux_scale), float(lon_scale), float(lat_scale))
+        self.scales = (
+            float(log_flux_center),
+            float(log_flux_scale),
+            float(lon_scale),
+            float(lat_scale),
+        )
         self.flux_unit = u.Unit(flux_unit).to_string()
         self.net = _MonotoneFluxLogit(self.hidden)
 
@@ -200,7 +209,7 @@ class CompletenessFunction(RatioEstimator):
 
     # -- user interface --------------------------------------------------------------------
     def __call__(self, flux, l=None, b=None):  # noqa: E741
-        """Detection probability S(F, l, b), broadcasting; ``l`` may be a `SkyCoord` (then no ``b``).
+        """Detection probability S(F, l, b), broadcasting; ``l`` may be a `SkyCoord` (no ``b``).
 
         ``flux`` in the model's flux unit (or a Quantity), ``l, b`` in degrees or Quantities.
         Non-positive or non-finite fluxes, and positions outside the map the completeness was
@@ -262,7 +271,9 @@ class CompletenessFunction(RatioEstimator):
             above = self(np.exp(mid), lon, lat) >= completeness
             hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
         res = np.exp(0.5 * (lo + hi))
-        reached = (self(np.exp(hi), lon, lat) >= completeness) & (self(np.exp(lo), lon, lat) < completeness)
+        reached = (self(np.exp(hi), lon, lat) >= completeness) & (
+            self(np.exp(lo), lon, lat) < completeness
+        )
         res = np.where(reached, res, np.nan)
         return res * u.Unit(self.flux_unit) if self.flux_unit else res
 
@@ -622,7 +633,9 @@ def injection_recovery(model, finder=None, fluxes=(1, 3, 10, 30, 100), positions
         raise ValueError(f"positions {pos[outside].tolist()} fall outside the map")
     gen = torch.Generator().manual_seed(seed + 1)
     rows = []
-    bar = tqdm(total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True)
+    bar = tqdm(
+        total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True
+    )
     if population_weighted:
         pool = model.sample_population(50 * n_maps, seed=seed + 2)
     else:
@@ -635,10 +648,18 @@ def injection_recovery(model, finder=None, fluxes=(1, 3, 10, 30, 100), positions
                 pick = torch.multinomial(torch.softmax(logw, 0).float(), n_maps, replacement=True,
                                          generator=gen)
                 base = model.simulate(n_maps, seed=(seed, len(rows)), theta=pool[pick], noise=False)
-            inj = model.render(torch.full((n_maps, 1), f), torch.full((n_maps, 1), float(x0)),
-                               torch.full((n_maps, 1), float(y0)), torch.ones(n_maps, 1, dtype=torch.bool))
+            inj = model.render(
+                torch.full((n_maps, 1), f),
+                torch.full((n_maps, 1), float(x0)),
+                torch.full((n_maps, 1), float(y0)),
+                torch.ones(n_maps, 1, dtype=torch.bool),
+            )
             bkg = model.instrument.background
-            mu = base.maps + inj - (torch.as_tensor(bkg, dtype=torch.float32) if np.ndim(bkg) or bkg else 0)
+            mu = (
+                base.maps
+                + inj
+                - (torch.as_tensor(bkg, dtype=torch.float32) if np.ndim(bkg) or bkg else 0)
+            )
             data = model.observe(mu, gen)
             segm = finder.find_batch(data)
             flux = torch.cat([base.flux, torch.full((n_maps, 1), f)], 1).numpy()

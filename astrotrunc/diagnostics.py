@@ -108,7 +108,10 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
     if len(theta) == 0 or len(theta) != len(x):
         raise ValueError(f"need the same positive number of parameters and data, got {len(theta)} "
                          f"and {len(x)}")
-    if not (torch.isfinite(theta).all() and torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()):
+    if not (
+        torch.isfinite(theta).all()
+        and torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()
+    ):
         raise ValueError("the held-out parameters or data hold NaN or infinite values")
     levels = np.asarray(levels, dtype=np.float64)
     if ((levels <= 0) | (levels >= 1)).any():
@@ -122,7 +125,9 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
             k = int((cred[:, c] < level).sum())
             lo, hi = binomial_interval(k, n, confidence)
             rows.append((name, level, k / n, lo, hi, n))
-    table = QTable(rows=rows, names=("marginal", "nominal", "empirical", "lower", "upper", "n_test"))
+    table = QTable(
+        rows=rows, names=("marginal", "nominal", "empirical", "lower", "upper", "n_test")
+    )
     table.meta["credible_levels"] = cred
     table.meta["confidence"] = confidence
     return table
@@ -170,7 +175,9 @@ def plot_coverage(table, ax=None):
     for name in dict.fromkeys(table["marginal"]):
         rows = table[table["marginal"] == name]
         line, = ax.plot(rows["nominal"], rows["empirical"], marker="o", ms=3, label=name)
-        ax.fill_between(rows["nominal"], rows["lower"], rows["upper"], color=line.get_color(), alpha=0.2)
+        ax.fill_between(
+            rows["nominal"], rows["lower"], rows["upper"], color=line.get_color(), alpha=0.2
+        )
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal credibility", ylabel="empirical coverage",
            aspect="equal")
     ax.legend(fontsize="small")

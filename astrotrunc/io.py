@@ -520,9 +520,11 @@ def _check_healpix_length(path, header, field):
     repeat = int(match.group(1) or 1) if match else 1
     npix = n_rows * repeat
     if npix < 12 or not hp.isnpixok(npix):
-        raise ValueError(f"HEALPix table in {path} holds {npix} values ({n_rows} rows of {repeat}); "
-                         "expected 12*nside**2 values with nside a power of 2 (a truncated or "
-                         "cut map? partial maps need OBJECT='PARTIAL' and an index column)")
+        raise ValueError(
+            f"HEALPix table in {path} holds {npix} values ({n_rows} rows of {repeat}); "
+            "expected 12*nside**2 values with nside a power of 2 (a truncated or "
+            "cut map? partial maps need OBJECT='PARTIAL' and an index column)"
+        )
     if "NSIDE" in header and hp.nside2npix(int(header["NSIDE"])) != npix:
         raise ValueError(f"HEALPix table in {path} has NSIDE = {header['NSIDE']} "
                          f"({hp.nside2npix(int(header['NSIDE']))} pixels) but holds {npix} values")

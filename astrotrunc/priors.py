@@ -22,7 +22,8 @@ class Uniform:
     low, high : float
         Bounds, in the units of ``unit``; ``low < high``.
     integer : bool, optional
-        If `True` the parameter is a count: a sample is drawn uniformly on ``[low, high]`` and rounded
+        If `True` the parameter is a count: a sample is drawn uniformly on ``[low, high]`` and
+        rounded
         down, as in the paper's simulator (``int(np.random.uniform(10, 500))``).
     unit : str, optional
         Unit of the parameter (any string `astropy.units.Unit` accepts; ``""`` for dimensionless).

@@ -34,8 +34,11 @@ def main():
     p.add_argument("--completeness")
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--classical", action="store_true",
-                   help="inject into maps with theta ~ p(theta) instead of p(theta | source at F, s)")
+    p.add_argument(
+        "--classical",
+        action="store_true",
+        help="inject into maps with theta ~ p(theta) instead of p(theta | source at F, s)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,15 +65,25 @@ def main():
     sigma = np.sqrt(p_hat * (1 - p_hat) / n)
     pull = (learned - ir["completeness"]) / sigma
     ok = np.abs(pull) <= 2
-    print(f"\n{'flux':>9s} {'l':>5s} {'b':>5s} {'IR':>7s} {'-':>6s} {'+':>6s} {'learned':>8s} {'pull':>6s}")
+    print(
+        f"\n{'flux':>9s} {'l':>5s} {'b':>5s} {'IR':>7s} {'-':>6s} {'+':>6s} {'learned':>8s} {'pull':>6s}"
+    )
     for row, s, pl in zip(ir, learned, pull):
-        print(f"{row['flux'].value:9.3g} {row['l'].value:5.1f} {row['b'].value:5.1f} "
-              f"{row['completeness']:7.3f} {row['completeness_low']:6.3f} {row['completeness_high']:6.3f} "
-              f"{s:8.3f} {pl:6.2f}")
+        print(
+            f"{row['flux'].value:9.3g} {row['l'].value:5.1f} {row['b'].value:5.1f} "
+            f"{row['completeness']:7.3f} {row['completeness_low']:6.3f} {row['completeness_high']:6.3f} "
+            f"{s:8.3f} {pl:6.2f}"
+        )
     print(f"\nbins within 2 sigma: {ok.sum()}/{len(ok)} = {ok.mean():.1%} (target >= 90 %)")
 
-    labels = CompletenessFunction.simulate_labels(model, det, args.n_label_maps, seed=args.seed + 1,
-                                                  threshold=S.threshold, flux_threshold=S.flux_threshold)
+    labels = CompletenessFunction.simulate_labels(
+        model,
+        det,
+        args.n_label_maps,
+        seed=args.seed + 1,
+        threshold=S.threshold,
+        flux_threshold=S.flux_threshold,
+    )
     pred = S(labels["flux"].numpy(), labels["l"].numpy(), labels["b"].numpy())
     d = labels["d"].numpy()
     edges = np.linspace(0, 1, 11)
@@ -82,7 +95,9 @@ def main():
         sel = idx == b
         if sel.any():
             ece += sel.mean() * abs(pred[sel].mean() - d[sel].mean())
-            print(f"[{edges[b]:.1f}, {edges[b + 1]:.1f}) {pred[sel].mean():8.3f} {d[sel].mean():9.3f} {sel.sum():8d}")
+            print(
+                f"[{edges[b]:.1f}, {edges[b + 1]:.1f}) {pred[sel].mean():8.3f} {d[sel].mean():9.3f} {sel.sum():8d}"
+            )
     print(f"expected calibration error: {ece:.4f} (target <= 0.03)")
 
     import matplotlib

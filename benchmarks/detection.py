@@ -57,7 +57,11 @@ def r1_log_odds(detector, maps, batch_size=32):
     out = []
     with torch.no_grad():
         for i in range(0, len(maps), batch_size):
-            out.append(detector({"x": torch.as_tensor(maps[i:i + batch_size], dtype=torch.float32)}).numpy())
+            out.append(
+                detector(
+                    {"x": torch.as_tensor(maps[i : i + batch_size], dtype=torch.float32)}
+                ).numpy()
+            )
     return np.concatenate(out)
 
 
@@ -170,9 +174,11 @@ def main():
         comp = np.array([t_ok[idx == k].mean() if (idx == k).any() else np.nan
                          for k in range(len(bins) - 1)])
         results[name] = comp
-        print(f"{name:24s} threshold {thr:9.4g}: purity {purity:.3f} on {n_det} detections, "
-              f"completeness {t_ok.mean():.3f} of {len(t_ok)} true sources, F50 = {_f50(flux, t_ok):.3g}",
-              flush=True)
+        print(
+            f"{name:24s} threshold {thr:9.4g}: purity {purity:.3f} on {n_det} detections, "
+            f"completeness {t_ok.mean():.3f} of {len(t_ok)} true sources, F50 = {_f50(flux, t_ok):.3g}",
+            flush=True,
+        )
         return t_ok.mean()
 
     # r1: tune the odds threshold of every F_th channel on the tuning maps, keep the best channel
@@ -182,8 +188,11 @@ def main():
         fn_tune = _indexed(lo_tune[:, k])
         thr = tune(fn_tune, range(len(tune_maps)), tune_truth, 0.01, 1e4, args.purity, n_grid=13)
         t_ok, _, purity, _ = evaluate(fn_tune, range(len(tune_maps)), tune_truth, thr)
-        print(f"  r1 channel F_th={f_th:7.3g}: odds threshold {thr:8.3g} -> tuning purity {purity:.3f}, "
-              f"completeness {t_ok.mean():.3f}", flush=True)
+        print(
+            f"  r1 channel F_th={f_th:7.3g}: odds threshold {thr:8.3g} -> tuning purity {purity:.3f}, "
+            f"completeness {t_ok.mean():.3f}",
+            flush=True,
+        )
         if purity >= args.purity and (best is None or t_ok.mean() > best[0]):
             best = (t_ok.mean(), k, thr)
     _, k_best, thr_best = best
@@ -193,7 +202,7 @@ def main():
     report(f"r1 F_th={det.flux_thresholds[k_def]:.3g} odds>5", _indexed(lo_test[:, k_def]), 5.0)
     del results[f"r1 F_th={det.flux_thresholds[k_def]:.3g} odds>5"]
 
-    idx_tune, idx_test = range(len(tune_maps)), range(len(test_maps))
+    idx_tune = range(len(tune_maps))
     dao = lambda maps: (lambda i, t: dao_positions(maps[i], t))  # noqa: E731
     seg = lambda maps: (lambda i, t: seg_positions(maps[i], t))  # noqa: E731
     thr = tune(dao(tune_maps), idx_tune, tune_truth, 1e-3, 1e3, args.purity, n_grid=13)
@@ -240,7 +249,9 @@ def _f50(flux, ok):
     f, o = flux[order], ok[order].astype(float)
     edges = np.geomspace(f.min(), f.max(), 60)
     idx = np.digitize(f, edges)
-    frac = np.array([o[idx == k].mean() if (idx == k).sum() > 20 else np.nan for k in range(1, len(edges))])
+    frac = np.array(
+        [o[idx == k].mean() if (idx == k).sum() > 20 else np.nan for k in range(1, len(edges))]
+    )
     centers = np.sqrt(edges[1:] * edges[:-1])
     above = np.nonzero(frac >= 0.5)[0]
     return centers[above[0]] if len(above) else np.nan

@@ -29,7 +29,9 @@ PRIOR = BoxPrior(a=Uniform(-3, 3), b=Uniform(-3, 3), c=Uniform(-3, 3))
 
 
 def simulate(theta, seed):
-    return theta @ A.T + SIGMA * torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+    return theta @ A.T + SIGMA * torch.randn(
+        theta.shape, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def analytic(x_obs):
@@ -63,7 +65,10 @@ def main():
           f"{time.perf_counter() - t0:.1f} s, best val loss {min(hist['val_loss']):.4f}")
 
     print("\nposterior moments vs analytic (5 observations)")
-    print(f"{'obs':>3} {'param':>5} {'mean':>8} {'exact':>8} {'dmean/sd':>9} {'std':>7} {'exact':>7} {'std ratio':>9}")
+    print(
+        f"{'obs':>3} {'param':>5} {'mean':>8} {'exact':>8} {'dmean/sd':>9} {'std':>7} "
+        f"{'exact':>7} {'std ratio':>9}"
+    )
     worst_m, worst_s = 0.0, 0.0
     for k in range(5):
         t_true = PRIOR.sample(1, generator=1000 + k) * 0.6  # away from the box edges

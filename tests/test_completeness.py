@@ -30,7 +30,8 @@ def test_match_sources_one_to_one():
 
 
 def _toy_labels(n=20000, seed=0):
-    """Labels from a known completeness: S = sigmoid(3 (log F - log F50(b))), F50 grows to the plane."""
+    """Labels from a known completeness: S = sigmoid(3 (log F - log F50(b))), F50 grows to the
+    plane."""
     rng = np.random.default_rng(seed)
     f = np.exp(rng.normal(1.0, 2.0, n))
     lon, lat = rng.normal(0, 20, n), rng.normal(0, 8, n)
@@ -46,7 +47,9 @@ def test_completeness_learns_known_function_and_is_monotone(tmp_path):
 
     labels, _ = _toy_labels()
     S = CompletenessFunction(detector_id="toy", hidden=32)
-    Trainer(max_epochs=25, batch_size=512, learning_rate=1e-2, progress=False, seed=1).fit(S, labels)
+    Trainer(max_epochs=25, batch_size=512, learning_rate=1e-2, progress=False, seed=1).fit(
+        S, labels
+    )
     fl = np.geomspace(0.01, 1e4, 400)
     for lat in (0.0, 3.0, 15.0):
         p = S(fl, 5.0, lat)

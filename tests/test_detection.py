@@ -70,7 +70,9 @@ def test_unet_any_shape():
 
 def test_tiling_matches_full_map():
     x = torch.randn(300, 211)
-    local = lambda t: torch.nn.functional.avg_pool2d(t[:, None], 3, 1, 1, count_include_pad=True)[:, 0]  # noqa: E731
+    def local(t):
+        return torch.nn.functional.avg_pool2d(t[:, None], 3, 1, 1, count_include_pad=True)[:, 0]
+
     full = local(x[None])[0]
     out = tiled(local, x, (64, 64), overlap=8, batch_size=5)
     assert torch.allclose(out, full, atol=1e-6)
@@ -150,8 +152,12 @@ def test_masked_pixels_are_excluded(model):
 def test_bad_input(model, data, kwargs, err, match):
     if kwargs.get("wcs") == "paper":
         kwargs["wcs"] = model.wcs
-    kwargs.setdefault("detector", _FixedOdds.from_model(model, flux_thresholds=[10.0], base_channels=4,
-                                                       depth=2).set_map(np.zeros((128, 128))))
+    kwargs.setdefault(
+        "detector",
+        _FixedOdds.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2).set_map(
+            np.zeros((128, 128))
+        ),
+    )
     with pytest.raises(err, match=match):
         find_sources(data, **kwargs)
 

@@ -1,4 +1,5 @@
-"""NRE engine: marginal estimators against an analytic posterior, safe files, trainer, posteriors."""
+"""NRE engine: marginal estimators against an analytic posterior, safe files, trainer, posteriors.
+"""
 
 import json
 import warnings
@@ -32,8 +33,11 @@ def _analytic_moments(x_obs):
     a = A.double()
     cov = SIGMA**2 * torch.linalg.inv(a.T @ a)
     mu = cov @ a.T @ x_obs.double().reshape(3) / SIGMA**2
-    z = mu + torch.randn(400_000, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64) \
+    z = (
+        mu
+        + torch.randn(400_000, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
         @ torch.linalg.cholesky(cov).T
+    )
     z = z[(z.abs() < 3).all(1)]
     return z.mean(0).numpy(), z.std(0).numpy()
 
@@ -44,7 +48,9 @@ def test_linear_gaussian_marginals_match_analytic():
     Trainer(max_epochs=30, batch_size=128, learning_rate=3e-3, progress=False, seed=0,
             patience=100).fit(est, _linear_gaussian(16000, 0))
     theta_true = torch.tensor([[0.45, -0.6, 0.65]])
-    x_obs = theta_true @ A.T + SIGMA * torch.randn(1, 3, generator=torch.Generator().manual_seed(11))
+    x_obs = theta_true @ A.T + SIGMA * torch.randn(
+        1, 3, generator=torch.Generator().manual_seed(11)
+    )
     post = est.sample(x_obs, PRIOR, 50_000, generator=1)
     mean, std = _analytic_moments(x_obs)
     # means within 10 % of the posterior width, widths within 10 %
@@ -140,7 +146,9 @@ def test_trainer_checks_and_sources(tmp_path):
     with pytest.raises(ValueError, match="same length"):
         trainer.fit(est, dict(good, x=torch.randn(63, 2)))
     with pytest.raises(ValueError, match="'theta' holds NaN or infinite"):
-        trainer.fit(est, dict(good, theta=good["theta"].clone().index_fill_(0, torch.tensor([3]), np.inf)))
+        trainer.fit(
+            est, dict(good, theta=good["theta"].clone().index_fill_(0, torch.tensor([3]), np.inf))
+        )
     with pytest.raises(ValueError, match="empty"):
         trainer.fit(est, {})
 
@@ -234,7 +242,9 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         torch.manual_seed(1)
         return MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
 
-    ref = Trainer(max_epochs=4, batch_size=32, progress=False, seed=5, patience=100).fit(make(), data)
+    ref = Trainer(max_epochs=4, batch_size=32, progress=False, seed=5, patience=100).fit(
+        make(), data
+    )
     est, calls = make(), []
     loss = est.loss
 
@@ -269,4 +279,6 @@ def test_deepsets_embedding_for_catalogs():
     padded_junk = x.clone()
     padded_junk[:, 4, :2] = 99.0  # a padding row's features are ignored
     for other in (shuffled, padded_junk):
-        torch.testing.assert_close(est.log_ratio(other, batch["theta"]), est.log_ratio(x, batch["theta"]))
+        torch.testing.assert_close(
+            est.log_ratio(other, batch["theta"]), est.log_ratio(x, batch["theta"])
+        )

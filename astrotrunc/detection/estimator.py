@@ -79,7 +79,8 @@ class SourceDetector(RatioEstimator):
     --------
     >>> from astrotrunc import PointSourceModel, SourceDetector
     >>> model = PointSourceModel.paper()
-    >>> det = SourceDetector.from_model(model, flux_thresholds=[1.0, 10.0], base_channels=4, depth=2)
+    >>> det = SourceDetector.from_model(model, flux_thresholds=[1.0, 10.0], base_channels=4,
+    ...                                 depth=2)
     >>> sims = model.simulate(2, seed=0)
     >>> det.predict(sims.maps[0]).shape   # odds of a source with F > 1 (first channel)
     (128, 128)
@@ -242,7 +243,7 @@ class SourceDetector(RatioEstimator):
         return torch.log1p(data.clamp_min(0) * self.exposure).unsqueeze(1)
 
     def forward(self, batch) -> torch.Tensor:
-        """Per-pixel log r1 ``(n, n_thresholds, H, W)``; ``batch`` is a dict with ``"x"`` or a tensor."""
+        """Per-pixel log r1 ``(n, n_thresholds, H, W)`` of a dict with ``"x"``, or of a tensor."""
         x = batch["x"] if isinstance(batch, dict) else batch
         return self.net(self.preprocess(x))
 

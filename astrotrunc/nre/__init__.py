@@ -1,4 +1,5 @@
-"""The neural ratio estimation engine shared by r1-r4: estimators, trainer, safe files, posteriors."""
+"""The neural ratio estimation engine shared by r1-r4: estimators, trainer, safe files, posteriors.
+"""
 
 from .estimator import RatioEstimator, contrastive_loss
 from .marginal import MarginalRatioEstimator
@@ -7,7 +8,19 @@ from .networks import (EMBEDDINGS, CNNEmbedding, ChannelResidualNet, DeepSetEmbe
 from .posterior import WeightedSamples, effective_sample_size, hpd_credible_level
 from .trainer import Trainer
 
-__all__ = ["RatioEstimator", "contrastive_loss", "MarginalRatioEstimator", "Trainer",
-           "ChannelResidualNet", "OnlineStandardize", "MLPEmbedding", "CNNEmbedding",
-           "DeepSetEmbedding", "make_embedding", "EMBEDDINGS", "WeightedSamples", "effective_sample_size",
-           "hpd_credible_level"]
+__all__ = [
+    "RatioEstimator",
+    "contrastive_loss",
+    "MarginalRatioEstimator",
+    "Trainer",
+    "ChannelResidualNet",
+    "OnlineStandardize",
+    "MLPEmbedding",
+    "CNNEmbedding",
+    "DeepSetEmbedding",
+    "make_embedding",
+    "EMBEDDINGS",
+    "WeightedSamples",
+    "effective_sample_size",
+    "hpd_credible_level",
+]

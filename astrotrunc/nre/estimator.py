@@ -101,11 +101,11 @@ class RatioEstimator(nn.Module):
 
     @property
     def config(self) -> dict:
-        """JSON-serialisable constructor arguments (``type(self)(**config)`` rebuilds the network)."""
+        """JSON-serialisable constructor arguments (``type(self)(**config)`` rebuilds the net)."""
         raise NotImplementedError(f"{type(self).__name__} must define the config property")
 
     def loss(self, batch) -> torch.Tensor:
-        """Contrastive NRE loss of a batch (see `contrastive_loss`); override for other objectives."""
+        """Contrastive NRE loss of a batch (see `contrastive_loss`); override it for others."""
         return contrastive_loss(self, batch, key=self.theta_key, reference=self.reference)
 
     def train(self, mode=True):
@@ -201,9 +201,11 @@ class RatioEstimator(nn.Module):
         if stored != expected:
             diff = sorted(set(stored) ^ set(expected)) or sorted(
                 k for k in stored if stored[k] != expected[k])
-            raise ValueError(f"{path}: the stored weights do not fit the {name} architecture its "
-                             f"config describes (they differ in {diff[:3]}); the config was altered or "
-                             "the file is damaged")
+            raise ValueError(
+                f"{path}: the stored weights do not fit the {name} architecture its "
+                f"config describes (they differ in {diff[:3]}); the config was altered or "
+                "the file is damaged"
+            )
         state = load_file(str(path), device=str(map_location or "cpu"))
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:

@@ -62,8 +62,14 @@ class MarginalRatioEstimator(RatioEstimator):
                  hidden=64, n_blocks=2, dropout=0.0, standardize=True, x_key="x",
                  theta_key="theta", reference_key=None):
         super().__init__()
-        self.x_shape = (int(x_shape),) if isinstance(x_shape, int) else tuple(int(s) for s in x_shape)
-        names = [f"theta_{i}" for i in range(params)] if isinstance(params, int) else [str(p) for p in params]
+        self.x_shape = (
+            (int(x_shape),) if isinstance(x_shape, int) else tuple(int(s) for s in x_shape)
+        )
+        names = (
+            [f"theta_{i}" for i in range(params)]
+            if isinstance(params, int)
+            else [str(p) for p in params]
+        )
         if not names or len(set(names)) != len(names):
             raise ValueError(f"params must be distinct names (at least one), got {params!r}")
         self.param_names = tuple(names)
@@ -81,11 +87,22 @@ class MarginalRatioEstimator(RatioEstimator):
         n = len(names)
         self.theta_norm = OnlineStandardize(n) if self.standardize else nn.Identity()
         own = getattr(self.embedding, "standardizes_input", False)
-        self.x_norm = OnlineStandardize(self.x_shape) if self.standardize and not own else nn.Identity()
-        self.marginal_heads = ChannelResidualNet(n, n_features, 1, self.hidden, self.n_blocks, self.dropout)
-        self.pair_heads = (ChannelResidualNet(len(self.pairs), n_features, 2, self.hidden, self.n_blocks,
-                                              self.dropout) if self.pairs else None)
-        self.register_buffer("_pair_index", torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2))
+        self.x_norm = (
+            OnlineStandardize(self.x_shape) if self.standardize and not own else nn.Identity()
+        )
+        self.marginal_heads = ChannelResidualNet(
+            n, n_features, 1, self.hidden, self.n_blocks, self.dropout
+        )
+        self.pair_heads = (
+            ChannelResidualNet(
+                len(self.pairs), n_features, 2, self.hidden, self.n_blocks, self.dropout
+            )
+            if self.pairs
+            else None
+        )
+        self.register_buffer(
+            "_pair_index", torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
+        )
 
     @property
     def config(self) -> dict:
@@ -120,7 +137,9 @@ class MarginalRatioEstimator(RatioEstimator):
         """Embedding features ``(B, n_features)`` of data ``(B, *x_shape)``."""
         return self.embedding(self.x_norm(x))
 
-    def heads(self, features: torch.Tensor, theta: torch.Tensor, standardized=False) -> torch.Tensor:
+    def heads(
+        self, features: torch.Tensor, theta: torch.Tensor, standardized=False
+    ) -> torch.Tensor:
         """Log-ratios ``(B, n_heads)`` of features ``(B, F)`` and parameters ``(B, n_params)``."""
         z = theta if standardized else self.theta_norm(theta)
         out = self.marginal_heads(features, z.unsqueeze(-1))
@@ -199,7 +218,9 @@ class MarginalRatioEstimator(RatioEstimator):
 
         def log_weight_fn(t):
             with torch.no_grad():
-                t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1, len(self.param_names))
+                t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(
+                    -1, len(self.param_names)
+                )
                 return self.heads(self.features(x).expand(len(t), -1), t).cpu()
 
         return WeightedSamples(theta, lw.cpu(), names=self.param_names, marginals=self.marginals,

@@ -106,8 +106,10 @@ class WeightedSamples:
         if lw.ndim == 1:
             lw = lw[:, None]
         if theta.ndim != 2 or lw.ndim != 2 or len(theta) != len(lw):
-            raise ValueError(f"theta (n, n_params) and log_weights (n,) or (n, k) must have the same "
-                             f"number of samples, got {theta.shape} and {lw.shape}")
+            raise ValueError(
+                f"theta (n, n_params) and log_weights (n,) or (n, k) must have the same "
+                f"number of samples, got {theta.shape} and {lw.shape}"
+            )
         if len(theta) == 0:
             raise ValueError("no samples")
         if np.isnan(lw).any() or np.isposinf(lw).any():
@@ -115,11 +117,15 @@ class WeightedSamples:
         if not np.isfinite(lw).any(0).all():
             raise ValueError("every sample has zero weight (log_weights all -inf) in some column")
         n_params, k = theta.shape[1], lw.shape[1]
-        self.names = tuple(names) if names is not None else tuple(f"theta_{i}" for i in range(n_params))
+        self.names = (
+            tuple(names) if names is not None else tuple(f"theta_{i}" for i in range(n_params))
+        )
         if len(self.names) != n_params:
             raise ValueError(f"{len(self.names)} names for {n_params} parameters")
         if marginals is None:
-            marginals = [(i,) for i in range(n_params)] if k == n_params else [tuple(range(n_params))] * k
+            marginals = (
+                [(i,) for i in range(n_params)] if k == n_params else [tuple(range(n_params))] * k
+            )
         self.marginals = tuple(tuple(int(i) for i in m) for m in marginals)
         if len(self.marginals) != k:
             raise ValueError(f"{len(self.marginals)} marginals for {k} weight columns")
@@ -129,9 +135,11 @@ class WeightedSamples:
         self.ess = 1.0 / (self.weights**2).sum(0)
         low = self.ess < min_ess
         if low.any():
-            cols = ", ".join(f"{n} ({e:.1f})" for n, e, b in zip(self.column_names, self.ess, low) if b)
+            cols = ", ".join(f"{n} ({e:.1f})"
+                             for n, e, b in zip(self.column_names, self.ess, low) if b)
             warnings.warn(f"low effective sample size of the weighted samples: {cols}; draw more "
-                          "samples or truncate the prior", LowEffectiveSampleSizeWarning)
+                          "samples or truncate the prior", LowEffectiveSampleSizeWarning,
+                          stacklevel=2)
 
     @property
     def column_names(self) -> tuple:
@@ -163,7 +171,9 @@ class WeightedSamples:
         return np.sqrt((w * (self.theta - mu) ** 2).sum(0))
 
     def quantile(self, q) -> np.ndarray:
-        """Weighted marginal quantiles: shape ``(n_params,)`` for a scalar ``q``, else ``(len(q), n_params)``."""
+        """Weighted marginal quantiles, ``(n_params,)`` for a scalar ``q``, else
+        ``(len(q), n_params)``.
+        """
         q_arr = np.atleast_1d(np.asarray(q, dtype=np.float64))
         if ((q_arr < 0) | (q_arr > 1)).any():
             raise ValueError(f"quantiles must be in [0, 1], got {q}")
@@ -220,7 +230,9 @@ class WeightedSamples:
         hist, edges = np.histogramdd(t, bins=n_bins, range=ranges, weights=w)
 
         def lookup(values):
-            idx = [np.searchsorted(e, values[..., j], side="right") - 1 for j, e in enumerate(edges)]
+            idx = [
+                np.searchsorted(e, values[..., j], side="right") - 1 for j, e in enumerate(edges)
+            ]
             inside = np.all([(i >= 0) & (i < n_bins) for i in idx], axis=0)
             dens = hist[tuple(np.clip(i, 0, n_bins - 1) for i in idx)]
             return np.where(inside, dens, 0.0)
