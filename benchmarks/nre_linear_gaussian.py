@@ -19,29 +19,12 @@ import time
 import numpy as np
 import torch
 
+from astrotrunc._toys import LG_PRIOR, linear_gaussian_moments, linear_gaussian_simulate
 from astrotrunc.diagnostics import coverage, plot_coverage
 from astrotrunc.nre import MarginalRatioEstimator, Trainer
-from astrotrunc.priors import BoxPrior, Uniform
 
-A = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
-SIGMA = 0.6
-PRIOR = BoxPrior(a=Uniform(-3, 3), b=Uniform(-3, 3), c=Uniform(-3, 3))
-
-
-def simulate(theta, seed):
-    return theta @ A.T + SIGMA * torch.randn(
-        theta.shape, generator=torch.Generator().manual_seed(seed)
-    )
-
-
-def analytic(x_obs):
-    a = A.double()
-    cov = SIGMA**2 * torch.linalg.inv(a.T @ a)
-    mu = cov @ a.T @ x_obs.double().reshape(3) / SIGMA**2
-    z = mu + torch.randn(400_000, 3, generator=torch.Generator().manual_seed(9),
-                         dtype=torch.float64) @ torch.linalg.cholesky(cov).T
-    z = z[(z.abs() < 3).all(1)]
-    return z.mean(0).numpy(), z.std(0).numpy()
+PRIOR = LG_PRIOR
+simulate, analytic = linear_gaussian_simulate, linear_gaussian_moments
 
 
 def main():

@@ -4,11 +4,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
 from astrotrunc import CompletenessFunction, NeuralSourceFinder, PointSourceModel, SourceDetector
+from astrotrunc._toys import toy_completeness_labels, toy_f50
 from astrotrunc.completeness import (CompletenessLabels, default_completeness, detect_batch,
                                      injection_recovery, match_sources)
 from astrotrunc.detection import default_detector
@@ -30,16 +30,7 @@ def test_match_sources_one_to_one():
 
 
 def _toy_labels(n=20000, seed=0):
-    """Labels from a known completeness: S = sigmoid(3 (log F - log F50(b))), F50 grows to the
-    plane."""
-    rng = np.random.default_rng(seed)
-    f = np.exp(rng.normal(1.0, 2.0, n))
-    lon, lat = rng.normal(0, 20, n), rng.normal(0, 8, n)
-    f50 = 3.0 * (1 + 2 * np.exp(-0.5 * (lat / 4) ** 2))
-    p = 1 / (1 + np.exp(-3 * (np.log(f) - np.log(f50))))
-    d = rng.random(n) < p
-    t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    return {"flux": t(f), "l": t(lon), "b": t(lat), "d": t(d)}, f50
+    return toy_completeness_labels(n, seed), None
 
 
 def test_completeness_learns_known_function_and_is_monotone(tmp_path):
@@ -54,7 +45,7 @@ def test_completeness_learns_known_function_and_is_monotone(tmp_path):
     for lat in (0.0, 3.0, 15.0):
         p = S(fl, 5.0, lat)
         assert np.all(np.diff(p) >= 0), "completeness must not decrease with flux"
-        f50_true = 3.0 * (1 + 2 * np.exp(-0.5 * (lat / 4) ** 2))
+        f50_true = toy_f50(lat)
         f50 = S.flux_at(0.5, 5.0, lat)
         assert abs(np.log(f50) - np.log(f50_true)) < 0.25
     # inputs: Quantities, SkyCoord, broadcasting

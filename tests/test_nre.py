@@ -13,33 +13,13 @@ from astrotrunc.exceptions import LowEffectiveSampleSizeWarning
 from astrotrunc.nre import (ChannelResidualNet, MarginalRatioEstimator, OnlineStandardize,
                             RatioEstimator, Trainer, WeightedSamples, contrastive_loss,
                             effective_sample_size)
-from astrotrunc.priors import BoxPrior, Uniform
+from astrotrunc._toys import (LG_MATRIX, LG_PRIOR, LG_SIGMA, linear_gaussian,
+                              linear_gaussian_moments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-A = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
-SIGMA = 0.6
-PRIOR = BoxPrior(a=Uniform(-3, 3), b=Uniform(-3, 3), c=Uniform(-3, 3))
-
-
-def _linear_gaussian(n, seed):
-    theta = PRIOR.sample(n, generator=seed)
-    x = theta @ A.T + SIGMA * torch.randn(n, 3, generator=torch.Generator().manual_seed(seed + 1))
-    return {"theta": theta, "x": x}
-
-
-def _analytic_moments(x_obs):
-    """Mean and std of the exact posterior: N(mu, Sigma) restricted to the prior box."""
-    a = A.double()
-    cov = SIGMA**2 * torch.linalg.inv(a.T @ a)
-    mu = cov @ a.T @ x_obs.double().reshape(3) / SIGMA**2
-    z = (
-        mu
-        + torch.randn(400_000, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-        @ torch.linalg.cholesky(cov).T
-    )
-    z = z[(z.abs() < 3).all(1)]
-    return z.mean(0).numpy(), z.std(0).numpy()
+A, SIGMA, PRIOR = LG_MATRIX, LG_SIGMA, LG_PRIOR
+_linear_gaussian, _analytic_moments = linear_gaussian, linear_gaussian_moments
 
 
 def test_linear_gaussian_marginals_match_analytic():
