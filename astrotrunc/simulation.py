@@ -459,7 +459,7 @@ class PointSourceModel:
 
     @classmethod
     def paper(cls, **kwargs) -> "PointSourceModel":
-        """The configuration of "Detection is truncation" (DESIGN.md table); ``kwargs`` override."""
+        """The configuration of "Detection is truncation" (see the docs' model table); ``kwargs`` override."""
         return cls(**kwargs)
 
     @property

@@ -275,14 +275,58 @@ class NeuralSourceFinder:
         log_odds = self.detector.log_odds(data, bad, flux_threshold=self.flux_threshold,
                                           tile_overlap=self.tile_overlap,
                                           batch_size=self.batch_size)
-        segm = detection_regions(log_odds, self.threshold, self.n_pixels, bad, self.deblend)
+        segm = self.segment(log_odds, bad)
         if segm is None:
             warnings.warn("No sources were found (no region with odds above the threshold).",
                           NoDetectionsWarning, stacklevel=2)
             return (None, None) if return_segmentation else None
-        catalog = RegionCatalog(data, log_odds, segm, bad, self.detector, wcs, flux_unit=unit,
-                                meta=self.settings).to_table()
+        catalog = self.describe(data, log_odds, segm, bad, wcs=wcs, unit=unit).to_table()
         return (catalog, segm) if return_segmentation else catalog
+
+    def segment(self, log_odds, bad=None):
+        """The regions R_i of a log-odds map with this finder's settings (`detection_regions`).
+
+        Parameters
+        ----------
+        log_odds : 2-D array
+            The detector's log-odds map (of this finder's F_th channel).
+        bad : 2-D bool array, optional
+            Pixels excluded from every region.
+
+        Returns
+        -------
+        `~photutils.segmentation.SegmentationImage` or `None`
+        """
+        return detection_regions(log_odds, self.threshold, self.n_pixels, bad, self.deblend)
+
+    def describe(self, data, log_odds, segm, bad=None, *, wcs=None, unit=None):
+        """The lazy catalog (`~astrotrunc.detection.catalog.RegionCatalog`) of found regions.
+
+        Columns are computed on first use: ``describe(...).to_table(["x_centroid",
+        "y_centroid"])`` computes the positions only.
+
+        Parameters
+        ----------
+        data : 2-D array
+            The map, in the detector's flux unit.
+        log_odds : 2-D array
+            Its log-odds map.
+        segm : `~photutils.segmentation.SegmentationImage`
+            The regions (`segment`).
+        bad : 2-D bool array, optional
+            Bad pixels.
+        wcs : `~astropy.wcs.WCS`, optional
+            For sky coordinates.
+        unit : `~astropy.units.Unit`, optional
+            Unit of the flux columns (the detector's by default).
+
+        Returns
+        -------
+        `~astrotrunc.detection.catalog.RegionCatalog`
+        """
+        bad = np.zeros(np.shape(data), bool) if bad is None else np.asarray(bad, bool)
+        return RegionCatalog(data, log_odds, segm, bad, self.detector, wcs, flux_unit=unit,
+                             meta=self.settings)
 
     # -- many maps -----------------------------------------------------------------------------
     def find_batch(self, maps, mask=None):
@@ -305,6 +349,28 @@ class NeuralSourceFinder:
         `numpy.ndarray`
             ``int32`` labels; region ``j`` of map ``i`` is ``labels[i] == j``.
         """
+        maps, bad = self._batch(maps, mask)
+        out = np.zeros(maps.shape, dtype=np.int32)
+        for i, (lo, b) in enumerate(zip(self._log_odds_batches(maps, bad), bad.numpy())):
+            segm = self.segment(lo, b)
+            if segm is not None:
+                out[i] = segm.data
+        return out
+
+    def log_odds_batch(self, maps, mask=None):
+        """The detector's log-odds ``(n, H, W)`` of a batch of maps (this finder's channel).
+
+        Parameters and conventions are those of `find_batch`; bad pixels get ``-inf``.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            float64.
+        """
+        maps, bad = self._batch(maps, mask)
+        return np.stack(list(self._log_odds_batches(maps, bad)))
+
+    def _batch(self, maps, mask):
         import torch
 
         maps = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps,
@@ -318,8 +384,11 @@ class NeuralSourceFinder:
         if bad.any():  # the same filling as for one map
             maps = torch.stack([torch.as_tensor(fill_bad_pixels(m.numpy(), b.numpy()),
                                                 dtype=torch.float32) for m, b in zip(maps, bad)])
+        return maps, bad
+
+    def _log_odds_batches(self, maps, bad):
+        """Yield the log-odds map of every map, computed in batches."""
         det, k = self.detector, self.channel
-        out = np.zeros(maps.shape, dtype=np.int32)
         large = maps.shape[1] > 4 * det.shape[0] or maps.shape[2] > 4 * det.shape[1]
         device = next(det.parameters()).device
         step = 1 if large else self.batch_size
@@ -333,12 +402,7 @@ class NeuralSourceFinder:
                 else:
                     logits = det(chunk.to(device))[:, k].double().cpu().numpy()
                     logits[bad[start:start + step].numpy()] = -np.inf
-                for j, lo in enumerate(logits):
-                    segm = detection_regions(lo, self.threshold, self.n_pixels,
-                                             bad[start + j].numpy(), self.deblend)
-                    if segm is not None:
-                        out[start + j] = segm.data
-        return out
+                yield from logits
 
 
 def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):

@@ -33,7 +33,7 @@ def contrastive_loss(logit_fn, batch, key="theta", reference=None):
     reference : dict, optional
         Reference-density contrast: ``{name: reference_name}``; the marginal pairs are the batch
         with ``batch[name]`` replaced by ``batch[reference_name]``, samples of a reference density
-        rho. The classifier then learns ``log p(name | rest) / rho(name)`` (r4 in DESIGN.md).
+        rho. The classifier then learns ``log p(name | rest) / rho(name)`` (r4 of the method).
 
     Returns
     -------
