@@ -258,7 +258,19 @@ class CompletenessFunction(RatioEstimator):
     def flux_at(self, completeness=0.5, l=0.0, b=0.0, *, flux_range=(1e-3, 1e5)):  # noqa: E741
         """Flux where S reaches ``completeness`` at (l, b) (bisection in log F; monotone S).
 
-        Returns NaN where the level is not reached inside ``flux_range``.
+        Parameters
+        ----------
+        completeness : float
+            The level, in (0, 1).
+        l, b : float, array or `~astropy.units.Quantity`
+            Positions (degrees), broadcasting; ``l`` may be a `~astropy.coordinates.SkyCoord`.
+        flux_range : tuple of float
+            Search interval.
+
+        Returns
+        -------
+        `~astropy.units.Quantity` or array
+            NaN where the level is not reached inside ``flux_range``.
         """
         if not 0 < completeness < 1:
             raise ValueError(f"completeness must be in (0, 1), got {completeness}")
@@ -396,7 +408,25 @@ class CompletenessFunction(RatioEstimator):
     # -- plots -----------------------------------------------------------------------------
     def plot(self, positions=((0.0, 0.0), (0.0, 5.0), (0.0, 20.0)), *, flux_range=(0.1, 1000.0),
              sky_shape=(64, 64), extent=40.0, axes=None):
-        """Completeness vs flux at chosen (l, b), and a sky map of the 50 %-completeness flux."""
+        """Completeness vs flux at chosen (l, b), and a sky map of the 50 %-completeness flux.
+
+        Parameters
+        ----------
+        positions : sequence of (l, b)
+            Where to draw S against flux (degrees).
+        flux_range : tuple of float
+            Flux axis.
+        sky_shape : tuple of int
+            Grid of the sky map.
+        extent : float
+            Half width of the sky map (degrees).
+        axes : pair of `matplotlib.axes.Axes`, optional
+            Where to draw.
+
+        Returns
+        -------
+        axes : pair of `matplotlib.axes.Axes`
+        """
         import matplotlib.pyplot as plt
 
         if axes is None:
@@ -440,13 +470,23 @@ class CompletenessFunction(RatioEstimator):
 
     @classmethod
     def load_default(cls) -> "CompletenessFunction":
-        """The completeness shipped beside the default detector."""
+        """The completeness shipped beside the default detector.
+
+        Returns
+        -------
+        `CompletenessFunction`
+        """
         path = resources.files("astrotrunc") / "data" / _DEFAULT_COMPLETENESS
         return cls.load(str(path))
 
 
 def default_completeness() -> CompletenessFunction:
-    """The shipped completeness of the shipped default detector."""
+    """The shipped completeness of the shipped default detector.
+
+    Returns
+    -------
+    `CompletenessFunction`
+    """
     return CompletenessFunction.load_default()
 
 

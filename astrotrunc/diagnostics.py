@@ -136,6 +136,19 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
 def binomial_interval(k, n, confidence=0.6827, method="jeffreys"):
     """Interval on a binomial fraction ``k / n``: ``"jeffreys"`` or ``"clopper-pearson"`` (exact).
 
+    Parameters
+    ----------
+    k, n : int or array
+        Successes and trials.
+    confidence : float
+        Probability content of the interval (68.27 % by default).
+    method : {'jeffreys', 'clopper-pearson'}
+        Jeffreys (Beta(k + 1/2, n - k + 1/2) quantiles) or the exact Clopper-Pearson interval.
+
+    Returns
+    -------
+    low, high : float or array
+
     Examples
     --------
     >>> from astrotrunc.diagnostics import binomial_interval

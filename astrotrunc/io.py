@@ -844,6 +844,11 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
     overwrite : bool
         Replace an existing file. Without it an existing file raises `OSError`.
 
+    Returns
+    -------
+    None
+        The file is written atomically (a temporary file renamed over ``path``).
+
     Examples
     --------
     >>> import tempfile, pathlib

@@ -459,7 +459,17 @@ class PointSourceModel:
 
     @classmethod
     def paper(cls, **kwargs) -> "PointSourceModel":
-        """The configuration of "Detection is truncation" (see the docs' model table); ``kwargs`` override."""
+        """The configuration of "Detection is truncation" (the docs' model table).
+
+        Parameters
+        ----------
+        **kwargs
+            Override the defaults (``geometry``, ``instrument``, ``prior``, ...).
+
+        Returns
+        -------
+        `PointSourceModel`
+        """
         return cls(**kwargs)
 
     @property

@@ -28,6 +28,17 @@ _FORMAT = "astrotrunc-simulation-store"
 def chunk_seed(seed: int, index: int) -> int:
     """The seed of chunk ``index`` of a fill seeded with ``seed`` (independent streams).
 
+    Parameters
+    ----------
+    seed : int
+        The fill's seed.
+    index : int
+        The chunk.
+
+    Returns
+    -------
+    int
+
     Examples
     --------
     >>> from astrotrunc.store import chunk_seed

@@ -128,8 +128,18 @@ def instrument_domain(model, n_maps=1000, seed=12345, chunk_size=250) -> dict:
 
 
 def nonphysical_limit(domain) -> float:
-    """Pixels with ``|value|`` above this are not data (a million times the brightest pixel seen
-    in training; 1e20 without a domain record)."""
+    """Pixels with ``|value|`` above this are not data.
+
+    Parameters
+    ----------
+    domain : dict or None
+        A detector's domain record.
+
+    Returns
+    -------
+    float
+        A million times the brightest pixel seen in training (1e20 without a record).
+    """
     stats = (domain or {}).get("statistics") or {}
     top = stats.get("max")
     return 1e6 * max(abs(top[1]), 1.0) if top else 1e20

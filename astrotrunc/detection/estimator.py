@@ -221,25 +221,45 @@ class SourceDetector(RatioEstimator):
 
         The domain record is descriptive and not part of the identity.
         """
-        # hashing 2 MB of weights costs ~1.5 ms: cache it until a tensor is modified in place
-        # (optimizer steps, load_state_dict) -- torch bumps every tensor's version counter then
-        cfg = self.config
-        cfg.pop("domain", None)
-        tensors = [*self.parameters(), *self.buffers()]
+        # hashing 2 MB of weights costs milliseconds: cache it until a tensor is modified in place
+        # (optimizer steps, load_state_dict) -- torch bumps every tensor's version counter then --
+        # or a scalar setting changes; the tensor list is rebuilt when the module is moved/cast
+        tensors = self.__dict__.get("_tensor_list")
+        if tensors is None:
+            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
         key = (tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
-               repr(sorted(cfg.items())))
+               self.flux_thresholds, self.shape, self.exposure, self.normalization,
+               self.background, self.base_channels, self.depth, self.flux_unit, self.name,
+               self.default_flux_threshold)
         cached = self.__dict__.get("_identity_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        h = hashlib.sha256(key[2].encode())
+        cfg = self.config
+        cfg.pop("domain", None)
+        h = hashlib.sha256(repr(sorted(cfg.items())).encode())
         for t in self.state_dict().values():
             h.update(t.detach().cpu().numpy().tobytes())
         self.__dict__["_identity_cache"] = (key, h.hexdigest()[:16])
         return self.__dict__["_identity_cache"][1]
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_tensor_list", None)  # .to(), .float(), ... may replace tensors
+        return super()._apply(fn, *args, **kwargs)
+
     # -- NRE engine interface ------------------------------------------------------------
     def preprocess(self, data: torch.Tensor) -> torch.Tensor:
-        """Network input ``(n, 1, H, W)`` from data ``(n, H, W)`` (flux units)."""
+        """Network input ``(n, 1, H, W)`` from data ``(n, H, W)`` (flux units).
+
+        Parameters
+        ----------
+        data : `torch.Tensor`
+            Maps ``(n, H, W)``.
+
+        Returns
+        -------
+        `torch.Tensor`
+            ``log1p(exposure * max(data, 0))`` with a channel axis.
+        """
         return torch.log1p(data.clamp_min(0) * self.exposure).unsqueeze(1)
 
     def forward(self, batch) -> torch.Tensor:
@@ -255,6 +275,15 @@ class SourceDetector(RatioEstimator):
     # -- inference -------------------------------------------------------------------------
     def channel(self, flux_threshold=None) -> int:
         """Index of the output channel of ``flux_threshold`` (the default channel when `None`).
+
+        Parameters
+        ----------
+        flux_threshold : float, optional
+            One of `flux_thresholds` (to 0.1 %).
+
+        Returns
+        -------
+        int
 
         Raises
         ------
@@ -315,6 +344,11 @@ class SourceDetector(RatioEstimator):
         """Per-pixel odds r1 of a source brighter than ``flux_threshold`` (2-D numpy array).
 
         Parameters are those of `log_odds`.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            Odds (0 at bad pixels).
         """
         with np.errstate(over="ignore"):
             return np.exp(self.log_odds(data, mask, flux_threshold=flux_threshold, **kwargs))

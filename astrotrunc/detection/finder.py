@@ -181,6 +181,8 @@ class NeuralSourceFinder:
     def prepare(self, data, mask=None, wcs=None):
         """Validate one map; the map in the detector's unit, its bad pixels, unit and WCS.
 
+        Parameters are those of `__call__`.
+
         Warns (`~astrotrunc.AstrotruncWarning`) about NaN/infinite pixels outside the mask and
         non-physical pixels (both are masked), and (`~astrotrunc.OutOfDomainWarning`) about
         every way the map differs from the detector's training maps.
@@ -408,7 +410,17 @@ class NeuralSourceFinder:
 def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):
     """A `NeuralSourceFinder` from a finder, a detector or `None` (the default detector).
 
-    Settings given with a finder are an error: the finder carries them.
+    Parameters
+    ----------
+    finder : `NeuralSourceFinder`, `~astrotrunc.SourceDetector` or None
+        A finder is returned as it is; a detector (or `None`) gets a finder with the settings.
+    threshold, flux_threshold, n_pixels : optional
+        Settings for a new finder; giving them with a finder is a `TypeError` (the finder
+        carries its own).
+
+    Returns
+    -------
+    `NeuralSourceFinder`
     """
     given = {k: v for k, v in (("threshold", threshold), ("flux_threshold", flux_threshold),
                                ("n_pixels", n_pixels)) if v is not None}

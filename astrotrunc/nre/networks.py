@@ -257,7 +257,19 @@ EMBEDDINGS = {"mlp": MLPEmbedding, "identity": lambda x_shape: MLPEmbedding(x_sh
 def make_embedding(name: str, x_shape, **kwargs) -> nn.Module:
     """Build a registered embedding network by name (see `EMBEDDINGS`).
 
-    The module must expose ``n_features`` (width of its output).
+    Parameters
+    ----------
+    name : str
+        A key of `EMBEDDINGS`.
+    x_shape : tuple of int
+        Shape of one data sample.
+    **kwargs
+        Passed to the embedding's constructor.
+
+    Returns
+    -------
+    `torch.nn.Module`
+        It exposes ``n_features`` (width of its output).
     """
     try:
         factory = EMBEDDINGS[name]

@@ -23,7 +23,15 @@ def _normalised(log_weights: np.ndarray) -> np.ndarray:
 def effective_sample_size(log_weights) -> np.ndarray:
     """Kish's effective sample size ``1 / sum(w**2)`` of (unnormalised) log-weights.
 
-    ``log_weights`` has shape ``(n,)`` or ``(n, k)`` (one ESS per column).
+    Parameters
+    ----------
+    log_weights : array
+        Shape ``(n,)`` or ``(n, k)`` (one ESS per column).
+
+    Returns
+    -------
+    `numpy.ndarray`
+        The ESS (a scalar array or one per column).
 
     Examples
     --------
