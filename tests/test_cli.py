@@ -42,7 +42,7 @@ def test_simulate_then_detect(obs, tmp_path):
     path, truth = obs
     assert main(["simulate", "--seed", "3", "--out", str(path)]) == 2  # no clobber
     hdr = fits.getheader(path)
-    assert hdr["CTYPE1"] == "GLON-CAR" and hdr["SEED"] == 3
+    assert hdr["CTYPE1"] == "GLON-CAR" and hdr["SEED"] == 3 and hdr["BUNIT"] == ""
     t = QTable.read(truth)
     assert t["l"].unit == u.deg and len(t) == int(hdr["HIERARCH TRUTH N"])
     cat, reg = tmp_path / "cat.ecsv", tmp_path / "cat.reg"
