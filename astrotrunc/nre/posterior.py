@@ -169,18 +169,39 @@ class WeightedSamples:
         return self.weights[:, [self._column(i) for i in range(self.theta.shape[1])]]
 
     def mean(self) -> np.ndarray:
-        """Posterior mean of every parameter, shape ``(n_params,)``."""
+        """Posterior mean of every parameter.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(n_params,)``.
+        """
         return (self._marginal_weights() * self.theta).sum(0)
 
     def std(self) -> np.ndarray:
-        """Posterior standard deviation of every parameter, shape ``(n_params,)``."""
+        """Posterior standard deviation of every parameter.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(n_params,)``.
+        """
         w = self._marginal_weights()
         mu = (w * self.theta).sum(0)
         return np.sqrt((w * (self.theta - mu) ** 2).sum(0))
 
     def quantile(self, q) -> np.ndarray:
-        """Weighted marginal quantiles, ``(n_params,)`` for a scalar ``q``, else
-        ``(len(q), n_params)``.
+        """Weighted marginal quantiles.
+
+        Parameters
+        ----------
+        q : float or sequence of float
+            Probabilities in [0, 1].
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(n_params,)`` for a scalar ``q``, else ``(len(q), n_params)``.
         """
         q_arr = np.atleast_1d(np.asarray(q, dtype=np.float64))
         if ((q_arr < 0) | (q_arr > 1)).any():
@@ -197,9 +218,18 @@ class WeightedSamples:
     def credible_level(self, point) -> np.ndarray:
         """Highest-posterior-density mass enclosing ``point``, for every weight column.
 
-        ``point`` is a full parameter vector ``(n_params,)``. Uses ``log_weight_fn`` when given
-        (exact ranks of the densities), else a weighted-histogram density estimate.
-        Returns shape ``(k,)`` (see `hpd_credible_level`).
+        Uses ``log_weight_fn`` when given (exact ranks of the densities), else a
+        weighted-histogram density estimate (see `hpd_credible_level`).
+
+        Parameters
+        ----------
+        point : array-like
+            A full parameter vector ``(n_params,)``.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(k,)``, one level per weight column.
         """
         point = _numpy(point).reshape(-1)
         if len(point) != self.theta.shape[1]:
@@ -218,6 +248,18 @@ class WeightedSamples:
         """Log-weight thresholds of the HPD regions of given credible ``levels`` (for contours).
 
         The region ``log_weights[:, column] >= threshold`` holds posterior mass ``level``.
+
+        Parameters
+        ----------
+        levels : float or sequence of float
+            Credible levels.
+        column : int
+            Weight column.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            One threshold per level.
         """
         lw, w = self.log_weights[:, column], self.weights[:, column]
         order = np.argsort(-lw)
@@ -251,6 +293,11 @@ class WeightedSamples:
         """Per-parameter mean, std, median, 68 % interval and ESS as a `~astropy.table.QTable`.
 
         Parameters have different units, so values are plain numbers with a ``unit`` column.
+
+        Returns
+        -------
+        `~astropy.table.QTable`
+            One row per parameter.
         """
         q = self.quantile([0.16, 0.5, 0.84])
         ess = self.ess[[self._column(i) for i in range(self.theta.shape[1])]]
