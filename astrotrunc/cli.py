@@ -1,131 +1,262 @@
-"""The ``astrotrunc`` command line: ``simulate``, ``train``, ``detect``, ``infer``, ``demo``."""
+"""The ``astrotrunc`` command line: ``simulate``, ``train``, ``detect``, ``infer``, ``demo``.
+
+One function per subcommand (``_cmd_<name>``) and one parser builder per subcommand
+(``_add_<name>``). Heavy packages (torch, astropy tables) are imported inside the commands, so
+``astrotrunc --help`` answers at once. Every command checks all its output paths before doing any
+work and writes its outputs atomically, all or none.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from pathlib import Path
 
 __all__ = ["main"]
 
 
-def _check_writable(path, overwrite):
-    from .io import _check_writable as check
+# ----------------------------------------------------------------------------------------------
+# Outputs: checked before any work, written all-or-none
+# ----------------------------------------------------------------------------------------------
+def _check_outputs(outputs, overwrite, inputs=()):
+    """Check every output path before work: writable, distinct, never one of the inputs."""
+    from ._utils import check_writable
 
-    return check(path, overwrite, option="--overwrite")
+    paths = [check_writable(p, overwrite, option="--overwrite") for p in outputs if p]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        msg = f"two outputs are the same file: {[str(p) for p in paths]}"
+        raise ValueError(msg)
+    for src in inputs:
+        src = Path(src).expanduser()
+        for p in paths:
+            if src.resolve() == p.resolve() or (p.exists() and src.exists()
+                                                and os.path.samefile(src, p)):
+                msg = f"output {p} is the input file; choose another name (even with --overwrite)"
+                raise ValueError(msg)
+    return paths
+
+
+def _write_all(writers):
+    """``[(path, write(tmp))]``: every file written to a temporary name first, then renamed.
+
+    If any write fails, no output is touched (the temporary files are removed).
+    """
+    import tempfile
+
+    done = []
+    try:
+        for path, write in writers:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            done.append((tmp, path))
+            write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path in done:
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# simulate
+# ----------------------------------------------------------------------------------------------
+def _add_simulate(sub):
+    s = sub.add_parser("simulate", help="simulate maps of the paper's model (FITS + truth ECSV)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--out", required=True, help="output FITS file")
+    s.add_argument("--truth", help="output ECSV file of the true sources and θ")
+    s.add_argument("--n-maps", type=int, default=1, help="number of maps (one HDU each)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(args):
-    from astropy.io import fits
+    if args.n_maps < 1:
+        msg = f"--n-maps must be at least 1, got {args.n_maps}"
+        raise ValueError(msg)
+    out, *truth = _check_outputs([args.out, args.truth], args.overwrite)
 
+    from .io import _write_images
     from .simulation import PointSourceModel
 
-    if args.n_maps < 1:
-        raise ValueError(f"--n-maps must be at least 1, got {args.n_maps}")
-    out = _check_writable(args.out, args.overwrite)
-    if args.truth:
-        _check_writable(args.truth, args.overwrite)
     model = PointSourceModel.paper()
     sims = model.simulate(args.n_maps, seed=args.seed)
-    header = model.wcs.to_header()
-    hdus = []
+    images = []
     for i in range(args.n_maps):
-        hdr = header.copy()
-        hdr["BUNIT"] = (model.flux_unit.to_string(), "data unit")
-        hdr["SEED"] = (args.seed, "astrotrunc simulate seed")
-        hdr["MAP_ID"] = (i, "index of this map in the truth table")
-        for name, value in zip(model.param_names, sims.theta[i].tolist()):
-            hdr[f"HIERARCH TRUTH {name}"] = value
-        data = sims.maps[i].numpy()
-        hdus.append(fits.PrimaryHDU(data, hdr) if i == 0 else fits.ImageHDU(data, hdr, name=f"MAP{i}"))
-    fits.HDUList(hdus).writeto(out, overwrite=args.overwrite)
+        hdr = {"SEED": args.seed, "MAP_ID": i}
+        hdr.update({f"HIERARCH TRUTH {name}": value
+                    for name, value in zip(model.param_names, sims.theta[i].tolist())})
+        images.append(dict(data=sims.maps[i].numpy(), wcs=model.wcs, header=hdr,
+                           unit=model.flux_unit, name=None if i == 0 else f"MAP{i}"))
+    writers = [(out, lambda tmp: _write_images(tmp, images, overwrite=True))]
+    if truth:
+        table = sims.truth_table()
+        table.meta["seed"] = args.seed
+        writers.append((truth[0], lambda tmp: table.write(tmp, format="ascii.ecsv",
+                                                          overwrite=True)))
+    _write_all(writers)
     print(f"wrote {args.n_maps} map(s) of {model.shape[0]}x{model.shape[1]} pixels to {out}")
-    if args.truth:
-        truth = sims.truth_table()
-        truth.meta["seed"] = args.seed
-        truth.write(args.truth, format="ascii.ecsv", overwrite=args.overwrite)
-        print(f"wrote {len(truth)} true sources to {args.truth}")
+    if truth:
+        print(f"wrote {len(table)} true sources to {truth[0]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------
+def _add_train(sub):
+    t = sub.add_parser("train", help="train an estimator on the paper's model")
+    t.add_argument("what", choices=["detector", "completeness"], help="which estimator")
+    t.add_argument("--out", required=True, help="output model file (.safetensors)")
+    t.add_argument("--n-train", type=int, default=4000, help="detector: simulations per epoch")
+    t.add_argument("--n-val", type=int, default=400, help="validation simulations (maps)")
+    t.add_argument("--n-maps", type=int, default=2000, help="completeness: labelled maps")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--learning-rate", type=float, default=3e-3)
+    t.add_argument("--channels", type=int, default=16, help="detector: U-Net base channels")
+    t.add_argument("--default-flux-threshold", type=float, default=None,
+                   help="detector: F_th channel find_sources uses by default")
+    t.add_argument("--detector", help="completeness: detector file (default: the shipped one)")
+    t.add_argument("--flux-threshold", type=float, default=10.0, help="completeness: F_th channel")
+    t.add_argument("--threshold", type=float, default=5.0, help="completeness: odds threshold")
+    t.add_argument("--n-pixels", type=int, default=1, help="completeness: minimum region size")
+    t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
+    t.add_argument("--domain-maps", type=int, default=1000,
+                   help="detector: simulations whose statistics record its domain")
+    t.add_argument("--name", default="astrotrunc-paper-r1")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch here")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args):
-    import torch
-
+    (out,) = _check_outputs([args.out], args.overwrite,
+                            inputs=[args.detector] if args.detector else ())
     from .simulation import PointSourceModel
 
-    torch.manual_seed(args.seed)  # network initialisation: same command, same weights
-
     model = PointSourceModel.paper()
+    trainer = dict(max_epochs=args.epochs, batch_size=args.batch_size,
+                   learning_rate=args.learning_rate, checkpoint_dir=args.checkpoint_dir,
+                   progress=not args.quiet)
     if args.what == "detector":
         from .detection import PAPER_FLUX_THRESHOLDS, SourceDetector
 
-        out = _check_writable(args.out, args.overwrite)
-        det = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS, base_channels=args.channels,
-                                        name=args.name, default_flux_threshold=args.default_flux_threshold)
-        det.train(model, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
-                     max_epochs=args.epochs, batch_size=args.batch_size,
-                     learning_rate=args.learning_rate, checkpoint_dir=args.checkpoint_dir,
-                     progress=not args.quiet)
-        det.save(out, overwrite=args.overwrite)
-        print(f"wrote detector to {out}")
-    elif args.what == "completeness":
+        est = SourceDetector.fit_to(model, PAPER_FLUX_THRESHOLDS, n_train=args.n_train,
+                                    n_val=args.n_val, seed=args.seed,
+                                    base_channels=args.channels, depth=args.depth,
+                                    domain_maps=args.domain_maps, name=args.name,
+                                    default_flux_threshold=args.default_flux_threshold, **trainer)
+    else:
         from .completeness import CompletenessFunction
-        from .detection import SourceDetector
+        from .detection import NeuralSourceFinder, SourceDetector
 
-        out = _check_writable(args.out, args.overwrite)
         det = SourceDetector.load(args.detector) if args.detector else None
-        comp = CompletenessFunction()
-        comp.train(model, det, n_maps=args.n_maps, n_val_maps=args.n_val, seed=args.seed,
-                   flux_threshold=args.flux_threshold, threshold=args.threshold,
-                   max_epochs=args.epochs, batch_size=args.batch_size,
-                   learning_rate=args.learning_rate, progress=not args.quiet,
-                   checkpoint_dir=args.checkpoint_dir)
-        comp.save(out, overwrite=args.overwrite)
-        print(f"wrote completeness to {out}")
+        finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
+        est = CompletenessFunction.fit_to(model, finder, n_maps=args.n_maps,
+                                          n_val_maps=args.n_val, seed=args.seed, **trainer)
+    est.save(out, overwrite=args.overwrite)
+    print(f"wrote {args.what} to {out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# detect
+# ----------------------------------------------------------------------------------------------
+def _add_detect(sub):
+    d = sub.add_parser("detect", help="detect sources in a FITS map")
+    d.add_argument("map", help="input FITS map (image with WCS, or HEALPix with --center, "
+                               "--shape and --resolution)")
+    d.add_argument("--out", required=True, help="output catalog (.ecsv or .fits)")
+    d.add_argument("--regions", help="also write DS9 regions here")
+    d.add_argument("--threshold", type=float, default=5.0, help="odds threshold (default 5)")
+    d.add_argument("--flux-threshold", type=float, default=None, help="detector F_th channel")
+    d.add_argument("--n-pixels", type=int, default=1, help="minimum region size (pixels)")
+    d.add_argument("--detector", help="detector file (default: the shipped one)")
+    d.add_argument("--center", type=float, nargs=2, metavar=("L", "B"),
+                   help="HEALPix input: centre (deg) of the patch to project to")
+    d.add_argument("--shape", type=int, nargs=2, metavar=("NY", "NX"),
+                   help="HEALPix input: patch shape in pixels")
+    d.add_argument("--resolution", type=float, metavar="DEG",
+                   help="HEALPix input: patch pixel size in degrees")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (an empty result writes an empty catalog)")
+    d.set_defaults(func=_cmd_detect)
 
 
 def _cmd_detect(args):
-    from .detection import SourceDetector, find_sources
-    from .io import read_map
+    out, *regions = _check_outputs([args.out, args.regions], args.overwrite,
+                                   inputs=[args.map] + ([args.detector] if args.detector else []))
+    geometry = (args.center, args.shape, args.resolution)
+    if any(g is not None for g in geometry) and not all(g is not None for g in geometry):
+        msg = "projecting a HEALPix map needs all of --center, --shape and --resolution"
+        raise ValueError(msg)
 
-    nd = read_map(args.map)
+    from astropy import units as u
+    from photutils.utils import NoDetectionsWarning
+
+    from .detection import NeuralSourceFinder, SourceDetector, catalog_to_regions, empty_catalog
+    from .io import HealpixMap, read_map
+
+    kwargs = {}
+    if args.center is not None:
+        kwargs = dict(center=tuple(args.center), shape=tuple(args.shape),
+                      resolution=args.resolution * u.deg)
+    nd = read_map(args.map, **kwargs)
+    if isinstance(nd, HealpixMap):
+        msg = (f"{args.map} is a HEALPix map (nside {nd.nside}); the detector works on images: "
+               "project a patch with --center L B --shape NY NX --resolution DEG (the shipped "
+               "detector was trained on 128 x 128 pixels of 0.625 deg), or in Python with "
+               "astrotrunc.read_map(path, center=..., shape=..., resolution=...)")
+        raise ValueError(msg)
     det = SourceDetector.load(args.detector) if args.detector else None
-    cat = find_sources(nd, det, threshold=args.threshold, flux_threshold=args.flux_threshold)
+    finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoDetectionsWarning)  # reported below
+        cat = finder(nd)
     if cat is None:
-        print("no sources detected")
-        return
-    out = _check_writable(args.out, args.overwrite)
+        unit = nd.unit if nd.unit is not None else u.Unit(finder.detector.flux_unit)
+        cat = empty_catalog(unit, finder.settings)
     fmt = "fits" if out.suffix.lower() in (".fits", ".fit") else "ascii.ecsv"
-    cat.write(out, format=fmt, overwrite=args.overwrite)
-    print(f"wrote {len(cat)} sources to {out}")
-    if args.regions:
-        from .detection import catalog_to_regions
+    writers = [(out, lambda tmp: cat.write(tmp, format=fmt, overwrite=True))]
+    if regions:
+        regs = catalog_to_regions(cat)
+        writers.append((regions[0], lambda tmp: regs.write(tmp, format="ds9", overwrite=True)))
+    _write_all(writers)
+    print(f"wrote {len(cat)} sources to {out}" + ("" if len(cat) else " (no sources detected)"))
+    if regions:
+        print(f"wrote DS9 regions to {regions[0]}")
 
-        _check_writable(args.regions, args.overwrite)
-        catalog_to_regions(cat).write(args.regions, format="ds9", overwrite=args.overwrite)
-        print(f"wrote DS9 regions to {args.regions}")
 
-
+# ----------------------------------------------------------------------------------------------
+# infer and demo
+# ----------------------------------------------------------------------------------------------
 def _cmd_infer(args):
     import shutil
-    from pathlib import Path
 
     from astropy.table import QTable
 
     from .inference import PopulationInference
-    from .io import read_map
+    from .io import HealpixMap, read_map
 
-    out = _check_writable(args.out, args.overwrite)
-    if Path(args.map).expanduser().resolve() == out.resolve():
-        raise ValueError("--out must not be the input map")
-    plots = {}
-    if args.plots:
-        pdir = Path(args.plots).expanduser()
-        pdir.mkdir(parents=True, exist_ok=True)
-        plots = {k: _check_writable(pdir / f"{k}.png", args.overwrite)
-                 for k in ("posterior_corner", "truncated_samples", "truncation")}
+    names = ("posterior_corner", "truncated_samples", "truncation")
+    plot_paths = ([Path(args.plots).expanduser() / f"{k}.png" for k in names]
+                  if args.plots else [])
+    out, *checked = _check_outputs([args.out, *plot_paths], args.overwrite,
+                                   inputs=[args.map] + ([args.catalog] if args.catalog else []))
+    plots = dict(zip(names, checked))
+    if plots:
+        plots["posterior_corner"].parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir).expanduser() if args.workdir else out.with_name(out.name + ".work")
     nd = read_map(args.map)
-    if not hasattr(nd, "wcs"):
+    if isinstance(nd, HealpixMap):
         raise ValueError(f"{args.map} is a HEALPix map: project the patch to infer on first "
                          "(astrotrunc.read_map(path, center=..., shape=..., resolution=...))")
     catalog = QTable.read(args.catalog) if args.catalog else None
@@ -163,7 +294,7 @@ def _cmd_infer(args):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _add_infer_parser(sub):
+def _add_infer(sub):
     i = sub.add_parser("infer", help="population posterior of a map (r3 x detected catalog)")
     i.add_argument("map", help="input FITS map (image with WCS, the model's geometry)")
     i.add_argument("--catalog", help="its catalog (.ecsv; default: detect with the shipped r1)")
@@ -191,7 +322,7 @@ def _cmd_demo(args):
              overwrite=args.overwrite, progress=not args.quiet)
 
 
-def _add_demo_parser(sub):
+def _add_demo(sub):
     m = sub.add_parser("demo", help="the whole pipeline on one map: detections, completeness, "
                                     "population posterior, plots and report.html")
     m.add_argument("--out", required=True, help="output directory")
@@ -203,56 +334,34 @@ def _add_demo_parser(sub):
     m.set_defaults(func=_cmd_demo)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
 def _parser():
-    p = argparse.ArgumentParser(prog="astrotrunc", description=__doc__)
+    p = argparse.ArgumentParser(prog="astrotrunc", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("simulate", help="simulate maps of the paper's model (FITS + truth ECSV)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--out", required=True, help="output FITS file")
-    s.add_argument("--truth", help="output ECSV file of the true sources and θ")
-    s.add_argument("--n-maps", type=int, default=1, help="number of maps (one HDU each)")
-    s.add_argument("--overwrite", action="store_true", help="replace existing files")
-    s.set_defaults(func=_cmd_simulate)
-
-    t = sub.add_parser("train", help="train an estimator on the paper's model")
-    t.add_argument("what", choices=["detector", "completeness"], help="which estimator")
-    t.add_argument("--out", required=True, help="output model file (.safetensors)")
-    t.add_argument("--n-train", type=int, default=4000, help="detector: simulations per epoch")
-    t.add_argument("--n-val", type=int, default=400, help="validation simulations (maps)")
-    t.add_argument("--n-maps", type=int, default=2000, help="completeness: labelled maps")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--learning-rate", type=float, default=3e-3)
-    t.add_argument("--channels", type=int, default=16, help="detector: U-Net base channels")
-    t.add_argument("--default-flux-threshold", type=float, default=None,
-                   help="detector: F_th channel find_sources uses by default")
-    t.add_argument("--detector", help="completeness: detector file (default: the shipped one)")
-    t.add_argument("--flux-threshold", type=float, default=10.0, help="completeness: F_th channel")
-    t.add_argument("--threshold", type=float, default=5.0, help="completeness: odds threshold")
-    t.add_argument("--name", default="astrotrunc-paper-r1")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch here")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.add_argument("--overwrite", action="store_true")
-    t.set_defaults(func=_cmd_train)
-
-    d = sub.add_parser("detect", help="detect sources in a FITS map")
-    d.add_argument("map", help="input FITS map (image with WCS)")
-    d.add_argument("--out", required=True, help="output catalog (.ecsv or .fits)")
-    d.add_argument("--regions", help="also write DS9 regions here")
-    d.add_argument("--threshold", type=float, default=5.0, help="odds threshold (default 5)")
-    d.add_argument("--flux-threshold", type=float, default=None, help="detector F_th channel")
-    d.add_argument("--detector", help="detector file (default: the shipped one)")
-    d.add_argument("--overwrite", action="store_true")
-    d.set_defaults(func=_cmd_detect)
-    _add_infer_parser(sub)
-    _add_demo_parser(sub)
+    _add_simulate(sub)
+    _add_train(sub)
+    _add_detect(sub)
+    _add_infer(sub)
+    _add_demo(sub)
     return p
 
 
 def main(argv=None):
-    """Entry point of the ``astrotrunc`` command."""
+    """Entry point of the ``astrotrunc`` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (``sys.argv[1:]`` by default).
+
+    Returns
+    -------
+    int
+        0 on success, 2 on an error (printed to stderr).
+    """
     args = _parser().parse_args(argv)
     try:
         with warnings.catch_warnings():

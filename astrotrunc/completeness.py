@@ -21,13 +21,15 @@ from astropy.table import QTable
 from torch import nn
 from tqdm.auto import tqdm
 
-from .detection import SourceDetector, default_detector, detection_regions
+from ._utils import evaluating, nearest_pixel
+from .detection import NeuralSourceFinder, default_detector
+from .detection.finder import as_finder
 from .diagnostics import binomial_interval
 from .exceptions import AstrotruncWarning
 from .nre import RatioEstimator, Trainer
 
-__all__ = ["CompletenessFunction", "ConditionalCompleteness", "injection_recovery",
-           "detect_batch", "match_sources", "default_completeness"]
+__all__ = ["CompletenessFunction", "ConditionalCompleteness", "CompletenessLabels",
+           "injection_recovery", "match_sources", "default_completeness", "detect_batch"]
 
 _DEFAULT_COMPLETENESS = "completeness_paper.safetensors"
 
@@ -36,30 +38,32 @@ _DEFAULT_COMPLETENESS = "completeness_paper.safetensors"
 # Detection labels for simulated sources
 # ----------------------------------------------------------------------------------------------
 def detect_batch(detector, maps, *, threshold=5.0, flux_threshold=None, batch_size=32):
-    """Segmentation label maps ``(n, H, W)`` (0 = background) of a batch of maps.
+    """Deprecated: use ``NeuralSourceFinder(detector, threshold, ...).find_batch(maps)``.
 
-    The detector runs batched; regions are found per map with
-    `~astrotrunc.detection.detection_regions`, exactly as `~astrotrunc.find_sources` does.
+    Parameters
+    ----------
+    detector : `~astrotrunc.SourceDetector`
+        The detector.
+    maps : array ``(n, H, W)``
+        The maps.
+    threshold, flux_threshold : float
+        Finder settings.
+    batch_size : int
+        Maps per network call.
+
+    Returns
+    -------
+    `numpy.ndarray`
+        Region labels ``(n, H, W)``.
     """
-    from photutils.utils import NoDetectionsWarning
+    from astropy.utils.exceptions import AstropyDeprecationWarning
 
-    k = detector._channel(flux_threshold)
-    maps = torch.as_tensor(maps, dtype=torch.float32)
-    was_training = detector.training
-    detector.eval()
-    device = next(detector.parameters()).device
-    out = np.zeros(maps.shape, dtype=np.int32)
-    with torch.no_grad():
-        for start in range(0, len(maps), batch_size):
-            logits = detector(maps[start:start + batch_size].to(device))[:, k].cpu().numpy()
-            for j, lo in enumerate(logits):
-                with warnings.catch_warnings():  # an empty map is a normal outcome here
-                    warnings.simplefilter("ignore", NoDetectionsWarning)
-                    segm = detection_regions(lo, threshold)
-                if segm is not None:
-                    out[start + j] = segm.data
-    detector.train(was_training)
-    return out
+    warnings.warn("detect_batch is deprecated: use NeuralSourceFinder(detector, threshold, "
+                  "flux_threshold=...).find_batch(maps), which carries every detection setting",
+                  AstropyDeprecationWarning, stacklevel=2)
+    finder = NeuralSourceFinder(detector, threshold, flux_threshold=flux_threshold,
+                                batch_size=batch_size)
+    return finder.find_batch(maps)
 
 
 def match_sources(segmentation, flux, x, y, valid):
@@ -71,7 +75,7 @@ def match_sources(segmentation, flux, x, y, valid):
     Parameters
     ----------
     segmentation : int array ``(n, H, W)``
-        Region labels (0 = none), e.g. from `detect_batch`.
+        Region labels (0 = none), e.g. from `~astrotrunc.NeuralSourceFinder.find_batch`.
     flux, x, y : arrays ``(n, n_max)``
         True sources (pixel coordinates 0-based).
     valid : bool array ``(n, n_max)``
@@ -84,8 +88,7 @@ def match_sources(segmentation, flux, x, y, valid):
     segmentation = np.asarray(segmentation)
     flux, x, y, valid = (np.asarray(a) for a in (flux, x, y, valid))
     n, ny, nx = segmentation.shape
-    ix = np.clip(np.floor(x + 0.5).astype(int), 0, nx - 1)
-    iy = np.clip(np.floor(y + 0.5).astype(int), 0, ny - 1)
+    ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
     region = segmentation[np.arange(n)[:, None], iy, ix] * valid
     # for each (map, region), the brightest source wins: sort by (map, region, -flux)
     m_idx, s_idx = np.nonzero(region > 0)
@@ -144,6 +147,12 @@ class CompletenessFunction(RatioEstimator):
         Input scalings (log-flux, degrees, degrees).
     flux_unit : str
         Flux unit.
+    extent : list of float, optional
+        ``[l_min, l_max, b_min, b_max]`` (deg) of the map it was learned on; positions outside
+        give NaN.
+    n_pixels, deblend, tile_overlap
+        The other settings of the `~astrotrunc.NeuralSourceFinder` whose detections define
+        "detected" (`finder` rebuilds it).
 
     Examples
     --------
@@ -155,14 +164,24 @@ class CompletenessFunction(RatioEstimator):
 
     def __init__(self, detector_id="", flux_threshold=None, threshold=5.0, hidden=64,
                  log_flux_center=1.0, log_flux_scale=2.0, lon_scale=20.0, lat_scale=10.0,
-                 flux_unit="", extent=None):
+                 flux_unit="", extent=None, n_pixels=1, deblend=True, tile_overlap=32):
         super().__init__()
+        self.n_pixels, self.deblend, self.tile_overlap = (
+            int(n_pixels),
+            bool(deblend),
+            int(tile_overlap),
+        )
         self.extent = None if extent is None else [float(e) for e in extent]
         self.detector_id = str(detector_id)
         self.flux_threshold = None if flux_threshold is None else float(flux_threshold)
         self.threshold = float(threshold)
         self.hidden = int(hidden)
-        self.scales = (float(log_flux_center), float(log_flux_scale), float(lon_scale), float(lat_scale))
+        self.scales = (
+            float(log_flux_center),
+            float(log_flux_scale),
+            float(lon_scale),
+            float(lat_scale),
+        )
         self.flux_unit = u.Unit(flux_unit).to_string()
         self.net = _MonotoneFluxLogit(self.hidden)
 
@@ -172,7 +191,8 @@ class CompletenessFunction(RatioEstimator):
         return dict(detector_id=self.detector_id, flux_threshold=self.flux_threshold,
                     threshold=self.threshold, hidden=self.hidden, log_flux_center=c,
                     log_flux_scale=s, lon_scale=ls, lat_scale=bs, flux_unit=self.flux_unit,
-                    extent=self.extent)
+                    extent=self.extent, n_pixels=self.n_pixels, deblend=self.deblend,
+                    tile_overlap=self.tile_overlap)
 
     # -- NRE engine interface --------------------------------------------------------------
     def forward(self, batch) -> torch.Tensor:
@@ -208,7 +228,7 @@ class CompletenessFunction(RatioEstimator):
 
     # -- user interface --------------------------------------------------------------------
     def __call__(self, flux, l=None, b=None):  # noqa: E741
-        """Detection probability S(F, l, b), broadcasting; ``l`` may be a `SkyCoord` (then no ``b``).
+        """Detection probability S(F, l, b), broadcasting; ``l`` may be a `SkyCoord` (no ``b``).
 
         ``flux`` in the model's flux unit (or a Quantity), ``l, b`` in degrees or Quantities.
         Non-positive or non-finite fluxes, and positions outside the map the completeness was
@@ -222,7 +242,7 @@ class CompletenessFunction(RatioEstimator):
         bad = ~(np.isfinite(f) & (f > 0) & np.isfinite(lo) & np.isfinite(la))
         if bad.any():
             warnings.warn(f"{bad.sum()} input(s) with non-positive or non-finite flux or position: "
-                          "completeness set to NaN", AstrotruncWarning)
+                          "completeness set to NaN", AstrotruncWarning, stacklevel=2)
         if self.extent is not None:
             l0, l1, b0, b1 = self.extent
             lw = (lo + 180.0) % 360.0 - 180.0
@@ -230,14 +250,11 @@ class CompletenessFunction(RatioEstimator):
             if outside.any():
                 warnings.warn(f"{outside.sum()} position(s) outside the map the completeness was "
                               f"learned on (l in [{l0:g}, {l1:g}], b in [{b0:g}, {b1:g}] deg): "
-                              "completeness set to NaN", AstrotruncWarning)
+                              "completeness set to NaN", AstrotruncWarning, stacklevel=2)
                 bad = bad | outside
         t = lambda a: torch.as_tensor(np.where(bad, 1.0, a), dtype=torch.float32)  # noqa: E731
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
+        with evaluating(self):
             p = torch.sigmoid(super().__call__({"flux": t(f), "l": t(lo), "b": t(la)})).numpy()
-        self.train(was_training)
         p = np.where(bad, np.nan, p.astype(np.float64))
         return p.reshape(shape)
 
@@ -260,7 +277,19 @@ class CompletenessFunction(RatioEstimator):
     def flux_at(self, completeness=0.5, l=0.0, b=0.0, *, flux_range=(1e-3, 1e5)):  # noqa: E741
         """Flux where S reaches ``completeness`` at (l, b) (bisection in log F; monotone S).
 
-        Returns NaN where the level is not reached inside ``flux_range``.
+        Parameters
+        ----------
+        completeness : float
+            The level, in (0, 1).
+        l, b : float, array or `~astropy.units.Quantity`
+            Positions (degrees), broadcasting; ``l`` may be a `~astropy.coordinates.SkyCoord`.
+        flux_range : tuple of float
+            Search interval.
+
+        Returns
+        -------
+        `~astropy.units.Quantity` or array
+            NaN where the level is not reached inside ``flux_range``.
         """
         if not 0 < completeness < 1:
             raise ValueError(f"completeness must be in (0, 1), got {completeness}")
@@ -273,77 +302,124 @@ class CompletenessFunction(RatioEstimator):
             above = self(np.exp(mid), lon, lat) >= completeness
             hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
         res = np.exp(0.5 * (lo + hi))
-        reached = (self(np.exp(hi), lon, lat) >= completeness) & (self(np.exp(lo), lon, lat) < completeness)
+        reached = (self(np.exp(hi), lon, lat) >= completeness) & (
+            self(np.exp(lo), lon, lat) < completeness
+        )
         res = np.where(reached, res, np.nan)
         return res * u.Unit(self.flux_unit) if self.flux_unit else res
 
     # -- training --------------------------------------------------------------------------
-    def train(self, model=True, detector=None, *, n_maps=2000, n_val_maps=200, seed=0,
-              threshold=5.0, flux_threshold=None, progress=True, **trainer_kwargs):
-        """Learn the completeness of ``detector`` on ``n_maps`` simulations of ``model``.
+    @classmethod
+    def for_finder(cls, finder, model, **kwargs) -> "CompletenessFunction":
+        """An untrained completeness of ``finder``'s detections on maps of ``model``.
 
-        Every simulated source in the map is labelled detected/undetected by running the detector
-        and `match_sources`; the MLP is then fit on (log F, l, b) with the NRE engine.
-        ``S.train(True/False)`` keeps its `torch.nn.Module` meaning.
+        Parameters
+        ----------
+        finder : `~astrotrunc.NeuralSourceFinder`
+            Its settings (and its detector's identity) are recorded.
+        model : `~astrotrunc.PointSourceModel`
+            Gives the map extent and the flux unit.
+        **kwargs
+            Other constructor arguments (``hidden``, input scalings).
+
+        Returns
+        -------
+        `CompletenessFunction`
+        """
+        ny, nx = model.shape
+        corners = model.geometry.pixel_to_world([-0.5, nx - 0.5, -0.5, nx - 0.5],
+                                                [-0.5, -0.5, ny - 0.5, ny - 0.5])
+        lon = corners.l.wrap_at(180 * u.deg).deg
+        extent = [float(lon.min()), float(lon.max()), float(corners.b.deg.min()),
+                  float(corners.b.deg.max())]
+        st = finder.settings
+        return cls(detector_id=st["detector_id"], flux_threshold=st["flux_threshold"],
+                   threshold=st["threshold"], n_pixels=st["n_pixels"], deblend=st["deblend"],
+                   tile_overlap=st["tile_overlap"], flux_unit=model.flux_unit.to_string(),
+                   extent=extent, **kwargs)
+
+    @classmethod
+    def fit_to(cls, model, finder=None, *, n_maps=2000, n_val_maps=200, seed=0, hidden=64,
+               progress=True, resume=False, **trainer_kwargs):
+        """The completeness of ``finder`` learned on ``n_maps`` simulations of ``model``.
+
+        Equivalent to ``labels = CompletenessLabels(model, finder, ...)``,
+        ``S = CompletenessFunction.for_finder(labels.finder, model)`` and
+        ``Trainer(**trainer_kwargs).fit(S, labels)``.
 
         Parameters
         ----------
         model : `~astrotrunc.PointSourceModel`
             The full simulation model.
-        detector : `~astrotrunc.SourceDetector`, optional
-            The shipped default when `None`.
+        finder : `~astrotrunc.NeuralSourceFinder` or `~astrotrunc.SourceDetector`, optional
+            What "detected" means; a detector is used with the default finder settings, `None`
+            is the shipped detector.
         n_maps, n_val_maps : int
             Training and validation maps (each holds ~N sources, all labelled).
         seed : int
-            Seed of the simulations and the trainer.
-        threshold, flux_threshold : float
-            Odds threshold and F_th channel that define a detection.
+            Seed of the simulations, the network initialisation and the trainer.
+        hidden : int
+            Width of the position network.
+        progress : bool
+            Progress bars.
+        resume : bool
+            Continue from the trainer's checkpoint.
         **trainer_kwargs
             Passed to `~astrotrunc.nre.Trainer`.
+
+        Returns
+        -------
+        `CompletenessFunction`
+            Trained, in evaluation mode; ``history`` holds the trainer's history.
         """
-        if isinstance(model, bool):
-            return super().train(model)
-        detector = default_detector() if detector is None else detector
-        if not isinstance(detector, SourceDetector):
-            raise TypeError("detector must be a SourceDetector")
-        f_th = detector.flux_thresholds[detector._channel(flux_threshold)]
-        labels = self.simulate_labels(model, detector, n_maps + n_val_maps, seed=seed,
-                                      threshold=threshold, flux_threshold=f_th, progress=progress)
-        self.detector_id, self.flux_threshold, self.threshold = detector.identity, f_th, float(threshold)
-        ny, nx = model.shape
-        corners = model.geometry.pixel_to_world([-0.5, nx - 0.5, -0.5, nx - 0.5], [-0.5, -0.5, ny - 0.5, ny - 0.5])
-        lon = corners.l.wrap_at(180 * u.deg).deg
-        self.extent = [float(lon.min()), float(lon.max()), float(corners.b.deg.min()), float(corners.b.deg.max())]
-        self.flux_unit = model.flux_unit.to_string()
-        trainer_kwargs.setdefault("val_fraction", n_val_maps / (n_maps + n_val_maps))
+        labels = CompletenessLabels(model, finder, n_maps, n_val_maps, seed=seed,
+                                    progress=progress)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            S = cls.for_finder(labels.finder, model, hidden=hidden)
         trainer_kwargs.setdefault("seed", seed)
-        history = Trainer(progress=progress, **trainer_kwargs).fit(self, labels)
-        self.eval()
-        return history
+        S.history = Trainer(progress=progress, **trainer_kwargs).fit(S, labels, resume=resume)
+        return S
 
     @staticmethod
-    def simulate_labels(model, detector, n_maps, *, seed=0, threshold=5.0, flux_threshold=None,
+    def simulate_labels(model, finder, n_maps, *, seed=0, threshold=None, flux_threshold=None,
                         chunk_size=256, progress=True):
         """Detected/undetected labels of every in-map source of ``n_maps`` full-model maps.
 
-        Returns a dict of 1-D tensors ``flux, l, b, d`` (one entry per source).
+        Parameters
+        ----------
+        model : `~astrotrunc.PointSourceModel`
+            The full simulation model.
+        finder : `~astrotrunc.NeuralSourceFinder` or `~astrotrunc.SourceDetector`
+            What "detected" means (with a detector, ``threshold`` and ``flux_threshold`` build
+            the finder).
+        n_maps : int
+            Maps to simulate.
+        seed : int
+            Simulation seed.
+        threshold, flux_threshold : float, optional
+            Finder settings, only with a detector.
+        chunk_size : int
+            Maps simulated at once.
+        progress : bool
+            Progress bar.
+
+        Returns
+        -------
+        dict of `torch.Tensor`
+            1-D ``flux, l, b, d`` (one entry per source).
         """
-        cols = {k: [] for k in ("flux", "l", "b", "d")}
-        bar = tqdm(total=n_maps, desc="labelling sources", unit="map", disable=None if progress else True)
-        for sims in model.iter_simulate(n_maps, seed=seed, chunk_size=chunk_size):
-            segm = detect_batch(detector, sims.maps, threshold=threshold, flux_threshold=flux_threshold)
-            d = match_sources(segm, sims.flux.numpy(), sims.x.numpy(), sims.y.numpy(), sims.in_map.numpy())
-            keep = sims.in_map.numpy()
-            cols["flux"].append(sims.flux.numpy()[keep])
-            cols["l"].append(sims.l.numpy()[keep])
-            cols["b"].append(sims.b.numpy()[keep])
-            cols["d"].append(d[keep].astype(np.float32))
-            bar.update(len(sims))
-        bar.close()
-        return {k: torch.as_tensor(np.concatenate(v)) for k, v in cols.items()}
+        finder = as_finder(finder, threshold=threshold, flux_threshold=flux_threshold)
+        return _label_sources(model, finder, n_maps, seed, chunk_size, progress)
 
     def check_detector(self, detector):
-        """Raise `ValueError` unless this completeness was learned for ``detector``."""
+        """Raise `ValueError` unless this completeness was learned for ``detector``.
+
+        Parameters
+        ----------
+        detector : `~astrotrunc.SourceDetector`
+            The detector to check.
+        """
         if detector.identity != self.detector_id:
             raise ValueError(f"this completeness belongs to detector {self.detector_id}, not to "
                              f"{detector.identity} ({detector.name}); retrain it for that detector")
@@ -351,7 +427,25 @@ class CompletenessFunction(RatioEstimator):
     # -- plots -----------------------------------------------------------------------------
     def plot(self, positions=((0.0, 0.0), (0.0, 5.0), (0.0, 20.0)), *, flux_range=(0.1, 1000.0),
              sky_shape=(64, 64), extent=40.0, axes=None):
-        """Completeness vs flux at chosen (l, b), and a sky map of the 50 %-completeness flux."""
+        """Completeness vs flux at chosen (l, b), and a sky map of the 50 %-completeness flux.
+
+        Parameters
+        ----------
+        positions : sequence of (l, b)
+            Where to draw S against flux (degrees).
+        flux_range : tuple of float
+            Flux axis.
+        sky_shape : tuple of int
+            Grid of the sky map.
+        extent : float
+            Half width of the sky map (degrees).
+        axes : pair of `matplotlib.axes.Axes`, optional
+            Where to draw.
+
+        Returns
+        -------
+        axes : pair of `matplotlib.axes.Axes`
+        """
         import matplotlib.pyplot as plt
 
         if axes is None:
@@ -376,30 +470,171 @@ class CompletenessFunction(RatioEstimator):
         ax2.set_ylabel("b [deg]")
         return axes
 
+    def finder(self, detector=None) -> NeuralSourceFinder:
+        """The `~astrotrunc.NeuralSourceFinder` whose detections this completeness describes.
+
+        Parameters
+        ----------
+        detector : `~astrotrunc.SourceDetector`, optional
+            Its detector (the shipped default when `None`); checked with `check_detector`.
+
+        Returns
+        -------
+        `~astrotrunc.NeuralSourceFinder`
+        """
+        detector = default_detector() if detector is None else detector
+        self.check_detector(detector)
+        return NeuralSourceFinder(detector, self.threshold, self.n_pixels, self.flux_threshold,
+                                  deblend=self.deblend, tile_overlap=self.tile_overlap)
+
     @classmethod
     def load_default(cls) -> "CompletenessFunction":
-        """The completeness shipped beside the default detector."""
+        """The completeness shipped beside the default detector.
+
+        Returns
+        -------
+        `CompletenessFunction`
+        """
         path = resources.files("astrotrunc") / "data" / _DEFAULT_COMPLETENESS
         return cls.load(str(path))
 
 
 def default_completeness() -> CompletenessFunction:
-    """The shipped completeness of the shipped default detector."""
+    """The shipped completeness of the shipped default detector.
+
+    Returns
+    -------
+    `CompletenessFunction`
+    """
     return CompletenessFunction.load_default()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data: labelled population sources
+# ----------------------------------------------------------------------------------------------
+def _label_sources(model, finder, n_maps, seed, chunk_size=256, progress=True, counts=None):
+    """Labelled sources (dict of 1-D tensors, and ``theta``: the θ of each source's map).
+
+    ``counts`` (a list) gets the sources per map.
+    """
+    cols = {k: [] for k in ("flux", "l", "b", "d", "theta")}
+    bar = tqdm(total=n_maps, desc="labelling sources", unit="map",
+               disable=None if progress else True)
+    for sims in model.iter_simulate(int(n_maps), seed=seed, chunk_size=chunk_size):
+        segm = finder.find_batch(sims.maps)
+        d = match_sources(segm, sims.flux.numpy(), sims.x.numpy(), sims.y.numpy(),
+                          sims.in_map.numpy())
+        keep = sims.in_map.numpy()
+        if counts is not None:
+            counts.extend(keep.sum(1).tolist())
+        cols["flux"].append(sims.flux.numpy()[keep])
+        cols["l"].append(sims.l.numpy()[keep])
+        cols["b"].append(sims.b.numpy()[keep])
+        cols["d"].append(d[keep].astype(np.float32))
+        cols["theta"].append(sims.theta.numpy()[np.nonzero(keep)[0]])
+        bar.update(len(sims))
+    bar.close()
+    return {k: torch.as_tensor(np.concatenate(v)) for k, v in cols.items()}
+
+
+class CompletenessLabels:
+    """r2 training data as a batch source of `~astrotrunc.nre.Trainer.fit`.
+
+    Every in-map source of ``n_maps + n_val_maps`` full-model maps is labelled detected or not
+    by ``finder`` and `match_sources` (made once, at construction); the sources of the last
+    ``n_val_maps`` maps are the validation set, so that no map has sources on both sides.
+
+    Parameters
+    ----------
+    model : `~astrotrunc.PointSourceModel`
+        The full simulation model.
+    finder : `~astrotrunc.NeuralSourceFinder` or `~astrotrunc.SourceDetector`, optional
+        What "detected" means (a detector gets the default finder settings; `None` is the
+        shipped detector).
+    n_maps, n_val_maps : int
+        Training and validation maps.
+    seed : int
+        Seed of the simulations and of the batch order.
+    chunk_size : int
+        Maps simulated and detected at once.
+    progress : bool
+        Progress bar while labelling.
+
+    Attributes
+    ----------
+    train, val : dict of `torch.Tensor`
+        The labelled sources ``flux, l, b, d``.
+
+    Examples
+    --------
+    >>> from astrotrunc import CompletenessFunction, NeuralSourceFinder, PointSourceModel
+    >>> from astrotrunc.completeness import CompletenessLabels
+    >>> from astrotrunc.nre import Trainer
+    >>> model = PointSourceModel.paper()
+    >>> labels = CompletenessLabels(model, NeuralSourceFinder(flux_threshold=10.0), 4, 2,
+    ...                             progress=False)
+    >>> S = CompletenessFunction.for_finder(labels.finder, model)
+    >>> history = Trainer(max_epochs=1, batch_size=256, progress=False).fit(S, labels)
+    >>> S.flux_threshold, S.threshold
+    (10.0, 5.0)
+    """
+
+    checked = True  # validated once here
+
+    def __init__(self, model, finder=None, n_maps=2000, n_val_maps=200, *, seed=0,
+                 chunk_size=256, progress=True):
+        if int(n_maps) < 1 or int(n_val_maps) < 1:
+            msg = f"n_maps and n_val_maps must be at least 1, got {n_maps}, {n_val_maps}"
+            raise ValueError(msg)
+        self.finder = as_finder(finder)
+        self.seed = int(seed)
+        counts = []
+        every = _label_sources(model, self.finder, int(n_maps) + int(n_val_maps), seed,
+                               chunk_size, progress, counts)
+        n_val_sources = int(sum(counts[int(n_maps):]))
+        n = len(every["d"])
+        if n - n_val_sources < 2 or n_val_sources < 1:
+            msg = f"too few labelled sources ({n}) to train and validate; simulate more maps"
+            raise ValueError(msg)
+        self.train = {k: v[:n - n_val_sources] for k, v in every.items()}
+        self.val = {k: v[n - n_val_sources:] for k, v in every.items()}
+
+    def __repr__(self):
+        return (f"CompletenessLabels({len(self.train['d'])} training and {len(self.val['d'])} "
+                f"validation sources, {self.finder!r})")
+
+    def _take(self, data, idx, batch_size):
+        for i in range(0, len(idx), batch_size):
+            j = idx[i:i + batch_size]
+            yield {k: v[j] for k, v in data.items()}
+
+    def train_batches(self, batch_size, epoch):
+        """Shuffled batches of the training sources (the order depends on seed and epoch)."""
+        gen = torch.Generator().manual_seed(self.seed * 100003 + int(epoch))
+        return self._take(self.train, torch.randperm(len(self.train["d"]), generator=gen),
+                          batch_size)
+
+    def val_batches(self, batch_size):
+        """Batches of the validation sources."""
+        return self._take(self.val, torch.arange(len(self.val["d"])), batch_size)
+
+    def n_batches(self, batch_size):
+        """Training batches per epoch."""
+        return -(-len(self.train["d"]) // batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
 # Injection-recovery: the classical measurement
 # ----------------------------------------------------------------------------------------------
-def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positions=((0, 0),),
-                       n_maps=100, *, seed=0, threshold=5.0, flux_threshold=None,
+def injection_recovery(model, finder=None, fluxes=(1, 3, 10, 30, 100), positions=((0, 0),),
+                       n_maps=100, *, seed=0, threshold=None, flux_threshold=None,
                        population_weighted=True, progress=True):
     """Brute-force completeness: inject sources of known flux, run the detector, count.
 
     For every (flux, position) pair, one source is injected into each of ``n_maps`` full-model
-    maps (at the same pixel), the map is detected like `~astrotrunc.find_sources` does, and the
-    injected source counts as recovered under the same one-to-one matching as the labels of
-    `CompletenessFunction`.
+    maps (at the same pixel), the maps are detected by ``finder``
+    (`~astrotrunc.NeuralSourceFinder.find_batch`), and the injected source counts as recovered
+    under the same one-to-one matching as the labels of `CompletenessFunction`.
 
     With ``population_weighted=True`` (default) the maps' θ are drawn from
     p(θ | a source (F, l, b)) ∝ p(θ) N p(F, l, b | θ) by sampling-importance-resampling, which is
@@ -409,13 +644,44 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     θ ~ p(θ) as in the classical measurement, which answers "how complete is a map of the prior
     for an extra injected source".
 
+    Parameters
+    ----------
+    model : `~astrotrunc.PointSourceModel`
+        The full simulation model.
+    finder : `~astrotrunc.NeuralSourceFinder` or `~astrotrunc.SourceDetector`, optional
+        What "detected" means; `None` is the shipped detector with the default settings.
+    fluxes : sequence of float or `~astropy.units.Quantity`
+        Injected fluxes (positive).
+    positions : sequence of (l, b)
+        Injection positions in degrees (inside the map).
+    n_maps : int
+        Maps per (flux, position).
+    seed : int
+        Seed of the maps and the noise.
+    threshold, flux_threshold : float, optional
+        Settings of the finder built when ``finder`` is a detector (an error with a finder,
+        which carries its own).
+    population_weighted : bool
+        Draw the maps' θ from p(θ | a source at (F, l, b)) (default) or from p(θ).
+    progress : bool
+        Progress bar.
+
     Returns
     -------
     `~astropy.table.QTable`
         One row per (flux, position): ``flux, l, b, n_injected, n_recovered, completeness`` and
-        the 68 % Clopper-Pearson interval ``completeness_low, completeness_high``.
+        the 68 % Clopper-Pearson interval ``completeness_low, completeness_high``; ``meta``
+        holds the finder's settings, the seed and ``population_weighted``.
+
+    Raises
+    ------
+    ValueError
+        Non-positive fluxes, positions outside the map, ``n_maps < 1``.
     """
-    detector = default_detector() if detector is None else detector
+    finder = as_finder(finder, threshold=threshold, flux_threshold=flux_threshold)
+    if int(n_maps) < 1:
+        msg = f"n_maps must be at least 1, got {n_maps}"
+        raise ValueError(msg)
     fluxes = np.atleast_1d(np.asarray(getattr(fluxes, "value", fluxes), dtype=float))
     pos = np.atleast_2d(np.asarray(positions, dtype=float))
     if pos.shape[1] != 2:
@@ -430,7 +696,9 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
         raise ValueError(f"positions {pos[outside].tolist()} fall outside the map")
     gen = torch.Generator().manual_seed(seed + 1)
     rows = []
-    bar = tqdm(total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True)
+    bar = tqdm(
+        total=len(fluxes) * len(pos), desc="injection-recovery", disable=None if progress else True
+    )
     if population_weighted:
         pool = model.sample_population(50 * n_maps, seed=seed + 2)
     else:
@@ -443,12 +711,20 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
                 pick = torch.multinomial(torch.softmax(logw, 0).float(), n_maps, replacement=True,
                                          generator=gen)
                 base = model.simulate(n_maps, seed=(seed, len(rows)), theta=pool[pick], noise=False)
-            inj = model.render(torch.full((n_maps, 1), f), torch.full((n_maps, 1), float(x0)),
-                               torch.full((n_maps, 1), float(y0)), torch.ones(n_maps, 1, dtype=torch.bool))
+            inj = model.render(
+                torch.full((n_maps, 1), f),
+                torch.full((n_maps, 1), float(x0)),
+                torch.full((n_maps, 1), float(y0)),
+                torch.ones(n_maps, 1, dtype=torch.bool),
+            )
             bkg = model.instrument.background
-            mu = base.maps + inj - (torch.as_tensor(bkg, dtype=torch.float32) if np.ndim(bkg) or bkg else 0)
+            mu = (
+                base.maps
+                + inj
+                - (torch.as_tensor(bkg, dtype=torch.float32) if np.ndim(bkg) or bkg else 0)
+            )
             data = model.observe(mu, gen)
-            segm = detect_batch(detector, data, threshold=threshold, flux_threshold=flux_threshold)
+            segm = finder.find_batch(data)
             flux = torch.cat([base.flux, torch.full((n_maps, 1), f)], 1).numpy()
             x = torch.cat([base.x, torch.full((n_maps, 1), float(x0))], 1).numpy()
             y = torch.cat([base.y, torch.full((n_maps, 1), float(y0))], 1).numpy()
@@ -463,8 +739,8 @@ def injection_recovery(model, detector=None, fluxes=(1, 3, 10, 30, 100), positio
     t["flux"] = t["flux"] * model.flux_unit
     t["l"] = t["l"] * u.deg
     t["b"] = t["b"] * u.deg
-    t.meta.update({"detector_id": detector.identity, "threshold": threshold, "seed": seed,
-                   "population_weighted": bool(population_weighted)})
+    t.meta.update(finder.settings)
+    t.meta.update({"seed": seed, "population_weighted": bool(population_weighted)})
     return t
 
 
@@ -561,26 +837,3 @@ class ConditionalCompleteness(CompletenessFunction):
         finally:
             self.train(was_training)
         return torch.sigmoid(logit).numpy().astype(np.float64).reshape(shape)
-
-    @staticmethod
-    def simulate_labels(model, detector, n_maps, *, seed=0, threshold=5.0, flux_threshold=None,
-                        chunk_size=256, progress=True):
-        """Like `CompletenessFunction.simulate_labels`, with the θ of each source's map."""
-        cols = {k: [] for k in ("flux", "l", "b", "d", "theta")}
-        bar = tqdm(total=n_maps, desc="labelling sources", unit="map",
-                   disable=None if progress else True)
-        for sims in model.iter_simulate(n_maps, seed=seed, chunk_size=chunk_size):
-            segm = detect_batch(detector, sims.maps, threshold=threshold,
-                                flux_threshold=flux_threshold)
-            d = match_sources(segm, sims.flux.numpy(), sims.x.numpy(), sims.y.numpy(),
-                              sims.in_map.numpy())
-            keep = sims.in_map.numpy()
-            cols["flux"].append(sims.flux.numpy()[keep])
-            cols["l"].append(sims.l.numpy()[keep])
-            cols["b"].append(sims.b.numpy()[keep])
-            cols["d"].append(d[keep].astype(np.float32))
-            rows = np.nonzero(keep)[0]
-            cols["theta"].append(sims.theta.numpy()[rows])
-            bar.update(len(sims))
-        bar.close()
-        return {k: torch.as_tensor(np.concatenate(v)) for k, v in cols.items()}

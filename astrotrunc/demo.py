@@ -197,7 +197,9 @@ def _table_html(table, floatfmt="{:.4g}"):
         for c in table.colnames:
             v = row[c]
             v = getattr(v, "value", v)
-            cells.append(f"<td>{floatfmt.format(v) if isinstance(v, (float, np.floating)) else html.escape(str(v))}</td>")
+            text = (floatfmt.format(v) if isinstance(v, (float, np.floating))
+                    else html.escape(str(v)))
+            cells.append(f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 

@@ -7,6 +7,8 @@ import torch
 from astropy.table import QTable
 from scipy import stats
 
+from ._utils import evaluating
+
 __all__ = ["binomial_interval", "coverage", "credible_levels", "plot_coverage"]
 
 _LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.68, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -42,20 +44,18 @@ def credible_levels(estimator, x, theta_true, prior, n_samples=10_000, *, genera
     -------
     levels : `numpy.ndarray`, shape ``(n_test, n_heads)``
     """
-    was_training = estimator.training
-    estimator.eval()
     device = next(estimator.parameters()).device
     samples = prior.sample(int(n_samples), generator=generator).to(device)
     x = torch.as_tensor(x, dtype=torch.float32, device=device)
     theta_true = torch.as_tensor(theta_true, dtype=torch.float32, device=device)
     out = []
-    for i in range(len(x)):  # one held-out simulation at a time, all draws in one batch
-        xi = x[i:i + 1]
-        lr = torch.cat([estimator.log_ratio(xi, t) for t in samples.split(batch_size)])
-        lr_true = estimator.log_ratio(xi, theta_true[i:i + 1])[0]
-        w = torch.softmax(lr.double(), dim=0)
-        out.append((w * (lr > lr_true)).sum(0).cpu().numpy())
-    estimator.train(was_training)
+    with evaluating(estimator):
+        for i in range(len(x)):  # one held-out simulation at a time, all draws in one batch
+            xi = x[i:i + 1]
+            lr = torch.cat([estimator.log_ratio(xi, t) for t in samples.split(batch_size)])
+            lr_true = estimator.log_ratio(xi, theta_true[i:i + 1])[0]
+            w = torch.softmax(lr.double(), dim=0)
+            out.append((w * (lr > lr_true)).sum(0).cpu().numpy())
     return np.array(out)
 
 
@@ -108,7 +108,10 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
     if len(theta) == 0 or len(theta) != len(x):
         raise ValueError(f"need the same positive number of parameters and data, got {len(theta)} "
                          f"and {len(x)}")
-    if not (torch.isfinite(theta).all() and torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()):
+    if not (
+        torch.isfinite(theta).all()
+        and torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()
+    ):
         raise ValueError("the held-out parameters or data hold NaN or infinite values")
     levels = np.asarray(levels, dtype=np.float64)
     if ((levels <= 0) | (levels >= 1)).any():
@@ -122,7 +125,9 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
             k = int((cred[:, c] < level).sum())
             lo, hi = binomial_interval(k, n, confidence)
             rows.append((name, level, k / n, lo, hi, n))
-    table = QTable(rows=rows, names=("marginal", "nominal", "empirical", "lower", "upper", "n_test"))
+    table = QTable(
+        rows=rows, names=("marginal", "nominal", "empirical", "lower", "upper", "n_test")
+    )
     table.meta["credible_levels"] = cred
     table.meta["confidence"] = confidence
     return table
@@ -130,6 +135,19 @@ def coverage(estimator, data_or_simulator, prior, levels=_LEVELS, n_samples=10_0
 
 def binomial_interval(k, n, confidence=0.6827, method="jeffreys"):
     """Interval on a binomial fraction ``k / n``: ``"jeffreys"`` or ``"clopper-pearson"`` (exact).
+
+    Parameters
+    ----------
+    k, n : int or array
+        Successes and trials.
+    confidence : float
+        Probability content of the interval (68.27 % by default).
+    method : {'jeffreys', 'clopper-pearson'}
+        Jeffreys (Beta(k + 1/2, n - k + 1/2) quantiles) or the exact Clopper-Pearson interval.
+
+    Returns
+    -------
+    low, high : float or array
 
     Examples
     --------
@@ -170,7 +188,9 @@ def plot_coverage(table, ax=None):
     for name in dict.fromkeys(table["marginal"]):
         rows = table[table["marginal"] == name]
         line, = ax.plot(rows["nominal"], rows["empirical"], marker="o", ms=3, label=name)
-        ax.fill_between(rows["nominal"], rows["lower"], rows["upper"], color=line.get_color(), alpha=0.2)
+        ax.fill_between(
+            rows["nominal"], rows["lower"], rows["upper"], color=line.get_color(), alpha=0.2
+        )
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal credibility", ylabel="empirical coverage",
            aspect="equal")
     ax.legend(fontsize="small")

@@ -12,6 +12,8 @@ HEALPix ``UNSEEN`` pixels all end up ``True`` in the ``mask`` (``True`` = bad, a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
 from pathlib import Path
@@ -26,6 +28,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS
 from astropy.wcs.utils import celestial_frame_to_wcs
 
+from ._utils import _to_numpy, atomic_write, check_writable
 from .exceptions import AstrotruncWarning, NoWCSWarning
 
 __all__ = ["HealpixMap", "healpix_to_patch", "make_wcs", "read_map", "write_map"]
@@ -178,15 +181,6 @@ def make_wcs(shape, center, resolution, projection="CAR", frame="galactic") -> W
 # ----------------------------------------------------------------------------------------------
 # Array checks
 # ----------------------------------------------------------------------------------------------
-def _to_numpy(data):
-    """ndarray from an ndarray, Quantity, masked array or torch tensor (no torch import)."""
-    if hasattr(data, "detach") and hasattr(data, "cpu"):  # torch.Tensor
-        data = data.detach().cpu().numpy()
-    if isinstance(data, np.ma.MaskedArray):
-        data = data.filled(np.nan) if data.dtype.kind == "f" else data.data
-    return np.asarray(data)
-
-
 def _check_image(data, what="map") -> np.ndarray:
     data = _to_numpy(data)
     if data.ndim != 2:
@@ -516,6 +510,44 @@ def healpix_to_patch(values, center, shape, resolution, *, nest=False, frame="ga
                   meta=meta)
 
 
+def _check_healpix_length(path, header, field):
+    """Refuse a HEALPix table whose length is not 12 * nside**2 before healpy reads it."""
+    if str(header.get("OBJECT", "")).strip().upper() == "PARTIAL" or \
+            str(header.get("INDXSCHM", "")).strip().upper() == "EXPLICIT":
+        return
+    n_rows = int(header.get("NAXIS2", 0))
+    match = re.match(r"\s*(\d*)", str(header.get(f"TFORM{field + 1}", "")))
+    repeat = int(match.group(1) or 1) if match else 1
+    npix = n_rows * repeat
+    if npix < 12 or not hp.isnpixok(npix):
+        raise ValueError(
+            f"HEALPix table in {path} holds {npix} values ({n_rows} rows of {repeat}); "
+            "expected 12*nside**2 values with nside a power of 2 (a truncated or "
+            "cut map? partial maps need OBJECT='PARTIAL' and an index column)"
+        )
+    if "NSIDE" in header and hp.nside2npix(int(header["NSIDE"])) != npix:
+        raise ValueError(f"HEALPix table in {path} has NSIDE = {header['NSIDE']} "
+                         f"({hp.nside2npix(int(header['NSIDE']))} pixels) but holds {npix} values")
+
+
+def _hdu_data(hdu_obj, path, index):
+    """The data of an HDU; a truncated or corrupt file raises `OSError` naming the problem."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = hdu_obj.data
+        except (ValueError, TypeError, OSError, IndexError) as err:
+            raise OSError(f"{path} is truncated or corrupt: the data of HDU {index} cannot be "
+                          f"read ({err}); expected a complete FITS file") from None
+    truncated = [w for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        raise OSError(f"{path} is truncated ({truncated[0].message}); expected a complete FITS "
+                      "file (was a download or a write interrupted?)")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return data
+
+
 def _read_healpix(path, index, header, field, hdu_frame_default) -> HealpixMap:
     pixtype = str(header.get("PIXTYPE", "")).strip().upper()
     if pixtype != "HEALPIX":
@@ -534,8 +566,10 @@ def _read_healpix(path, index, header, field, hdu_frame_default) -> HealpixMap:
     if not isinstance(field, (int, np.integer)):
         raise ValueError(f"field {field!r} is not a column number; expected one int (0 for the "
                          "first map column)")
+    _check_healpix_length(path, header, int(field))
     try:
-        values, hdr = hp.read_map(path, field=int(field), hdu=index, nest=None, h=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # healpy prints its dtype choice
+            values, hdr = hp.read_map(path, field=int(field), hdu=index, nest=None, h=True)
     except (IndexError, KeyError) as err:
         raise ValueError(f"HEALPix table in {path} has no column {field}; expected field < "
                          f"{header.get('TFIELDS')}") from err
@@ -553,9 +587,13 @@ def _is_image(hdu) -> bool:
     return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
 
 
-def _squeezed_ndim(hdu) -> int:
-    shape = hdu.shape if hdu.header.get("NAXIS", 0) else ()
-    return sum(n > 1 for n in shape)
+def _plane_shape(hdu):
+    """The 2-D shape ``(ny, nx)`` of an image HDU (extra length-1 axes allowed), or None."""
+    shape = tuple(hdu.shape) if hdu.header.get("NAXIS", 0) else ()
+    if len(shape) >= 2 and all(n == 1 for n in shape[:-2]):
+        return shape[-2:]  # a 2-D image, possibly (1, 1, ny, nx); also 1 x 1 and 1 x n images
+    squeezed = tuple(n for n in shape if n > 1)
+    return squeezed if len(squeezed) == 2 else None
 
 
 def _pick_hdu(hdul, hdu, path):
@@ -569,7 +607,7 @@ def _pick_hdu(hdul, hdu, path):
     for i, h in enumerate(hdul):
         if h.name == MASK_EXTNAME:
             continue
-        if _is_image(h) and h.header.get("NAXIS", 0) >= 2 and _squeezed_ndim(h) == 2:
+        if _is_image(h) and h.header.get("NAXIS", 0) >= 2 and _plane_shape(h) is not None:
             return i, h
     for i, h in enumerate(hdul):
         if isinstance(h, fits.BinTableHDU) and str(h.header.get("PIXTYPE", "")).upper().strip() \
@@ -600,15 +638,16 @@ def _image_wcs(header, hdul, data_shape, path):
 
 def _read_image(path, hdul, index, hdu_obj):
     header = hdu_obj.header
-    data = hdu_obj.data
+    data = _hdu_data(hdu_obj, path, index)
     if data is None:
         raise ValueError(f"HDU {index} of {path} has no data; expected a 2-D image")
     if data.ndim != 2:
-        if _squeezed_ndim(hdu_obj) != 2:
+        plane = _plane_shape(hdu_obj)
+        if plane is None:
             raise ValueError(f"HDU {index} of {path} holds a {hdu_obj.data.ndim}-D array of shape "
                              f"{hdu_obj.data.shape}; expected a 2-D image (ny, nx) -- slice the "
                              "cube and pass the plane as an array")
-        data = np.squeeze(data)  # e.g. a radio image (1, 1, ny, nx)
+        data = data.reshape(plane)  # e.g. a radio image (1, 1, ny, nx)
     bad = np.zeros(data.shape, bool)
     if data.dtype.kind in "iu" and "BLANK" in header:
         bad |= data == header["BLANK"]
@@ -626,7 +665,7 @@ def _read_image(path, hdul, index, hdu_obj):
                  for h in hdul)
     if mask_name in hdul and hdul[mask_name] is not hdu_obj and ("MASKEXT" in header
                                                                  or n_maps == 1):
-        stored = hdul[mask_name].data
+        stored = _hdu_data(hdul[mask_name], path, mask_name)
         if stored is not None and np.squeeze(stored).shape == data.shape:
             bad |= np.squeeze(stored).astype(bool)
         elif "MASKEXT" in header:
@@ -703,11 +742,20 @@ def read_map(path, *, hdu=None, center=None, shape=None, resolution=None, projec
     if not path.exists():
         raise FileNotFoundError(f"no such map file: {path}; expected a FITS image or HEALPix FITS "
                                 "file")
-    try:
-        hdul = fits.open(path, memmap=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise OSError(f"cannot read {path} as FITS ({err}); expected a FITS image or HEALPix "
-                      "FITS file") from err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False)
+        except (OSError, ValueError, TypeError) as err:
+            raise OSError(f"cannot read {path} as FITS ({err}); expected a FITS image or HEALPix "
+                          "FITS file") from err
+    truncated = [w for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        hdul.close()
+        raise OSError(f"{path} is truncated ({truncated[0].message}); expected a complete FITS "
+                      "file (was a download or a write interrupted?)")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     with hdul:
         index, hdu_obj = _pick_hdu(hdul, hdu, path)
         if isinstance(hdu_obj, (fits.BinTableHDU, fits.TableHDU)):
@@ -736,17 +784,7 @@ _STRUCTURAL = re.compile(
     r"T(TYPE|FORM|UNIT|NULL|DIM|SCAL|ZERO|DISP)\d+|TFIELDS|THEAP|CHECKSUM|DATASUM)$")
 
 
-def _check_writable(path, overwrite, option="overwrite=True") -> Path:
-    """The path to write, or `OSError` if it exists (and ``overwrite`` is off) or has no directory.
-
-    The one no-clobber rule of every astrotrunc writer; ``option`` names the switch in the message.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise OSError(f"{path} already exists; pass {option} to replace it")
-    if not path.parent.is_dir():
-        raise OSError(f"cannot write {path}: directory {path.parent} does not exist")
-    return path
+_check_writable = check_writable  # the name other modules used before 0.2
 
 
 def _merge_header(target: fits.Header, extra) -> None:
@@ -806,6 +844,11 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
     overwrite : bool
         Replace an existing file. Without it an existing file raises `OSError`.
 
+    Returns
+    -------
+    None
+        The file is written atomically (a temporary file renamed over ``path``).
+
     Examples
     --------
     >>> import tempfile, pathlib
@@ -840,8 +883,14 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
     mask = _check_mask(mask, data.shape)
     wcs = _check_wcs(wcs, data.shape)
     unit = _unit(unit)
-    path = _check_writable(path, overwrite)
+    path = check_writable(path, overwrite)
+    _write_images(path, [dict(data=data, wcs=wcs, unit=unit, meta=meta, header=header,
+                              mask=mask)], overwrite=overwrite)
 
+
+def _image_hdus(data, *, wcs=None, unit=None, meta=None, header=None, mask=None, name=None,
+                primary=True):
+    """The HDU(s) of one checked map (and its mask extension)."""
     hdr = fits.Header()
     _merge_header(hdr, meta)
     _merge_header(hdr, header)
@@ -849,17 +898,34 @@ def write_map(path, data, *, wcs=None, mask=None, unit=None, header=None, overwr
         hdr.update(wcs.to_header(relax=wcs.sip is not None))
     if unit is not None:
         hdr["BUNIT"] = _unit_string(unit)
-    hdus = [fits.PrimaryHDU(data, hdr)]
+    hdus = [fits.PrimaryHDU(data, hdr) if primary else fits.ImageHDU(data, hdr, name=name)]
     if mask is not None:
         hdus[0].header["MASKEXT"] = (MASK_EXTNAME, "extension holding the bad-pixel mask")
         mhdr = wcs.to_header() if wcs is not None else fits.Header()
         mhdr["COMMENT"] = "bad-pixel mask of the primary map: 1 = bad, 0 = good"
         hdus.append(fits.ImageHDU(mask.astype(np.uint8), mhdr, name=MASK_EXTNAME))
-    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+    return hdus
+
+
+def _write_images(path, images, *, overwrite=False):
+    """Write maps (dicts of `_image_hdus` arguments) as one FITS file, atomically.
+
+    The first map is the primary HDU; the others are image extensions named by their ``name``.
+    """
+    path = check_writable(path, overwrite)
+    hdus = []
+    for i, image in enumerate(images):
+        image = dict(image)
+        data = _check_image(image.pop("data"))
+        image["wcs"] = _check_wcs(image.get("wcs"), data.shape)
+        image["mask"] = _check_mask(image.get("mask"), data.shape)
+        image["unit"] = _unit(image.get("unit"))
+        hdus += _image_hdus(data, primary=(i == 0), **image)
+    atomic_write(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
 
 
 def _write_healpix(path, hmap: HealpixMap, *, mask, unit, header, overwrite):
-    path = _check_writable(path, overwrite)
+    path = check_writable(path, overwrite)
     bad = hmap.mask if mask is None else hmap.mask | _check_mask(mask, hmap.values.shape)
     if bad.all():
         raise ValueError(f"HEALPix map for {path} has no valid pixel; expected at least one "

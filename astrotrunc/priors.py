@@ -22,7 +22,8 @@ class Uniform:
     low, high : float
         Bounds, in the units of ``unit``; ``low < high``.
     integer : bool, optional
-        If `True` the parameter is a count: a sample is drawn uniformly on ``[low, high]`` and rounded
+        If `True` the parameter is a count: a sample is drawn uniformly on ``[low, high]`` and
+        rounded
         down, as in the paper's simulator (``int(np.random.uniform(10, 500))``).
     unit : str, optional
         Unit of the parameter (any string `astropy.units.Unit` accepts; ``""`` for dimensionless).
@@ -104,9 +105,21 @@ class BoxPrior:
         return isinstance(other, BoxPrior) and self.components == other.components
 
     def sample(self, n: int, generator=None, device=None) -> torch.Tensor:
-        """Draw ``n`` parameter vectors, shape ``(n, n_params)``, float32.
+        """Draw ``n`` parameter vectors.
 
-        ``generator`` is a `torch.Generator`, an integer seed, or `None` (global RNG).
+        Parameters
+        ----------
+        n : int
+            Number of draws.
+        generator : `torch.Generator`, int or None
+            Random source: a generator, an integer seed, or `None` (torch's global RNG).
+        device : str or `torch.device`, optional
+            Device of the result.
+
+        Returns
+        -------
+        `torch.Tensor`
+            ``(n, n_params)``, float32.
         """
         gen = _as_generator(generator)
         where = gen.device if gen is not None else device
@@ -117,9 +130,19 @@ class BoxPrior:
         return theta.to(device=device, dtype=torch.float32)
 
     def log_prob(self, theta) -> torch.Tensor:
-        """Log density of ``theta`` (shape ``(..., n_params)``); ``-inf`` outside the box.
+        """Log density of ``theta``; ``-inf`` outside the box.
 
         Count parameters are treated through their continuous parent density on ``[low, high]``.
+
+        Parameters
+        ----------
+        theta : array-like
+            ``(..., n_params)``.
+
+        Returns
+        -------
+        `torch.Tensor`
+            ``(...)``, float64.
         """
         theta = torch.as_tensor(theta, dtype=torch.float64)
         low, high = self.low.to(theta.device), self.high.to(theta.device)
@@ -128,17 +151,43 @@ class BoxPrior:
         return torch.where(inside, logp, torch.tensor(-math.inf, dtype=theta.dtype))
 
     def contains(self, theta) -> torch.Tensor:
-        """Boolean: is each parameter vector inside the box."""
+        """Whether each parameter vector lies inside the box.
+
+        Parameters
+        ----------
+        theta : array-like
+            ``(..., n_params)``.
+
+        Returns
+        -------
+        `torch.Tensor`
+            ``(...)``, bool.
+        """
         return torch.isfinite(self.log_prob(theta))
 
     def volume(self) -> float:
-        """Volume of the box (product of the widths)."""
+        """Volume of the box.
+
+        Returns
+        -------
+        float
+            The product of the widths.
+        """
         return float(torch.prod(self.high - self.low))
 
     def truncate(self, low=None, high=None) -> "BoxPrior":
         """A new prior restricted to ``[max(low, self.low), min(high, self.high)]``.
 
         The shape of the prior inside the box is unchanged (TMNRE truncation).
+
+        Parameters
+        ----------
+        low, high : array-like, optional
+            New bounds (``n_params`` values each); the current ones where `None`.
+
+        Returns
+        -------
+        `BoxPrior`
         """
         new_low = self.low if low is None else torch.maximum(self.low, _as_f64(low, len(self)))
         new_high = self.high if high is None else torch.minimum(self.high, _as_f64(high, len(self)))
@@ -148,12 +197,23 @@ class BoxPrior:
         return BoxPrior(**comps)
 
     def to_table(self) -> QTable:
-        """The box as a `~astropy.table.QTable` (one row per parameter, with units)."""
+        """The box as a table.
+
+        Returns
+        -------
+        `~astropy.table.QTable`
+            One row per parameter: ``name, low, high, integer, unit``.
+        """
         rows = [(n, c.low, c.high, c.integer, c.unit) for n, c in self.components.items()]
         return QTable(rows=rows, names=("name", "low", "high", "integer", "unit"))
 
     def to_dict(self) -> dict:
-        """JSON-serialisable description (see `from_dict`)."""
+        """JSON-serialisable description (see `from_dict`).
+
+        Returns
+        -------
+        dict
+        """
         return {
             n: {"low": c.low, "high": c.high, "integer": c.integer, "unit": c.unit}
             for n, c in self.components.items()
@@ -161,7 +221,17 @@ class BoxPrior:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BoxPrior":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`.
+
+        Parameters
+        ----------
+        d : dict
+            A description written by `to_dict`.
+
+        Returns
+        -------
+        `BoxPrior`
+        """
         return cls(**{n: Uniform(**v) for n, v in d.items()})
 
 

@@ -82,7 +82,7 @@ class SkyGeometry:
         """Angular pixel size at the reference point (mean of the two axes)."""
         return np.mean([abs(s.to_value(u.deg)) for s in self.wcs.proj_plane_pixel_scales()]) * u.deg
 
-    def world_to_pixel(self, l, b):
+    def world_to_pixel(self, l, b):  # noqa: E741
         """Pixel coordinates ``(x, y)`` of Galactic (l, b) in degrees (torch tensors in and out)."""
         if self._affine is not None:
             (a00, a01, a10, a11), (x0, y0), lon0 = self._affine
@@ -99,11 +99,13 @@ class SkyGeometry:
         return self.wcs.pixel_to_world(np.asarray(x), np.asarray(y)).galactic
 
     def __repr__(self):
-        return f"SkyGeometry(shape={self.shape}, pixel_scale={self.pixel_scale:.4g}, ctype={list(self.wcs.wcs.ctype)})"
+        return (f"SkyGeometry(shape={self.shape}, pixel_scale={self.pixel_scale:.4g}, "
+                f"ctype={list(self.wcs.wcs.ctype)})")
 
 
 def _affine_from_wcs(wcs, shape):
-    """(matrix, offset, lon0) if pixel = A @ (l - lon0, b) + offset is exact on this map, else None."""
+    """(matrix, offset, lon0) if pixel = A @ (l - lon0, b) + offset is exact on this map, else None.
+    """
     ny, nx = shape
     lon0 = float(wcs.wcs.crval[0])
     xs = np.array([0, nx - 1, 0, nx - 1, (nx - 1) / 2, 0.3 * nx])
@@ -162,8 +164,15 @@ class Instrument:
             psf = float(psf)
         else:
             kernel = np.asarray(psf, dtype=float)
-            if kernel.ndim != 2 or not np.isfinite(kernel).all() or kernel.sum() <= 0 or (kernel < 0).any():
-                raise ValueError("a PSF kernel must be a finite, non-negative 2-D array with positive sum")
+            if (
+                kernel.ndim != 2
+                or not np.isfinite(kernel).all()
+                or kernel.sum() <= 0
+                or (kernel < 0).any()
+            ):
+                raise ValueError(
+                    "a PSF kernel must be a finite, non-negative 2-D array with positive sum"
+                )
             psf = kernel / kernel.sum()
         self.psf = psf
         self.normalization = float(normalization)
@@ -174,8 +183,10 @@ class Instrument:
 
     def __repr__(self):
         psf = f"{self.psf}" if not isinstance(self.psf, np.ndarray) else f"kernel{self.psf.shape}"
-        return (f"Instrument(psf={psf}, normalization={self.normalization}, boundary={self.boundary!r}, "
-                f"noise={self.noise!r})")
+        return (
+            f"Instrument(psf={psf}, normalization={self.normalization}, "
+            f"boundary={self.boundary!r}, noise={self.noise!r})"
+        )
 
 
 def _positive_scalar_or_map(value, name, strictly):
@@ -346,7 +357,9 @@ class SimulationBatch:
         """All sources of all maps in one table, with a ``map_id`` column and θ per row."""
         keep = self.valid.cpu().numpy()
         map_id, _ = np.nonzero(keep)
-        cols = {k: getattr(self, k).detach().cpu().numpy()[keep] for k in ("flux", "l", "b", "x", "y")}
+        cols = {
+            k: getattr(self, k).detach().cpu().numpy()[keep] for k in ("flux", "l", "b", "x", "y")
+        }
         t = QTable()
         t["map_id"] = map_id
         t["flux"] = cols["flux"] * u.Unit(self.flux_unit)
@@ -430,8 +443,12 @@ class PointSourceModel:
         for name in ("exposure", "background"):
             val = getattr(self.instrument, name)
             if np.ndim(val) == 2 and np.shape(val) != self.geometry.shape:
-                raise ValueError(f"{name} map has shape {np.shape(val)}, the map is {self.geometry.shape}")
-        self._psf = _PSFOperator(self.instrument, self.geometry.shape, self.geometry.pixel_scale.to_value(u.deg))
+                raise ValueError(
+                    f"{name} map has shape {np.shape(val)}, the map is {self.geometry.shape}"
+                )
+        self._psf = _PSFOperator(
+            self.instrument, self.geometry.shape, self.geometry.pixel_scale.to_value(u.deg)
+        )
         self._pool = None
 
     def __getstate__(self):  # picklable for Dask workers: the thread pool is rebuilt lazily
@@ -448,7 +465,17 @@ class PointSourceModel:
 
     @classmethod
     def paper(cls, **kwargs) -> "PointSourceModel":
-        """The configuration of "Detection is truncation" (DESIGN.md table); ``kwargs`` override."""
+        """The configuration of "Detection is truncation" (the docs' model table).
+
+        Parameters
+        ----------
+        **kwargs
+            Override the defaults (``geometry``, ``instrument``, ``prior``, ...).
+
+        Returns
+        -------
+        `PointSourceModel`
+        """
         return cls(**kwargs)
 
     @property
@@ -564,13 +591,22 @@ class PointSourceModel:
         if theta is not None:
             theta = torch.as_tensor(theta, dtype=torch.float32, device=device)
             if theta.ndim != 2 or theta.shape != (n, len(self.param_names)):
-                raise ValueError(f"theta must have shape ({n}, {len(self.param_names)}), got {tuple(theta.shape)}")
+                raise ValueError(
+                    f"theta must have shape ({n}, {len(self.param_names)}), "
+                    f"got {tuple(theta.shape)}"
+                )
         root = np.random.SeedSequence(seed)
         for k, start in enumerate(range(0, n, chunk_size)):
             stop = min(start + chunk_size, n)
             state = np.random.SeedSequence(root.entropy, spawn_key=(k,))
-            gen = torch.Generator(device=device or "cpu").manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
-            th = theta[start:stop] if theta is not None else self.prior.sample(stop - start, gen, device=device)
+            gen = torch.Generator(device=device or "cpu").manual_seed(
+                int(state.generate_state(1, np.uint64)[0] >> 1)
+            )
+            th = (
+                theta[start:stop]
+                if theta is not None
+                else self.prior.sample(stop - start, gen, device=device)
+            )
             yield self._simulate_chunk(th, gen, noise)
 
     def simulate(self, n: int, seed=None, *, theta=None, chunk_size=256, device=None,

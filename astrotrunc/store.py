@@ -17,6 +17,8 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from ._utils import spawn_seed
+
 __all__ = ["SimulationStore", "StoreDataset", "chunk_seed"]
 
 _MARKER = "_complete_rows"
@@ -26,21 +28,33 @@ _FORMAT = "astrotrunc-simulation-store"
 def chunk_seed(seed: int, index: int) -> int:
     """The seed of chunk ``index`` of a fill seeded with ``seed`` (independent streams).
 
+    Parameters
+    ----------
+    seed : int
+        The fill's seed.
+    index : int
+        The chunk.
+
+    Returns
+    -------
+    int
+
     Examples
     --------
     >>> from astrotrunc.store import chunk_seed
     >>> chunk_seed(0, 1) == chunk_seed(0, 1) != chunk_seed(0, 2)
     True
     """
-    state = np.random.SeedSequence(int(seed), spawn_key=(int(index),)).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
+    return spawn_seed(seed, index)
 
 
 def _simulate_chunk(simulator, size, seed):
     """Run on a Dask worker: one chunk of simulations as a dict of numpy arrays."""
     out = simulator(size, seed)
     if not isinstance(out, dict) or not out:
-        raise TypeError(f"the simulator must return a non-empty dict of arrays, got {type(out).__name__}")
+        raise TypeError(
+            f"the simulator must return a non-empty dict of arrays, got {type(out).__name__}"
+        )
     return {k: np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
             for k, v in out.items()}
 
@@ -219,7 +233,9 @@ class SimulationStore:
         if not attrs:
             if chunk_size < 1:
                 raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-            self._group.attrs.update({"format": _FORMAT, "chunk_size": chunk_size, "seed": seed, "n": 0})
+            self._group.attrs.update(
+                {"format": _FORMAT, "chunk_size": chunk_size, "seed": seed, "n": 0}
+            )
             self._group.create_array(_MARKER, shape=(0,), chunks=(1,), dtype="int64", fill_value=0)
             attrs = self._attrs
         if attrs["chunk_size"] != chunk_size or attrs["seed"] != seed:
@@ -240,7 +256,9 @@ class SimulationStore:
         rows = self._expected_rows(i)
         keys = self.keys()
         if keys and set(arrays) != set(keys):
-            raise ValueError(f"the simulator returned arrays {sorted(arrays)}, the store holds {sorted(keys)}")
+            raise ValueError(
+                f"the simulator returned arrays {sorted(arrays)}, the store holds {sorted(keys)}"
+            )
         for k, v in arrays.items():
             if v.ndim == 0 or len(v) != rows:
                 raise ValueError(f"the simulator returned {len(v) if v.ndim else 0} rows of {k!r} "
@@ -249,8 +267,10 @@ class SimulationStore:
                 self._group.create_array(k, shape=(self.capacity,) + v.shape[1:], dtype=v.dtype,
                                          chunks=(self.chunk_size,) + v.shape[1:])
             elif self._group[k].shape[1:] != v.shape[1:]:
-                raise ValueError(f"the simulator returned {k!r} of item shape {v.shape[1:]}, the store "
-                                 f"holds {self._group[k].shape[1:]}")
+                raise ValueError(
+                    f"the simulator returned {k!r} of item shape {v.shape[1:]}, the store "
+                    f"holds {self._group[k].shape[1:]}"
+                )
         start = i * self.chunk_size
         for k, v in arrays.items():
             self._group[k][start:start + rows] = v
@@ -273,8 +293,14 @@ class SimulationStore:
             pending = iter(todo)
 
             def submit(i):
-                return client.submit(_simulate_chunk, simulator, self._expected_rows(i), chunk_seed(seed, i),
-                                     pure=False, key=f"astrotrunc-chunk-{i}-{seed}-{id(self)}")
+                return client.submit(
+                    _simulate_chunk,
+                    simulator,
+                    self._expected_rows(i),
+                    chunk_seed(seed, i),
+                    pure=False,
+                    key=f"astrotrunc-chunk-{i}-{seed}-{id(self)}",
+                )
 
             futures = {}
             for i in pending:
@@ -299,7 +325,9 @@ class SimulationStore:
                 own_cluster.close()
 
     # -- streaming ---------------------------------------------------------------------------
-    def dataset(self, batch_size=128, *, chunks=None, keys=None, shuffle=True, seed=None, prefetch=2):
+    def dataset(
+        self, batch_size=128, *, chunks=None, keys=None, shuffle=True, seed=None, prefetch=2
+    ):
         """A `StoreDataset` of batches over complete chunks (all of them by default)."""
         chunks = self.complete_chunks if chunks is None else np.asarray(chunks, dtype=int)
         return StoreDataset(self, chunks, batch_size, keys=keys, shuffle=shuffle, seed=seed,
@@ -311,8 +339,10 @@ class SimulationStore:
         if len(chunks) == 0:
             raise ValueError("the simulation store is empty (no complete chunks): fill it first")
         if len(chunks) < 2:
-            raise ValueError("the simulation store has a single complete chunk; at least 2 are needed "
-                             "to hold out validation chunks (use a smaller chunk_size)")
+            raise ValueError(
+                "the simulation store has a single complete chunk; at least 2 are needed "
+                "to hold out validation chunks (use a smaller chunk_size)"
+            )
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         perm = chunks[torch.randperm(len(chunks), generator=gen).numpy()]
         n_val = min(max(1, int(round(val_fraction * len(chunks)))), len(chunks) - 1)
@@ -343,14 +373,23 @@ class StoreDataset(torch.utils.data.IterableDataset):
         Chunks read ahead.
     """
 
-    def __init__(self, store, chunks, batch_size=128, *, keys=None, shuffle=True, seed=None, prefetch=2):
+    def __init__(
+        self, store, chunks, batch_size=128, *, keys=None, shuffle=True, seed=None, prefetch=2
+    ):
         super().__init__()
         self.store, self.chunks = store, np.asarray(chunks, dtype=int)
         self.batch_size, self.keys, self.shuffle = int(batch_size), keys, bool(shuffle)
         self.prefetch = max(1, int(prefetch))
-        self.generator = seed if isinstance(seed, torch.Generator) else \
-            torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
-        self.wait_time = 0.0  # seconds spent waiting for chunks (the starvation the benchmark measures)
+        self.generator = (
+            seed
+            if isinstance(seed, torch.Generator)
+            else torch.Generator().manual_seed(
+                int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)))
+            )
+        )
+        self.wait_time = (
+            0.0  # seconds spent waiting for chunks (the starvation the benchmark measures)
+        )
 
     def __len__(self):
         rows = sum(self.store._expected_rows(int(i)) for i in self.chunks)

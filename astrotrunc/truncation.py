@@ -17,6 +17,7 @@ import torch
 from astropy import units as u
 from astropy.table import QTable
 
+from ._utils import evaluating
 from .priors import BoxPrior
 
 __all__ = ["truncation_bounds", "TruncationRound", "TruncationResult", "run_rounds",
@@ -64,14 +65,13 @@ def truncation_bounds(estimator, x_obs, prior: BoxPrior, epsilon=1e-6, n_samples
     heads = {m[0]: c for c, m in enumerate(estimator.marginals) if len(m) == 1}
     if not heads:
         raise ValueError("the estimator has no 1-D marginal heads to truncate with")
-    was_training = estimator.training
-    estimator.eval()
     device = next(estimator.parameters()).device
     x = torch.as_tensor(np.asarray(x_obs), dtype=torch.float32, device=device)
     x = x.reshape(1, *getattr(estimator, "x_shape", x.shape))
     theta = prior.sample(int(n_samples), generator=generator)
-    log_r = torch.cat([estimator.log_ratio(x, t.to(device)).cpu() for t in theta.split(batch_size)])
-    estimator.train(was_training)
+    with evaluating(estimator):
+        log_r = torch.cat([estimator.log_ratio(x, t.to(device)).cpu()
+                           for t in theta.split(batch_size)])
     if not torch.isfinite(log_r).all():
         raise ValueError("the estimator returned non-finite log-ratios on the observation")
     low, high = prior.low.clone(), prior.high.clone()
@@ -312,7 +312,8 @@ class DetectedRegions:
         return self.n
 
     def __repr__(self) -> str:
-        return f"<DetectedRegions {self.n} regions, {int(self.sizes.sum())} pixels, map {self.shape}>"
+        return (f"<DetectedRegions {self.n} regions, {int(self.sizes.sum())} pixels, "
+                f"map {self.shape}>")
 
     def label_image(self) -> np.ndarray:
         """Region number + 1 of every pixel (0: none), in catalog order."""
@@ -535,7 +536,8 @@ class ConditionalCompletenessTable(CompletenessTable):
                      torch.linspace(float(lo[1]), float(hi[1]), ns, dtype=torch.float64),
                      torch.linspace(math.log(lo[2]), math.log(hi[2]), nh, dtype=torch.float64))
         grid = torch.meshgrid(*self.axes, indexing="ij")
-        self.nodes = torch.stack([torch.exp(grid[0]), grid[1], torch.exp(grid[2])], -1).reshape(-1, 3)
+        self.nodes = torch.stack([torch.exp(grid[0]), grid[1], torch.exp(grid[2])],
+                                 -1).reshape(-1, 3)
 
     @property
     def n_nodes(self) -> int:
@@ -556,7 +558,8 @@ class ConditionalCompletenessTable(CompletenessTable):
         idx, w = [], []
         for corner in range(8):
             bits = [(corner >> k) & 1 for k in range(3)]
-            flat = ((i0s[0] + bits[0]) * sizes[1] + (i0s[1] + bits[1])) * sizes[2] + i0s[2] + bits[2]
+            flat = (((i0s[0] + bits[0]) * sizes[1] + (i0s[1] + bits[1])) * sizes[2]
+                    + i0s[2] + bits[2])
             weight = torch.ones_like(fracs[0])
             for b, f in zip(bits, fracs):
                 weight = weight * (f if b else 1 - f)
@@ -566,7 +569,8 @@ class ConditionalCompletenessTable(CompletenessTable):
 
     def node_table(self, node, pixels=None) -> torch.Tensor:
         """S ``(n_pixels, n_flux)`` at one node (all pixels, or the flat ``pixels``)."""
-        lon, lat, off = ((a if pixels is None else a[pixels]) for a in (self.lon, self.lat, self.off))
+        lon, lat, off = ((a if pixels is None else a[pixels])
+                         for a in (self.lon, self.lat, self.off))
         t = torch.sigmoid(self.completeness.logit_table(torch.exp(self.log_flux), lon, lat,
                                                         theta=self.nodes[node]))
         return torch.where(off[:, None], 0.0, t)
@@ -680,7 +684,8 @@ class TruncatedModel:
         self._cells = torch.zeros(self.regions.n, width, dtype=torch.long)
         self._cell_ok = torch.zeros(self.regions.n, width, dtype=torch.bool)
         slot = torch.arange(len(cells)) - torch.repeat_interleave(
-            torch.cumsum(self.regions.sizes * k2, 0) - self.regions.sizes * k2, self.regions.sizes * k2)
+            torch.cumsum(self.regions.sizes * k2, 0) - self.regions.sizes * k2,
+            self.regions.sizes * k2)
         self._cells[owner, slot] = cells
         self._cell_ok[owner, slot] = True
 
@@ -792,7 +797,8 @@ class TruncatedModel:
         if theta is not None:
             theta = torch.as_tensor(theta, dtype=torch.float32)
             if theta.shape != (n, len(box)):
-                raise ValueError(f"theta must have shape ({n}, {len(box)}), got {tuple(theta.shape)}")
+                raise ValueError(f"theta must have shape ({n}, {len(box)}), got "
+                                 f"{tuple(theta.shape)}")
             if (theta[:, 0] < self.regions.n).any():
                 raise ValueError(f"every theta needs N >= N_det = {self.regions.n}")
         root = np.random.SeedSequence(seed)

@@ -5,8 +5,10 @@ completeness per flux bin, the 50 %-completeness flux and speed are printed.
 
 Finders, each configured fairly for crowded Galactic-plane fields:
 
-* r1: `astrotrunc.find_sources`' regions (deblended odds segmentation, peak centroids) with the
-  shipped detector; the F_th channel and the odds threshold are tuned;
+* r1: `astrotrunc.NeuralSourceFinder` with the shipped detector (its regions and catalog
+  positions, exactly as `find_sources` makes them); the F_th channel and the odds threshold are
+  tuned (the network runs once per channel, the finder's ``segment``/``describe`` steps per
+  threshold);
 * DAOStarFinder: FWHM of the model PSF, ``min_separation=1`` px, sharpness/roundness filters
   opened wide, no border exclusion (threshold scanned);
 * segmentation: `photutils.segmentation.detect_sources` + `deblend_sources` + `SourceCatalog` on
@@ -14,10 +16,14 @@ Finders, each configured fairly for crowded Galactic-plane fields:
 
 A detection is matched to a true source within 1.5 px, one-to-one, brightest true source first.
 
-Run: ``python benchmarks/detection.py [--n-maps 200] [--purity 0.95]``
+The figures are also written to ``benchmarks/output/detection.json``.
+
+Run: ``python benchmarks/detection.py [--n-maps 200] [--n-tune 60] [--purity 0.95]``
 """
 
 import argparse
+import json
+import os
 import time
 import warnings
 
@@ -26,11 +32,10 @@ import torch
 from astropy.convolution import Gaussian2DKernel, convolve_fft
 from photutils.detection import DAOStarFinder
 from photutils.segmentation import SourceCatalog, deblend_sources, detect_sources
-from photutils.utils import NoDetectionsWarning
 from scipy.spatial import cKDTree
 
-from astrotrunc import PointSourceModel, SourceDetector, find_sources
-from astrotrunc.detection import default_detector, detection_regions, peak_centroids
+from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector
+from astrotrunc.detection import default_detector
 
 PSF_SIGMA = 1.5
 FWHM = PSF_SIGMA * 2 * np.sqrt(2 * np.log(2))
@@ -52,24 +57,19 @@ def match(det_xy, true_xy, true_flux, radius=1.5):
     return t_ok, d_ok
 
 
-def r1_log_odds(detector, maps, batch_size=32):
-    """Per-pixel log r1 of every map and every F_th channel, ``(n, n_channels, H, W)``."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(maps), batch_size):
-            out.append(detector({"x": torch.as_tensor(maps[i:i + batch_size], dtype=torch.float32)}).numpy())
-    return np.concatenate(out)
+def r1_log_odds(detector, flux_threshold, maps):
+    """Per-pixel log r1 of every map for one F_th channel, ``(n, H, W)`` (batched network)."""
+    return NeuralSourceFinder(detector, flux_threshold=flux_threshold).log_odds_batch(maps)
 
 
-def r1_positions(log_odds, threshold):
-    """Odds-weighted centroids of the regions with odds > threshold (as find_sources makes them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoDetectionsWarning)
-        segm = detection_regions(log_odds, threshold)
+def r1_positions(detector, flux_threshold, data, log_odds, threshold):
+    """Catalog positions of the finder with these settings, from a precomputed log-odds map."""
+    finder = NeuralSourceFinder(detector, threshold, flux_threshold=flux_threshold)
+    segm = finder.segment(log_odds)
     if segm is None:
         return np.zeros((0, 2))
-    x, y = peak_centroids(np.exp(np.clip(log_odds, -700, 700)), segm)
-    return np.column_stack([x, y])
+    cat = finder.describe(data, log_odds, segm).to_table(["x_centroid", "y_centroid"])
+    return np.column_stack([cat["x_centroid"].value, cat["y_centroid"].value])
 
 
 def dao_positions(data, threshold):
@@ -100,7 +100,7 @@ def seg_positions(data, threshold):
 
 
 def evaluate(positions_fn, items, truth, threshold):
-    """Completeness flags, fluxes, purity and detection count of ``positions_fn(item, threshold)``."""
+    """Completeness flags, fluxes, purity and detection count of ``positions_fn(item, thr)``."""
     t_all, f_all, n_det, n_good = [], [], 0, 0
     for item, (txy, tf) in zip(items, truth):
         det = positions_fn(item, threshold)
@@ -113,8 +113,8 @@ def evaluate(positions_fn, items, truth, threshold):
     return np.concatenate(t_all), np.concatenate(f_all), purity, n_det
 
 
-def _indexed(log_odds):
-    return lambda i, t: r1_positions(log_odds[i], t)
+def _indexed(detector, flux_threshold, maps, log_odds):
+    return lambda i, t: r1_positions(detector, flux_threshold, maps[i], log_odds[i], t)
 
 
 def tune(positions_fn, maps, truth, low, high, purity, n_grid=10, n_iter=6):
@@ -163,6 +163,9 @@ def main():
 
     bins = np.geomspace(0.1, 1000, 13)
     results = {}
+    figures = {"n_maps": args.n_maps, "n_tune": args.n_tune, "purity_target": args.purity,
+               "seed": args.seed, "detector_id": det.identity, "flux_bins": bins.tolist(),
+               "finders": {}}
 
     def report(name, fn, thr):
         t_ok, flux, purity, n_det = evaluate(fn, range(len(test_maps)), test_truth, thr)
@@ -170,30 +173,38 @@ def main():
         comp = np.array([t_ok[idx == k].mean() if (idx == k).any() else np.nan
                          for k in range(len(bins) - 1)])
         results[name] = comp
+        f50 = _f50(flux, t_ok)
         print(f"{name:24s} threshold {thr:9.4g}: purity {purity:.3f} on {n_det} detections, "
-              f"completeness {t_ok.mean():.3f} of {len(t_ok)} true sources, F50 = {_f50(flux, t_ok):.3g}",
+              f"completeness {t_ok.mean():.3f} of {len(t_ok)} true sources, F50 = {f50:.3g}",
               flush=True)
+        figures["finders"][name] = {"threshold": float(thr), "purity": float(purity),
+                                    "n_detections": int(n_det),
+                                    "completeness": float(t_ok.mean()), "F50": float(f50),
+                                    "completeness_per_bin": [None if np.isnan(c) else float(c)
+                                                             for c in comp]}
         return t_ok.mean()
 
     # r1: tune the odds threshold of every F_th channel on the tuning maps, keep the best channel
-    lo_tune, lo_test = r1_log_odds(det, tune_maps), r1_log_odds(det, test_maps)
     best = None
     for k, f_th in enumerate(det.flux_thresholds[:9]):
-        fn_tune = _indexed(lo_tune[:, k])
+        fn_tune = _indexed(det, f_th, tune_maps, r1_log_odds(det, f_th, tune_maps))
         thr = tune(fn_tune, range(len(tune_maps)), tune_truth, 0.01, 1e4, args.purity, n_grid=13)
         t_ok, _, purity, _ = evaluate(fn_tune, range(len(tune_maps)), tune_truth, thr)
-        print(f"  r1 channel F_th={f_th:7.3g}: odds threshold {thr:8.3g} -> tuning purity {purity:.3f}, "
-              f"completeness {t_ok.mean():.3f}", flush=True)
+        print(f"  r1 channel F_th={f_th:7.3g}: odds threshold {thr:8.3g} -> tuning purity "
+              f"{purity:.3f}, completeness {t_ok.mean():.3f}", flush=True)
         if purity >= args.purity and (best is None or t_ok.mean() > best[0]):
             best = (t_ok.mean(), k, thr)
     _, k_best, thr_best = best
-    report(f"r1 F_th={det.flux_thresholds[k_best]:.3g}", _indexed(lo_test[:, k_best]), thr_best)
+    f_best = det.flux_thresholds[k_best]
+    report(f"r1 F_th={f_best:.3g}",
+           _indexed(det, f_best, test_maps, r1_log_odds(det, f_best, test_maps)), thr_best)
     # r1 at the paper's settings, for reference (odds > 5, default channel)
-    k_def = det._channel(None)
-    report(f"r1 F_th={det.flux_thresholds[k_def]:.3g} odds>5", _indexed(lo_test[:, k_def]), 5.0)
-    del results[f"r1 F_th={det.flux_thresholds[k_def]:.3g} odds>5"]
+    f_def = NeuralSourceFinder(det).flux_threshold
+    report(f"r1 F_th={f_def:.3g} odds>5",
+           _indexed(det, f_def, test_maps, r1_log_odds(det, f_def, test_maps)), 5.0)
+    del results[f"r1 F_th={f_def:.3g} odds>5"]
 
-    idx_tune, idx_test = range(len(tune_maps)), range(len(test_maps))
+    idx_tune = range(len(tune_maps))
     dao = lambda maps: (lambda i, t: dao_positions(maps[i], t))  # noqa: E731
     seg = lambda maps: (lambda i, t: seg_positions(maps[i], t))  # noqa: E731
     thr = tune(dao(tune_maps), idx_tune, tune_truth, 1e-3, 1e3, args.purity, n_grid=13)
@@ -209,14 +220,15 @@ def main():
         row += "".join(f"{results[n][k]:22.3f}" for n in results)
         print(row)
 
-    # speed: 128x128 maps and one 2048x2048 map
+    # speed: 128x128 maps and one 2048x2048 map, with the finder at its default settings
+    finder = NeuralSourceFinder(det)
     data = maps[0]
-    find_sources(data, det)
+    finder(data)
     t0 = time.perf_counter()
     for m in maps[:50]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            find_sources(m, det)
+            finder(m)
     t_r1 = (time.perf_counter() - t0) / 50
     t0 = time.perf_counter()
     for m in maps[:50]:
@@ -226,13 +238,24 @@ def main():
           f"{1e3 * t_dao:.1f} ms/map (ratio DAO/r1 = {t_dao / t_r1:.2f})")
     big = np.tile(maps[0], (16, 16))
     t0 = time.perf_counter()
-    cat = find_sources(big, det)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiled map: its statistics differ from 128 x 128 maps
+        cat = finder(big)
     t_big = time.perf_counter() - t0
     t0 = time.perf_counter()
     dao_positions(big, 1.0)
     t_dao_big = time.perf_counter() - t0
     print(f"speed 2048x2048: find_sources {t_big:.2f} s ({len(cat)} sources), DAOStarFinder "
           f"{t_dao_big:.2f} s (ratio DAO/r1 = {t_dao_big / t_big:.2f})")
+    figures["speed"] = {"threads": args.threads, "find_sources_ms_per_128_map": 1e3 * t_r1,
+                        "dao_ms_per_128_map": 1e3 * t_dao, "find_sources_s_2048": t_big,
+                        "dao_s_2048": t_dao_big, "n_sources_2048": len(cat)}
+    figures["finder_settings"] = finder.settings
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "detection.json"), "w") as f:
+        json.dump(figures, f, indent=1)
+    print(f"figures: {os.path.join(out, 'detection.json')}")
 
 
 def _f50(flux, ok):
@@ -240,7 +263,9 @@ def _f50(flux, ok):
     f, o = flux[order], ok[order].astype(float)
     edges = np.geomspace(f.min(), f.max(), 60)
     idx = np.digitize(f, edges)
-    frac = np.array([o[idx == k].mean() if (idx == k).sum() > 20 else np.nan for k in range(1, len(edges))])
+    frac = np.array(
+        [o[idx == k].mean() if (idx == k).sum() > 20 else np.nan for k in range(1, len(edges))]
+    )
     centers = np.sqrt(edges[1:] * edges[:-1])
     above = np.nonzero(frac >= 0.5)[0]
     return centers[above[0]] if len(above) else np.nan

@@ -19,27 +19,12 @@ import time
 import numpy as np
 import torch
 
+from astrotrunc._toys import LG_PRIOR, linear_gaussian_moments, linear_gaussian_simulate
 from astrotrunc.diagnostics import coverage, plot_coverage
 from astrotrunc.nre import MarginalRatioEstimator, Trainer
-from astrotrunc.priors import BoxPrior, Uniform
 
-A = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
-SIGMA = 0.6
-PRIOR = BoxPrior(a=Uniform(-3, 3), b=Uniform(-3, 3), c=Uniform(-3, 3))
-
-
-def simulate(theta, seed):
-    return theta @ A.T + SIGMA * torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
-
-
-def analytic(x_obs):
-    a = A.double()
-    cov = SIGMA**2 * torch.linalg.inv(a.T @ a)
-    mu = cov @ a.T @ x_obs.double().reshape(3) / SIGMA**2
-    z = mu + torch.randn(400_000, 3, generator=torch.Generator().manual_seed(9),
-                         dtype=torch.float64) @ torch.linalg.cholesky(cov).T
-    z = z[(z.abs() < 3).all(1)]
-    return z.mean(0).numpy(), z.std(0).numpy()
+PRIOR = LG_PRIOR
+simulate, analytic = linear_gaussian_simulate, linear_gaussian_moments
 
 
 def main():
@@ -63,7 +48,10 @@ def main():
           f"{time.perf_counter() - t0:.1f} s, best val loss {min(hist['val_loss']):.4f}")
 
     print("\nposterior moments vs analytic (5 observations)")
-    print(f"{'obs':>3} {'param':>5} {'mean':>8} {'exact':>8} {'dmean/sd':>9} {'std':>7} {'exact':>7} {'std ratio':>9}")
+    print(
+        f"{'obs':>3} {'param':>5} {'mean':>8} {'exact':>8} {'dmean/sd':>9} {'std':>7} "
+        f"{'exact':>7} {'std ratio':>9}"
+    )
     worst_m, worst_s = 0.0, 0.0
     for k in range(5):
         t_true = PRIOR.sample(1, generator=1000 + k) * 0.6  # away from the box edges

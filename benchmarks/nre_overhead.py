@@ -91,7 +91,10 @@ def main():
         print(f"  {name:<28} {med:7.3f} s  ({1e3 * med / steps:.3f} ms/step)  overhead "
               f"{100 * (med / ref - 1):+6.1f} %")
     over = statistics.median(times["Trainer.fit"]) / ref - 1
-    print(f"engine overhead {100 * over:+.1f} % (target <= 10 %): {'PASS' if over <= 0.10 else 'FAIL'}")
+    print(
+        f"engine overhead {100 * over:+.1f} % (target <= 10 %): "
+        f"{'PASS' if over <= 0.10 else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

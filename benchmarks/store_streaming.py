@@ -81,28 +81,44 @@ def main():
 
         def estimator():
             torch.manual_seed(0)
-            return MarginalRatioEstimator([64, 64], ["N", "sigma", "h"], embedding="cnn",
-                                          embedding_kwargs={"n_features": 32, "channels": [8, 16, 16]},
-                                          hidden=32, standardize=True)
+            return MarginalRatioEstimator(
+                [64, 64],
+                ["N", "sigma", "h"],
+                embedding="cnn",
+                embedding_kwargs={"n_features": 32, "channels": [8, 16, 16]},
+                hidden=32,
+                standardize=True,
+            )
 
         trainer = Trainer(max_epochs=args.epochs, batch_size=args.batch_size, progress=False,
                           seed=0, patience=100)
-        counting = _Counting(store.batch_source(val_fraction=0.1, generator=torch.Generator().manual_seed(0)))
+        counting = _Counting(
+            store.batch_source(val_fraction=0.1, generator=torch.Generator().manual_seed(0))
+        )
         hist = trainer.fit(estimator(), counting)
         wait = [d.wait_time for d in counting.datasets]
         epoch_time = list(hist["time"].value)
         print(f"streaming from the store: {args.epochs} epochs, batch {args.batch_size}, "
               f"{args.threads} torch thread(s)")
         for e, (w, t) in enumerate(zip(wait, epoch_time)):
-            print(f"  epoch {e + 1}: {t:6.2f} s, waiting for data {w:5.2f} s, busy {100 * (1 - w / t):5.1f} %")
+            print(
+                f"  epoch {e + 1}: {t:6.2f} s, waiting for data {w:5.2f} s, "
+                f"busy {100 * (1 - w / t):5.1f} %"
+            )
         busy = 1 - sum(wait) / sum(epoch_time)
         data = store.load()
         mem = {"theta": torch.as_tensor(data["theta"]), "x": torch.as_tensor(data["x"])}
         hist_mem = trainer.fit(estimator(), mem)
         t_mem = float(np.sum(hist_mem["time"].value))
-        print(f"in-memory tensors, same model: {t_mem / args.epochs:6.2f} s/epoch; "
-              f"store: {sum(epoch_time) / args.epochs:6.2f} s/epoch (ratio {t_mem / sum(epoch_time):.2f})")
-        print(f"busy fraction {100 * busy:.1f} % (target >= 90 %): {'PASS' if busy >= 0.9 else 'FAIL'}")
+        print(
+            f"in-memory tensors, same model: {t_mem / args.epochs:6.2f} s/epoch; "
+            f"store: {sum(epoch_time) / args.epochs:6.2f} s/epoch "
+            f"(ratio {t_mem / sum(epoch_time):.2f})"
+        )
+        print(
+            f"busy fraction {100 * busy:.1f} % (target >= 90 %): "
+            f"{'PASS' if busy >= 0.9 else 'FAIL'}"
+        )
 
 
 if __name__ == "__main__":

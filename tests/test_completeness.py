@@ -4,13 +4,15 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
-from astrotrunc import CompletenessFunction, PointSourceModel, SourceDetector
-from astrotrunc.completeness import (default_completeness, injection_recovery, match_sources)
+from astrotrunc import CompletenessFunction, NeuralSourceFinder, PointSourceModel, SourceDetector
+from astrotrunc._toys import toy_completeness_labels, toy_f50
+from astrotrunc.completeness import (CompletenessLabels, default_completeness, detect_batch,
+                                     injection_recovery, match_sources)
 from astrotrunc.detection import default_detector
+from astrotrunc.nre import Trainer
 
 
 def test_match_sources_one_to_one():
@@ -28,15 +30,7 @@ def test_match_sources_one_to_one():
 
 
 def _toy_labels(n=20000, seed=0):
-    """Labels from a known completeness: S = sigmoid(3 (log F - log F50(b))), F50 grows to the plane."""
-    rng = np.random.default_rng(seed)
-    f = np.exp(rng.normal(1.0, 2.0, n))
-    lon, lat = rng.normal(0, 20, n), rng.normal(0, 8, n)
-    f50 = 3.0 * (1 + 2 * np.exp(-0.5 * (lat / 4) ** 2))
-    p = 1 / (1 + np.exp(-3 * (np.log(f) - np.log(f50))))
-    d = rng.random(n) < p
-    t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    return {"flux": t(f), "l": t(lon), "b": t(lat), "d": t(d)}, f50
+    return toy_completeness_labels(n, seed), None
 
 
 def test_completeness_learns_known_function_and_is_monotone(tmp_path):
@@ -44,12 +38,14 @@ def test_completeness_learns_known_function_and_is_monotone(tmp_path):
 
     labels, _ = _toy_labels()
     S = CompletenessFunction(detector_id="toy", hidden=32)
-    Trainer(max_epochs=25, batch_size=512, learning_rate=1e-2, progress=False, seed=1).fit(S, labels)
+    Trainer(max_epochs=25, batch_size=512, learning_rate=1e-2, progress=False, seed=1).fit(
+        S, labels
+    )
     fl = np.geomspace(0.01, 1e4, 400)
     for lat in (0.0, 3.0, 15.0):
         p = S(fl, 5.0, lat)
         assert np.all(np.diff(p) >= 0), "completeness must not decrease with flux"
-        f50_true = 3.0 * (1 + 2 * np.exp(-0.5 * (lat / 4) ** 2))
+        f50_true = toy_f50(lat)
         f50 = S.flux_at(0.5, 5.0, lat)
         assert abs(np.log(f50) - np.log(f50_true)) < 0.25
     # inputs: Quantities, SkyCoord, broadcasting
@@ -76,22 +72,53 @@ def test_completeness_refuses_other_detector():
         S.check_detector(det)
 
 
-def test_train_from_simulations_smoke():
+def test_training_through_the_engine_records_every_finder_setting(tmp_path):
     model = PointSourceModel.paper()
-    det = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2)
-    S = CompletenessFunction()
-    S.train(model, det, n_maps=6, n_val_maps=2, max_epochs=1, batch_size=256, progress=False)
-    assert S.detector_id == det.identity
-    S.check_detector(det)
+    det = SourceDetector.from_model(model, flux_thresholds=[3.0, 10.0], base_channels=4, depth=2)
+    finder = NeuralSourceFinder(det, threshold=2.0, n_pixels=2, flux_threshold=10.0,
+                                deblend=False, tile_overlap=16)
+    labels = CompletenessLabels(model, finder, n_maps=6, n_val_maps=2, progress=False)
+    assert len(labels.train["d"]) > 0 and len(labels.val["d"]) > 0
+    S = CompletenessFunction.for_finder(finder, model)
+    hist = Trainer(max_epochs=1, batch_size=256, progress=False, seed=0).fit(S, labels)
+    assert len(hist) == 1 and S.training is False
+    assert (S.detector_id, S.threshold, S.flux_threshold, S.n_pixels, S.deblend,
+            S.tile_overlap) == (det.identity, 2.0, 10.0, 2, False, 16)
+    S.save(tmp_path / "S.safetensors")
+    back = CompletenessFunction.load(tmp_path / "S.safetensors")
+    assert back.finder(det).settings == finder.settings  # the file rebuilds the same finder
+    with pytest.raises(TypeError, match="fit_to"):
+        S.train(model)
+    # the one-liner
+    S2 = CompletenessFunction.fit_to(model, finder, n_maps=6, n_val_maps=2, max_epochs=1,
+                                     batch_size=256, progress=False)
+    assert S2.detector_id == det.identity and len(S2.history) == 1
+
+
+def test_find_batch_equals_the_finder_on_each_map():
+    model = PointSourceModel.paper()
+    finder = NeuralSourceFinder(threshold=3.0, n_pixels=2, flux_threshold=10.0)
+    maps = model.simulate(3, seed=11).maps
+    labels = finder.find_batch(maps)
+    for m, lab in zip(maps, labels):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cat, segm = finder(m, return_segmentation=True)
+        assert np.array_equal(lab, segm.data if segm is not None else np.zeros_like(lab))
+    with pytest.warns(Warning, match="deprecated"):
+        old = detect_batch(finder.detector, maps, threshold=3.0, flux_threshold=10.0)
+    assert old.shape == labels.shape
 
 
 def test_injection_recovery_with_shipped_detector():
     model = PointSourceModel.paper()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = injection_recovery(model, fluxes=[0.3, 300.0], positions=[(10.0, 30.0)], n_maps=20,
-                               progress=False, flux_threshold=1.0)
+        t = injection_recovery(model, NeuralSourceFinder(flux_threshold=1.0, deblend=False),
+                               fluxes=[0.3, 300.0], positions=[(10.0, 30.0)], n_maps=20,
+                               progress=False)
     assert t["flux"].unit == u.dimensionless_unscaled and len(t) == 2
+    assert t.meta["flux_threshold"] == 1.0 and t.meta["deblend"] is False  # settings recorded
     assert t["completeness"][1] >= 0.9  # bright, far from the plane: found
     assert t["completeness"][0] <= t["completeness"][1]
     assert np.all(t["completeness_low"] <= t["completeness"])
@@ -100,6 +127,8 @@ def test_injection_recovery_with_shipped_detector():
         injection_recovery(model, fluxes=[1.0], positions=[(60.0, 0.0)], n_maps=2, progress=False)
     with pytest.raises(ValueError, match="positive"):
         injection_recovery(model, fluxes=[-1.0], positions=[(0.0, 0.0)], n_maps=2, progress=False)
+    with pytest.raises(TypeError, match="belong to the NeuralSourceFinder"):
+        injection_recovery(model, NeuralSourceFinder(), threshold=3.0, n_maps=2, progress=False)
 
 
 def test_shipped_completeness_pairs_with_shipped_detector():

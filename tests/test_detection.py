@@ -1,5 +1,6 @@
-"""r1: labels, the U-Net, tiling, find_sources catalogs, the shipped detector, the CLI."""
+"""r1: labels, the U-Net, tiling, the finder and its catalogs, training, the shipped detector."""
 
+import json
 import math
 import os
 import warnings
@@ -12,8 +13,11 @@ from astropy.table import QTable
 from photutils.utils import NoDetectionsWarning
 
 from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector, find_sources
-from astrotrunc.detection import (UNet, _tiled, catalog_to_regions, default_detector,
+from astrotrunc.detection import (DetectionSimulations, catalog_to_regions, default_detector,
                                   detection_labels)
+from astrotrunc.detection.tiling import tiled
+from astrotrunc.detection.unet import UNet
+from astrotrunc.nre import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +70,12 @@ def test_unet_any_shape():
 
 def test_tiling_matches_full_map():
     x = torch.randn(300, 211)
-    local = lambda t: torch.nn.functional.avg_pool2d(t[:, None], 3, 1, 1, count_include_pad=True)[:, 0]  # noqa: E731
+    def local(t):
+        return torch.nn.functional.avg_pool2d(t[:, None], 3, 1, 1, count_include_pad=True)[:, 0]
+
     full = local(x[None])[0]
-    tiled = _tiled(local, x, (64, 64), overlap=8, batch_size=5)
-    assert torch.allclose(tiled, full, atol=1e-6)
+    out = tiled(local, x, (64, 64), overlap=8, batch_size=5)
+    assert torch.allclose(out, full, atol=1e-6)
 
 
 def test_find_sources_catalog(model):
@@ -146,8 +152,12 @@ def test_masked_pixels_are_excluded(model):
 def test_bad_input(model, data, kwargs, err, match):
     if kwargs.get("wcs") == "paper":
         kwargs["wcs"] = model.wcs
-    kwargs.setdefault("detector", _FixedOdds.from_model(model, flux_thresholds=[10.0], base_channels=4,
-                                                       depth=2).set_map(np.zeros((128, 128))))
+    kwargs.setdefault(
+        "detector",
+        _FixedOdds.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2).set_map(
+            np.zeros((128, 128))
+        ),
+    )
     with pytest.raises(err, match=match):
         find_sources(data, **kwargs)
 
@@ -176,21 +186,38 @@ def test_detector_file_roundtrip_and_bad_file(model, tmp_path):
         SourceDetector.load(junk)
 
 
-def test_training_smoke(model):
+def test_training_goes_through_the_engine(model):
     det = SourceDetector.from_model(model, flux_thresholds=[3.0, 30.0], base_channels=4, depth=2)
-    hist = det.train(model, n_train=48, n_val=16, max_epochs=2, batch_size=16, progress=False,
-                     learning_rate=3e-3)
-    assert len(hist) == 2
-    assert det.training is False or det.training is True  # nn.Module semantics kept
-    det.train(False)
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    data = DetectionSimulations(model, det.flux_thresholds, n_train=48, n_val=16, seed=1)
+    hist = Trainer(max_epochs=2, batch_size=16, progress=False, learning_rate=3e-3,
+                   seed=1).fit(det, data)
+    assert len(hist) == 2 and det.training is False
+    assert any(not torch.equal(before[k], v) for k, v in det.state_dict().items())
+    # train(mode) is torch's switch, in both directions; a model instead of a bool is refused
+    assert det.train(True) is det and det.training is True
+    assert det.train(False).training is False
+    with pytest.raises(TypeError, match="fit_to"):
+        det.train(model)
     assert det.training is False
+
+
+def test_fit_to_is_reproducible_and_records_the_domain(model):
+    kw = dict(n_train=16, n_val=8, base_channels=4, depth=1, domain_maps=20, max_epochs=1,
+              batch_size=8, progress=False, seed=3)
+    a = SourceDetector.fit_to(model, [10.0], **kw)
+    b = SourceDetector.fit_to(model, [10.0], **kw)
+    assert a.identity == b.identity and len(a.history) == 1 and a.training is False
+    dom = a.domain
+    assert dom["pixel_scale_deg"] == pytest.approx(0.625) and dom["psf_sigma_px"] == 1.5
+    assert dom["exposure"] == 100.0 and dom["statistics"]["n_maps"] == 20
+    lo, hi = dom["statistics"]["p99"]
+    assert 0 < lo <= hi
 
 
 def test_shipped_detector_finds_bright_sources(model):
     det = default_detector()
-    size = os.path.getsize(det._source_path) if hasattr(det, "_source_path") else None
-    if size is not None:
-        assert size <= 5 * 2**20
+    assert os.path.getsize(det._source_path) <= 5 * 2**20
     # a sparse field (thin disk) with three bright sources injected far from the plane
     theta = torch.tensor([[100.0, 1.0, 2.0]])
     base = model.simulate(1, seed=5, theta=theta, noise=False).maps
@@ -208,21 +235,185 @@ def test_shipped_detector_finds_bright_sources(model):
         assert math.isclose(cat["flux"][d.argmin()].value, 100.0, rel_tol=0.2)
 
 
-def test_cli_simulate_detect(tmp_path):
-    from astropy.io import fits
-    from regions import Regions
+# ----------------------------------------------------------------------------------------------
+# The finder's settings, the detector's domain, hostile maps
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"threshold": 0}, ValueError, "threshold must be positive"),
+    ({"threshold": -1.0}, ValueError, "threshold must be positive"),
+    ({"threshold": float("nan")}, ValueError, "threshold must be positive"),
+    ({"threshold": "high"}, TypeError, "threshold must be a positive number"),
+    ({"n_pixels": 0}, ValueError, "n_pixels"),
+    ({"n_pixels": 1.5}, ValueError, "n_pixels"),
+    ({"flux_threshold": 7.0}, ValueError, "not one of the detector's thresholds"),
+    ({"flux_threshold": float("nan")}, ValueError, "flux_threshold must be positive"),
+    ({"deblend": "yes"}, TypeError, "deblend"),
+    ({"tile_overlap": 500}, ValueError, "tile_overlap"),
+])
+def test_finder_settings_are_validated_once(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        NeuralSourceFinder(**kwargs)
 
-    from astrotrunc.cli import main
 
-    obs, truth = tmp_path / "obs.fits", tmp_path / "truth.ecsv"
-    assert main(["simulate", "--seed", "3", "--out", str(obs), "--truth", str(truth)]) == 0
-    assert main(["simulate", "--seed", "3", "--out", str(obs)]) == 2  # no clobber
-    hdr = fits.getheader(obs)
-    assert hdr["CTYPE1"] == "GLON-CAR" and hdr["BUNIT"] is not None
-    t = QTable.read(truth)
-    assert t["l"].unit == u.deg and len(t) == int(hdr["HIERARCH TRUTH N"])
-    cat, reg = tmp_path / "cat.ecsv", tmp_path / "cat.reg"
-    assert main(["detect", str(obs), "--out", str(cat), "--regions", str(reg)]) == 0
-    c = QTable.read(cat)
-    assert len(c) > 0 and "sky_centroid" in c.colnames
-    assert len(Regions.read(reg, format="ds9")) == len(c)
+def test_finder_records_every_setting_in_the_catalog(model):
+    finder = NeuralSourceFinder(threshold=3.0, n_pixels=1, flux_threshold=10.0, deblend=False,
+                                tile_overlap=16)
+    cat = finder(model.simulate(1, seed=3).maps[0], wcs=model.wcs)
+    assert {k: cat.meta[k] for k in finder.settings} == finder.settings
+    assert cat.meta["deblend"] is False and cat.meta["tile_overlap"] == 16
+    assert "NeuralSourceFinder(" in repr(finder)
+
+
+@pytest.fixture(scope="module")
+def paper_map(model):
+    return model.simulate(1, seed=11).maps[0].numpy().astype(float)
+
+
+def _domain_warnings(data, **kwargs):
+    from astrotrunc import OutOfDomainWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        find_sources(data, **kwargs)
+    return " ".join(str(w.message) for w in caught if issubclass(w.category, OutOfDomainWarning))
+
+
+def test_maps_like_the_training_maps_raise_no_domain_warning(model, paper_map):
+    assert _domain_warnings(paper_map, wcs=model.wcs) == ""
+    for seed in range(3):
+        assert _domain_warnings(model.simulate(1, seed=100 + seed).maps[0]) == ""
+
+
+@pytest.mark.parametrize("case, match", [
+    ("pixel_scale", "pixel scale is 0.1 deg"),
+    ("times_1e6", "99th-percentile pixel value"),
+    ("over_1000", "99th-percentile pixel value"),
+    ("background", "median pixel value"),
+    ("psf4", "PSF width measured on the map"),
+    ("zero", "the map is constant"),
+    ("negative", "1st-percentile pixel value"),
+])
+def test_maps_outside_the_domain_are_named(model, paper_map, case, match):
+    from astrotrunc import Instrument, make_wcs
+
+    kwargs = {}
+    data = paper_map
+    if case == "pixel_scale":
+        kwargs["wcs"] = make_wcs(128, (0, 0), 0.1 * u.deg)
+    elif case == "times_1e6":
+        data = paper_map * 1e6
+    elif case == "over_1000":
+        data = paper_map / 1000
+    elif case == "background":
+        data = PointSourceModel(instrument=Instrument(background=1.0)).simulate(1, seed=11).maps[0]
+    elif case == "psf4":
+        data = PointSourceModel(instrument=Instrument(psf=4.0)).simulate(1, seed=11).maps[0]
+    elif case == "zero":
+        data = np.zeros((128, 128))
+    elif case == "negative":
+        data = -paper_map
+    message = _domain_warnings(data, **kwargs)
+    assert match in message and "retrain" in message
+
+
+def test_quantity_maps_are_converted_or_refused(model, paper_map):
+    with pytest.raises(ValueError, match="does not convert to the detector's flux unit"):
+        find_sources(paper_map * u.mJy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = find_sources(paper_map)
+        same = find_sources(paper_map * u.dimensionless_unscaled)
+    assert len(plain) == len(same)
+    # a detector in Jy: a map in mJy is converted, and the catalog keeps the map's unit
+    jy = PointSourceModel(flux_unit=u.Jy)
+    det = _FixedOdds.from_model(jy, flux_thresholds=[10.0], base_channels=4, depth=1)
+    det.set_map(_blobs((128, 128), [(64, 64)]))
+    in_jy = find_sources(paper_map * u.Jy, det)
+    in_mjy = find_sources((paper_map * 1000) * u.mJy, det)
+    assert in_mjy["flux"].unit == u.mJy and in_jy["flux"].unit == u.Jy
+    assert u.allclose(in_mjy["flux"], in_jy["flux"])
+
+
+def test_non_physical_pixel_is_masked_and_its_neighbours_survive(paper_map):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = find_sources(paper_map)
+    xy = np.c_[clean["x_centroid"].value, clean["y_centroid"].value]
+    # the pixel with most catalogued sources within 4 px
+    grid = [(ix, iy) for ix in range(5, 123, 2) for iy in range(5, 123, 2)]
+    best = max(grid, key=lambda p: (np.hypot(*(xy - p).T) < 4).sum())
+    near = np.hypot(*(xy - best).T) < 4
+    assert near.sum() >= 3
+    spiked = paper_map.copy()
+    spiked[best[1], best[0]] = 1e30
+    with pytest.warns(Warning, match="not physical for this detector"):
+        cat = find_sources(spiked)
+    xy2 = np.c_[cat["x_centroid"].value, cat["y_centroid"].value]
+    for p in xy[near]:
+        assert np.hypot(*(xy2 - p).T).min() < 1.0, f"source at {p} lost next to the bad pixel"
+
+
+def test_tiny_maps(model):
+    with pytest.raises(ValueError, match="too small"):
+        find_sources(np.ones((1, 1)))
+    with pytest.raises(ValueError, match="too small"):
+        find_sources(np.ones((2, 50)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cat = find_sources(np.ones((3, 3)))
+    assert cat is None or len(cat) >= 0
+
+
+def _tampered(det, tmp_path, name, config=None, tensors=None, raw_config=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "det.safetensors"
+    if not path.exists():
+        det.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(str(path))
+    if config:
+        cfg = json.loads(meta["config"])
+        cfg.update(config)
+        meta["config"] = json.dumps(cfg)
+    if raw_config is not None:
+        meta["config"] = raw_config
+    if tensors:
+        tensors(state)
+    out = tmp_path / f"{name}.safetensors"
+    save_file(state, str(out), metadata=meta)
+    return out
+
+
+def test_tampered_model_files_are_refused_before_building(model, tmp_path):
+    det = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=4, depth=2)
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        SourceDetector.load(_tampered(det, tmp_path, "d60", config={"depth": 60}))
+    with pytest.raises(ValueError, match="do not fit"):  # valid config, other shapes
+        SourceDetector.load(_tampered(det, tmp_path, "d3", config={"depth": 3}))
+    with pytest.raises(ValueError, match="do not fit"):
+        SourceDetector.load(_tampered(det, tmp_path, "c64", config={"base_channels": 64}))
+
+    def nan(state):
+        state["net.head.weight"][...] = float("nan")
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        SourceDetector.load(_tampered(det, tmp_path, "nan", tensors=nan))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SourceDetector.load(_tampered(det, tmp_path, "json", raw_config='{"depth": 2,'))
+    with pytest.raises(ValueError, match="not a JSON object"):
+        SourceDetector.load(_tampered(det, tmp_path, "list", raw_config="[1, 2]"))
+
+
+def test_shipped_detector_records_its_instrument():
+    det = default_detector()
+    dom = det.domain
+    assert dom["pixel_scale_deg"] == pytest.approx(0.625) and dom["psf_sigma_px"] == 1.5
+    assert dom["exposure"] == 100.0 and dom["background"] == 0.0 and dom["flux_unit"] == ""
+    assert dom["statistics"]["n_maps"] == 1000
+    from astrotrunc import CompletenessFunction
+
+    # the domain is descriptive: the identity, which pairs r2 with r1, is the same as before
+    assert det.identity == "21fddd5b790ec9d8" == CompletenessFunction.load_default().detector_id

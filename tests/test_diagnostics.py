@@ -37,7 +37,9 @@ def test_exact_ratio_is_calibrated_and_overconfident_is_not():
                      n_test=400, seed=1)
     assert len(table) == 6 and set(table["marginal"]) == {"a", "b"}
     assert table.meta["credible_levels"].shape == (400, 2)
-    assert (table["lower"] <= table["empirical"]).all() and (table["empirical"] <= table["upper"]).all()
+    assert (table["lower"] <= table["empirical"]).all() and (
+        table["empirical"] <= table["upper"]
+    ).all()
     np.testing.assert_allclose(table["empirical"], table["nominal"], atol=0.06)
     sharp = coverage(_Exact(scale=4.0), _simulator, PRIOR, levels=[0.5, 0.68, 0.95], n_samples=4000,
                      n_test=400, seed=1)

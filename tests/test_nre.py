@@ -1,4 +1,5 @@
-"""NRE engine: marginal estimators against an analytic posterior, safe files, trainer, posteriors."""
+"""NRE engine: marginal estimators against an analytic posterior, safe files, trainer, posteriors.
+"""
 
 import json
 import warnings
@@ -12,30 +13,13 @@ from astrotrunc.exceptions import LowEffectiveSampleSizeWarning
 from astrotrunc.nre import (ChannelResidualNet, MarginalRatioEstimator, OnlineStandardize,
                             RatioEstimator, Trainer, WeightedSamples, contrastive_loss,
                             effective_sample_size)
-from astrotrunc.priors import BoxPrior, Uniform
+from astrotrunc._toys import (LG_MATRIX, LG_PRIOR, LG_SIGMA, linear_gaussian,
+                              linear_gaussian_moments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-A = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.3, 0.0, 1.0]])
-SIGMA = 0.6
-PRIOR = BoxPrior(a=Uniform(-3, 3), b=Uniform(-3, 3), c=Uniform(-3, 3))
-
-
-def _linear_gaussian(n, seed):
-    theta = PRIOR.sample(n, generator=seed)
-    x = theta @ A.T + SIGMA * torch.randn(n, 3, generator=torch.Generator().manual_seed(seed + 1))
-    return {"theta": theta, "x": x}
-
-
-def _analytic_moments(x_obs):
-    """Mean and std of the exact posterior: N(mu, Sigma) restricted to the prior box."""
-    a = A.double()
-    cov = SIGMA**2 * torch.linalg.inv(a.T @ a)
-    mu = cov @ a.T @ x_obs.double().reshape(3) / SIGMA**2
-    z = mu + torch.randn(400_000, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64) \
-        @ torch.linalg.cholesky(cov).T
-    z = z[(z.abs() < 3).all(1)]
-    return z.mean(0).numpy(), z.std(0).numpy()
+A, SIGMA, PRIOR = LG_MATRIX, LG_SIGMA, LG_PRIOR
+_linear_gaussian, _analytic_moments = linear_gaussian, linear_gaussian_moments
 
 
 def test_linear_gaussian_marginals_match_analytic():
@@ -44,7 +28,9 @@ def test_linear_gaussian_marginals_match_analytic():
     Trainer(max_epochs=30, batch_size=128, learning_rate=3e-3, progress=False, seed=0,
             patience=100).fit(est, _linear_gaussian(16000, 0))
     theta_true = torch.tensor([[0.45, -0.6, 0.65]])
-    x_obs = theta_true @ A.T + SIGMA * torch.randn(1, 3, generator=torch.Generator().manual_seed(11))
+    x_obs = theta_true @ A.T + SIGMA * torch.randn(
+        1, 3, generator=torch.Generator().manual_seed(11)
+    )
     post = est.sample(x_obs, PRIOR, 50_000, generator=1)
     mean, std = _analytic_moments(x_obs)
     # means within 10 % of the posterior width, widths within 10 %
@@ -140,7 +126,9 @@ def test_trainer_checks_and_sources(tmp_path):
     with pytest.raises(ValueError, match="same length"):
         trainer.fit(est, dict(good, x=torch.randn(63, 2)))
     with pytest.raises(ValueError, match="'theta' holds NaN or infinite"):
-        trainer.fit(est, dict(good, theta=good["theta"].clone().index_fill_(0, torch.tensor([3]), np.inf)))
+        trainer.fit(
+            est, dict(good, theta=good["theta"].clone().index_fill_(0, torch.tensor([3]), np.inf))
+        )
     with pytest.raises(ValueError, match="empty"):
         trainer.fit(est, {})
 
@@ -172,8 +160,7 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
         hist = Trainer(max_epochs=3, batch_size=32, progress=False, seed=5, **kw).fit(est, data)
         return est, hist
 
-    rng_before = torch.get_rng_state()
-    (e1, h1), (e2, h2) = run(), run(checkpoint_dir=tmp_path)
+    (_, h1), (e2, h2) = run(), run(checkpoint_dir=tmp_path)
     assert list(h1["val_loss"]) == list(h2["val_loss"])
     # resuming a finished run trains no more and restores the best weights
     e3 = MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
@@ -189,7 +176,15 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x80\x04junk")
     with pytest.raises(ValueError, match="not an astrotrunc checkpoint"):
         Trainer(max_epochs=3, progress=False, checkpoint_dir=tmp_path).fit(e3, data, resume=True)
-    del rng_before
+
+
+def test_seeded_trainer_leaves_the_global_rng_alone():
+    data = {"theta": torch.randn(200, 2), "x": torch.randn(200, 2)}
+    est = MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    Trainer(max_epochs=2, batch_size=32, progress=False, seed=5).fit(est, data)
+    assert torch.equal(torch.get_rng_state(), rng_before)
 
 
 def test_weighted_samples():
@@ -227,7 +222,9 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         torch.manual_seed(1)
         return MarginalRatioEstimator(2, 2, hidden=8, dropout=0.1)
 
-    ref = Trainer(max_epochs=4, batch_size=32, progress=False, seed=5, patience=100).fit(make(), data)
+    ref = Trainer(max_epochs=4, batch_size=32, progress=False, seed=5, patience=100).fit(
+        make(), data
+    )
     est, calls = make(), []
     loss = est.loss
 
@@ -262,4 +259,6 @@ def test_deepsets_embedding_for_catalogs():
     padded_junk = x.clone()
     padded_junk[:, 4, :2] = 99.0  # a padding row's features are ignored
     for other in (shuffled, padded_junk):
-        torch.testing.assert_close(est.log_ratio(other, batch["theta"]), est.log_ratio(x, batch["theta"]))
+        torch.testing.assert_close(
+            est.log_ratio(other, batch["theta"]), est.log_ratio(x, batch["theta"])
+        )

@@ -87,7 +87,9 @@ def test_flux_conservation_constant_boundary_with_background():
     expected = 4.0 * flux.double().sum(1) + 0.25 * 64 * 80
     np.testing.assert_allclose(mu.double().sum((1, 2)).numpy(), expected.numpy(), rtol=1e-4)
     # at the edge, a 'constant' boundary loses flux (a 'reflect' one would not)
-    edge = model.render(torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    edge = model.render(
+        torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    )
     assert edge.sum() - 0.25 * 64 * 80 < 0.5 * 4.0
 
 
@@ -95,7 +97,9 @@ def test_kernel_psf_matches_scipy():
     kernel = np.outer([1, 2, 1], [1, 3, 5, 3, 1]).astype(float)
     geom = SkyGeometry.from_extent(shape=(32, 40), resolution=1 * u.deg)
     for boundary, mode in (("reflect", "reflect"), ("constant", "constant")):
-        model = PointSourceModel(geometry=geom, instrument=Instrument(psf=kernel, boundary=boundary))
+        model = PointSourceModel(
+            geometry=geom, instrument=Instrument(psf=kernel, boundary=boundary)
+        )
         sims = model.simulate(2, seed=4, noise=False, theta=torch.tensor([[30.0, 1.0, 10.0]] * 2))
         from scipy.ndimage import convolve
 
@@ -141,7 +145,9 @@ def test_non_affine_projection_uses_wcs():
     assert geom._affine is None
     lon, lat = torch.tensor([[31.0, 28.0]]), torch.tensor([[21.5, 19.0]])
     x, y = geom.world_to_pixel(lon, lat)
-    xw, yw = geom.wcs.world_to_pixel(SkyCoord([31.0, 28.0] * u.deg, [21.5, 19.0] * u.deg, frame="galactic"))
+    xw, yw = geom.wcs.world_to_pixel(
+        SkyCoord([31.0, 28.0] * u.deg, [21.5, 19.0] * u.deg, frame="galactic")
+    )
     np.testing.assert_allclose(x[0].numpy(), xw, atol=1e-4)
     np.testing.assert_allclose(y[0].numpy(), yw, atol=1e-4)
 
@@ -150,7 +156,11 @@ def test_seeds_reproduce_and_differ(model):
     a = model.simulate(5, seed=7)
     b = model.simulate(5, seed=7)
     c = model.simulate(5, seed=8)
-    assert torch.equal(a.maps, b.maps) and torch.equal(a.theta, b.theta) and torch.equal(a.flux, b.flux)
+    assert (
+        torch.equal(a.maps, b.maps)
+        and torch.equal(a.theta, b.theta)
+        and torch.equal(a.flux, b.flux)
+    )
     assert not torch.equal(a.maps, c.maps)
     assert a.maps.dtype == torch.float32
 
@@ -188,7 +198,10 @@ def test_truth_tables(model):
         (lambda: Instrument(boundary="wrap"), "boundary"),
         (lambda: PointSourceModel(prior=BoxPrior(N=Uniform(1, 2))), "BoxPrior over"),
         (lambda: PointSourceModel(instrument=Instrument(background=np.ones((3, 3)))), "shape"),
-        (lambda: PointSourceModel.paper().simulate(2, theta=np.ones((3, 3))), "theta must have shape"),
+        (
+            lambda: PointSourceModel.paper().simulate(2, theta=np.ones((3, 3))),
+            "theta must have shape",
+        ),
     ],
 )
 def test_bad_input(make, match):
@@ -204,7 +217,10 @@ def test_cli_simulate(tmp_path, capsys):
     from astrotrunc.cli import main
 
     obs, truth = tmp_path / "obs.fits", tmp_path / "truth.ecsv"
-    assert main(["simulate", "--seed", "3", "--out", str(obs), "--truth", str(truth), "--n-maps", "2"]) == 0
+    assert (
+        main(["simulate", "--seed", "3", "--out", str(obs), "--truth", str(truth), "--n-maps", "2"])
+        == 0
+    )
     assert main(["simulate", "--seed", "3", "--out", str(obs)]) == 2  # never clobbers
     assert "already exists" in capsys.readouterr().err
     with fits.open(obs) as hdul:

@@ -22,21 +22,24 @@ rng = np.random.default_rng(0)
 n = 6000
 f = np.exp(rng.normal(1, 2, n)); lon = rng.normal(0, 20, n); lat = rng.normal(0, 8, n)
 d = rng.random(n) < 1 / (1 + (3 / f) ** 3)
-data = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in dict(flux=f, l=lon, b=lat, d=d).items()}
+data = {k: torch.as_tensor(v, dtype=torch.float32)
+        for k, v in dict(flux=f, l=lon, b=lat, d=d).items()}
 torch.manual_seed(0)
 S = CompletenessFunction(detector_id="toy", hidden=16)
 slow = float(sys.argv[2])
 loss = S.loss
 S.loss = lambda b: (time.sleep(slow), loss(b))[1]
-hist = Trainer(max_epochs=8, batch_size=256, learning_rate=5e-3, progress=False, seed=3, patience=100,
-               checkpoint_dir=sys.argv[1] if sys.argv[1] != "-" else None).fit(S, data, resume=True)
+hist = Trainer(max_epochs=8, batch_size=256, learning_rate=5e-3, progress=False, seed=3,
+               patience=100, checkpoint_dir=sys.argv[1] if sys.argv[1] != "-" else None
+               ).fit(S, data, resume=True)
 print("FINAL", float(hist["val_loss"].min()))
 """
 
 
 def _run(ckpt, slow):
-    return subprocess.run([sys.executable, "-c", _TOY, ckpt, str(slow)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _TOY, ckpt, str(slow)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):

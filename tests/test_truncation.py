@@ -22,10 +22,19 @@ def test_rounds_shrink_box_and_keep_truth(truth):
     theta_true = torch.tensor([truth])
     x_obs = _simulator(theta_true, seed=1)
     torch.manual_seed(0)
-    result = run_rounds(_simulator, prior, lambda box: MarginalRatioEstimator(2, prior.names, hidden=32),
-                        x_obs, n_rounds=2, n_simulations=2000, epsilon=1e-6, n_samples=50_000,
-                        trainer=Trainer(max_epochs=15, batch_size=128, learning_rate=3e-3,
-                                        progress=False, seed=0, patience=100))
+    result = run_rounds(
+        _simulator,
+        prior,
+        lambda box: MarginalRatioEstimator(2, prior.names, hidden=32),
+        x_obs,
+        n_rounds=2,
+        n_simulations=2000,
+        epsilon=1e-6,
+        n_samples=50_000,
+        trainer=Trainer(
+            max_epochs=15, batch_size=128, learning_rate=3e-3, progress=False, seed=0, patience=100
+        ),
+    )
     assert isinstance(result, TruncationResult) and len(result) == 2
     for r in result.rounds:  # every box holds the truth
         assert bool(r.bounds.contains(theta_true)), r

@@ -45,7 +45,7 @@ class CatalogLikelihood:
         The full model (its flux and position densities).
     regions : `~astrotrunc.truncation.DetectedRegions`
         The regions R_i of the catalog.
-    completeness : `~astrotrunc.CompletenessFunction`, `~astrotrunc.ConditionalCompleteness` or a table
+    completeness : `~astrotrunc.CompletenessFunction` or `~astrotrunc.ConditionalCompleteness`
         S(F, s) of the detector that made the catalog; a `~astrotrunc.ConditionalCompleteness`
         gives S(F, s | θ), interpolated between θ nodes.
     flux_threshold : float, optional
@@ -195,7 +195,8 @@ class CatalogLikelihood:
         idx, cw = self._corners(theta)
         js, fs = self._grid_pos(theta[:, 1], self.sigma_grid)
         r = self._region_table
-        g = r[idx, js[:, None]] * (1 - fs[:, None, None]) + r[idx, js[:, None] + 1] * fs[:, None, None]
+        fs = fs[:, None, None]
+        g = r[idx, js[:, None]] * (1 - fs) + r[idx, js[:, None] + 1] * fs
         g = (g * cw[..., None]).sum(1)  # (n, P_R): flux-integrated S, between the nodes
         mass = torch.exp(self.grid.log_mass(self.model, theta, self.regions.pixel_index)).sum(-1)
         per_region = torch.zeros(n, m, dtype=torch.float64)

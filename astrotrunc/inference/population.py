@@ -30,7 +30,7 @@ from ..priors import BoxPrior
 from ..truncation import (DetectedRegions, TruncatedModel, TruncationResult, TruncationRound,
                           completeness_table, truncation_bounds)
 from .likelihood import CatalogLikelihood
-from .posterior import BRANCHES, PopulationPosterior
+from .posterior import PopulationPosterior
 from .r3 import SubThresholdRatio, TruncatedSimulations
 
 __all__ = ["PopulationInference", "InferenceSettings"]
@@ -83,7 +83,7 @@ class InferenceSettings:
                       "n_samples": 20_000, **kwargs})
 
     def __post_init__(self):
-        if self.n_rounds < 1 or self.n_simulations < 2 * self.chunk_size // 2 or self.n_samples < 100:
+        if self.n_rounds < 1 or self.n_simulations < self.chunk_size or self.n_samples < 100:
             raise ValueError(f"need n_rounds >= 1, n_simulations >= {self.chunk_size} and "
                              f"n_samples >= 100; got {self.n_rounds}, {self.n_simulations}, "
                              f"{self.n_samples}")
@@ -224,7 +224,8 @@ class PopulationInference:
             if ident is not None and ident != self.detector.identity:
                 raise ValueError(f"the catalog was made by detector {ident}, this inference uses "
                                  f"{self.detector.identity}")
-            for key, have in (("threshold", self.threshold), ("flux_threshold", self.flux_threshold)):
+            for key, have in (("threshold", self.threshold),
+                              ("flux_threshold", self.flux_threshold)):
                 got = catalog.meta.get(key)
                 if got is not None and have is not None and not math.isclose(float(got), have):
                     raise ValueError(f"the catalog was made with {key}={got}, the completeness "

@@ -1,7 +1,26 @@
-"""The neural ratio estimation engine shared by r1-r4: estimators, trainer, safe files, posteriors."""
+"""The neural ratio estimation engine shared by r1-r4: estimators, trainer, safe files, posteriors.
+"""
 
-from .estimator import *  # noqa: F401,F403
-from .networks import *  # noqa: F401,F403
-from .marginal import *  # noqa: F401,F403
-from .posterior import *  # noqa: F401,F403
-from .trainer import *  # noqa: F401,F403
+from .estimator import RatioEstimator, contrastive_loss
+from .marginal import MarginalRatioEstimator
+from .networks import (EMBEDDINGS, CNNEmbedding, ChannelResidualNet, DeepSetEmbedding,
+                       MLPEmbedding, OnlineStandardize, make_embedding)
+from .posterior import WeightedSamples, effective_sample_size, hpd_credible_level
+from .trainer import Trainer
+
+__all__ = [
+    "RatioEstimator",
+    "contrastive_loss",
+    "MarginalRatioEstimator",
+    "Trainer",
+    "ChannelResidualNet",
+    "OnlineStandardize",
+    "MLPEmbedding",
+    "CNNEmbedding",
+    "DeepSetEmbedding",
+    "make_embedding",
+    "EMBEDDINGS",
+    "WeightedSamples",
+    "effective_sample_size",
+    "hpd_credible_level",
+]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .._utils import atomic_write
 
 __all__ = ["RatioEstimator", "contrastive_loss"]
 
@@ -33,7 +33,7 @@ def contrastive_loss(logit_fn, batch, key="theta", reference=None):
     reference : dict, optional
         Reference-density contrast: ``{name: reference_name}``; the marginal pairs are the batch
         with ``batch[name]`` replaced by ``batch[reference_name]``, samples of a reference density
-        rho. The classifier then learns ``log p(name | rest) / rho(name)`` (r4 in DESIGN.md).
+        rho. The classifier then learns ``log p(name | rest) / rho(name)`` (r4 of the method).
 
     Returns
     -------
@@ -101,12 +101,25 @@ class RatioEstimator(nn.Module):
 
     @property
     def config(self) -> dict:
-        """JSON-serialisable constructor arguments (``type(self)(**config)`` rebuilds the network)."""
+        """JSON-serialisable constructor arguments (``type(self)(**config)`` rebuilds the net)."""
         raise NotImplementedError(f"{type(self).__name__} must define the config property")
 
     def loss(self, batch) -> torch.Tensor:
-        """Contrastive NRE loss of a batch (see `contrastive_loss`); override for other objectives."""
+        """Contrastive NRE loss of a batch (see `contrastive_loss`); override it for others."""
         return contrastive_loss(self, batch, key=self.theta_key, reference=self.reference)
+
+    def train(self, mode=True):
+        """`torch.nn.Module.train`: switch training mode on (``True``) or off (``False``).
+
+        Estimators do not train themselves: give them and their data to
+        `~astrotrunc.nre.Trainer.fit` (or use a ``fit_to`` classmethod).
+        """
+        if not isinstance(mode, bool):
+            msg = (f"{type(self).__name__}.train(mode) is torch's training-mode switch and takes "
+                   f"True or False, not a {type(mode).__name__}; to train on simulations use "
+                   f"{type(self).__name__}.fit_to(...) or Trainer().fit(estimator, data)")
+            raise TypeError(msg)
+        return super().train(mode)
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path, overwrite=False, metadata=None):
@@ -123,9 +136,9 @@ class RatioEstimator(nn.Module):
             ``metadata`` attribute of the loaded estimator.
         """
         from .. import __version__
-        from ..io import _check_writable
+        from .._utils import check_writable
 
-        path = _check_writable(path, overwrite)
+        path = check_writable(path, overwrite)
 
         try:
             meta = {"format": _FORMAT, "class": type(self).__name__, "astrotrunc": __version__,
@@ -159,8 +172,6 @@ class RatioEstimator(nn.Module):
         if not path.is_file():
             raise OSError(f"no such model file: {path}")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -173,30 +184,49 @@ class RatioEstimator(nn.Module):
         if klass is None or not issubclass(klass, cls):
             raise ValueError(f"{path} holds a {name}, not a {cls.__name__}"
                              + ("" if klass else " (is the module defining it imported?)"))
+        config = _json_field(meta, "config", path)
+        user_meta = _json_field(meta, "metadata", path, default="{}")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: the model file's config is not a JSON object")
+        # build on the meta device first (no memory) and compare with the header's tensor shapes:
+        # a tampered config is refused before any real allocation
         try:
-            est = klass(**json.loads(meta["config"]))
-        except (TypeError, ValueError) as exc:
+            with torch.device("meta"):
+                skeleton = klass(**config)
+            expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        except Exception as exc:  # noqa: BLE001 - any failure means the config is unusable
             raise ValueError(f"{path}: its config cannot rebuild a {name}: {exc}") from None
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if stored != expected:
+            diff = sorted(set(stored) ^ set(expected)) or sorted(
+                k for k in stored if stored[k] != expected[k])
+            raise ValueError(
+                f"{path}: the stored weights do not fit the {name} architecture its "
+                f"config describes (they differ in {diff[:3]}); the config was altered or "
+                "the file is damaged"
+            )
         state = load_file(str(path), device=str(map_location or "cpu"))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{path}: weights {bad[:3]} hold NaN or infinite values")
         try:
+            est = klass(**config)
             est.load_state_dict(state)
-        except RuntimeError as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{path}: weights do not fit the {name} architecture: {exc}") from None
-        est.metadata = json.loads(meta.get("metadata", "{}"))
+        est.metadata = user_meta
         est._source_path = str(path)
         return est.eval()
 
 
-def _atomic(path: Path, write):
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _json_field(meta, key, path, default=None):
+    text = meta.get(key, default)
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: use the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the {key!r} metadata of the model file is not valid JSON "
+                         f"({exc}); the file is damaged or was not written by astrotrunc") from None
+
+
+_atomic = atomic_write  # used by the trainer

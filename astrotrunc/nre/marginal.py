@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._utils import evaluating
 from .estimator import RatioEstimator
 from .networks import ChannelResidualNet, OnlineStandardize, make_embedding
 
@@ -64,8 +65,14 @@ class MarginalRatioEstimator(RatioEstimator):
                  hidden=64, n_blocks=2, dropout=0.0, standardize=True, x_key="x",
                  theta_key="theta", reference_key=None, joint=False):
         super().__init__()
-        self.x_shape = (int(x_shape),) if isinstance(x_shape, int) else tuple(int(s) for s in x_shape)
-        names = [f"theta_{i}" for i in range(params)] if isinstance(params, int) else [str(p) for p in params]
+        self.x_shape = (
+            (int(x_shape),) if isinstance(x_shape, int) else tuple(int(s) for s in x_shape)
+        )
+        names = (
+            [f"theta_{i}" for i in range(params)]
+            if isinstance(params, int)
+            else [str(p) for p in params]
+        )
         if not names or len(set(names)) != len(names):
             raise ValueError(f"params must be distinct names (at least one), got {params!r}")
         self.param_names = tuple(names)
@@ -84,11 +91,22 @@ class MarginalRatioEstimator(RatioEstimator):
         n = len(names)
         self.theta_norm = OnlineStandardize(n) if self.standardize else nn.Identity()
         own = getattr(self.embedding, "standardizes_input", False)
-        self.x_norm = OnlineStandardize(self.x_shape) if self.standardize and not own else nn.Identity()
-        self.marginal_heads = ChannelResidualNet(n, n_features, 1, self.hidden, self.n_blocks, self.dropout)
-        self.pair_heads = (ChannelResidualNet(len(self.pairs), n_features, 2, self.hidden, self.n_blocks,
-                                              self.dropout) if self.pairs else None)
-        self.register_buffer("_pair_index", torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2))
+        self.x_norm = (
+            OnlineStandardize(self.x_shape) if self.standardize and not own else nn.Identity()
+        )
+        self.marginal_heads = ChannelResidualNet(
+            n, n_features, 1, self.hidden, self.n_blocks, self.dropout
+        )
+        self.pair_heads = (
+            ChannelResidualNet(
+                len(self.pairs), n_features, 2, self.hidden, self.n_blocks, self.dropout
+            )
+            if self.pairs
+            else None
+        )
+        self.register_buffer(
+            "_pair_index", torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
+        )
         self.joint_head = (ChannelResidualNet(1, n_features, n, self.hidden, self.n_blocks,
                                               self.dropout) if self.joint else None)
 
@@ -112,7 +130,7 @@ class MarginalRatioEstimator(RatioEstimator):
     # -- what the heads estimate -------------------------------------------------------------
     @property
     def marginals(self) -> tuple:
-        """Parameter indices of every head: ``(0,), (1,), ..., (i, j), ...`` (then all, if joint)."""
+        """Parameter indices of every head: ``(0,), (1,), ..., (i, j), ...``, then all if joint."""
         n = len(self.param_names)
         return (tuple((i,) for i in range(n)) + self.pairs
                 + ((tuple(range(n)),) if self.joint else ()))
@@ -127,7 +145,9 @@ class MarginalRatioEstimator(RatioEstimator):
         """Embedding features ``(B, n_features)`` of data ``(B, *x_shape)``."""
         return self.embedding(self.x_norm(x))
 
-    def heads(self, features: torch.Tensor, theta: torch.Tensor, standardized=False) -> torch.Tensor:
+    def heads(
+        self, features: torch.Tensor, theta: torch.Tensor, standardized=False
+    ) -> torch.Tensor:
         """Log-ratios ``(B, n_heads)`` of features ``(B, F)`` and parameters ``(B, n_params)``."""
         z = theta if standardized else self.theta_norm(theta)
         out = self.marginal_heads(features, z.unsqueeze(-1))
@@ -198,18 +218,19 @@ class MarginalRatioEstimator(RatioEstimator):
         if tuple(prior.names) != self.param_names:
             raise ValueError(f"prior parameters {prior.names} differ from the estimator's "
                              f"{self.param_names}")
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         x = torch.as_tensor(x_obs, dtype=torch.float32, device=device).reshape(1, *self.x_shape)
         theta = prior.sample(int(n_samples), generator=generator)
-        f = self.features(x)
-        lw = torch.cat([self.heads(f.expand(len(t), -1), t.to(device)) for t in theta.split(batch_size)])
-        self.train(was_training)
+        with evaluating(self):
+            f = self.features(x)
+            lw = torch.cat([self.heads(f.expand(len(t), -1), t.to(device))
+                            for t in theta.split(batch_size)])
 
         def log_weight_fn(t):
             with torch.no_grad():
-                t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1, len(self.param_names))
+                t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(
+                    -1, len(self.param_names)
+                )
                 return self.heads(self.features(x).expand(len(t), -1), t).cpu()
 
         return WeightedSamples(theta, lw.cpu(), names=self.param_names, marginals=self.marginals,

@@ -90,7 +90,8 @@ class _ChannelLinear(nn.Module):
 
 
 class ChannelResidualNet(nn.Module):
-    """Many small residual MLPs ("channels") evaluated together, as swyft's ``ResidualNetWithChannel``.
+    """Many small residual MLPs ("channels") evaluated together (swyft's
+    ``ResidualNetWithChannel``).
 
     Channel ``c`` maps ``(features, params[:, c, :])`` to one logit. The feature part of the first
     layer is a single matmul shared by all channels, then every layer is one batched matmul over
@@ -124,12 +125,19 @@ class ChannelResidualNet(nn.Module):
         super().__init__()
         self.channels, self.hidden = int(channels), int(hidden)
         bound = 1 / math.sqrt(n_features + n_params)
-        self.w_features = nn.Parameter(torch.empty(n_features, channels * hidden).uniform_(-bound, bound))
-        self.w_params = nn.Parameter(torch.empty(channels, n_params, hidden).uniform_(-bound, bound))
+        self.w_features = nn.Parameter(
+            torch.empty(n_features, channels * hidden).uniform_(-bound, bound)
+        )
+        self.w_params = nn.Parameter(
+            torch.empty(channels, n_params, hidden).uniform_(-bound, bound)
+        )
         self.bias = nn.Parameter(torch.empty(channels, 1, hidden).uniform_(-bound, bound))
         self.blocks = nn.ModuleList(
-            nn.ModuleList([_ChannelLinear(channels, hidden, hidden), _ChannelLinear(channels, hidden, hidden)])
-            for _ in range(int(n_blocks)))
+            nn.ModuleList(
+                [_ChannelLinear(channels, hidden, hidden), _ChannelLinear(channels, hidden, hidden)]
+            )
+            for _ in range(int(n_blocks))
+        )
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.out = _ChannelLinear(channels, hidden, 1)
 
@@ -218,11 +226,17 @@ class DeepSetEmbedding(nn.Module):
     def __init__(self, x_shape, n_features=32, hidden=64, standardize=True):
         super().__init__()
         if len(x_shape) != 2 or x_shape[1] < 2:
-            raise ValueError(f"a set embedding needs data of shape (max_size, d + 1), got {x_shape}")
+            raise ValueError(
+                f"a set embedding needs data of shape (max_size, d + 1), got {x_shape}"
+            )
         d = int(x_shape[1]) - 1
         self.norm = OnlineStandardize(d) if standardize else None
-        self.phi = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
-        self.rho = nn.Sequential(nn.Linear(hidden + 1, hidden), nn.SiLU(), nn.Linear(hidden, n_features))
+        self.phi = nn.Sequential(
+            nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
+        self.rho = nn.Sequential(
+            nn.Linear(hidden + 1, hidden), nn.SiLU(), nn.Linear(hidden, n_features)
+        )
         self.n_features = int(n_features)
 
     def forward(self, x):
@@ -306,7 +320,19 @@ EMBEDDINGS = {"mlp": MLPEmbedding, "identity": lambda x_shape: MLPEmbedding(x_sh
 def make_embedding(name: str, x_shape, **kwargs) -> nn.Module:
     """Build a registered embedding network by name (see `EMBEDDINGS`).
 
-    The module must expose ``n_features`` (width of its output).
+    Parameters
+    ----------
+    name : str
+        A key of `EMBEDDINGS`.
+    x_shape : tuple of int
+        Shape of one data sample.
+    **kwargs
+        Passed to the embedding's constructor.
+
+    Returns
+    -------
+    `torch.nn.Module`
+        It exposes ``n_features`` (width of its output).
     """
     try:
         factory = EMBEDDINGS[name]

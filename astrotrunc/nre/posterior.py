@@ -23,7 +23,15 @@ def _normalised(log_weights: np.ndarray) -> np.ndarray:
 def effective_sample_size(log_weights) -> np.ndarray:
     """Kish's effective sample size ``1 / sum(w**2)`` of (unnormalised) log-weights.
 
-    ``log_weights`` has shape ``(n,)`` or ``(n, k)`` (one ESS per column).
+    Parameters
+    ----------
+    log_weights : array
+        Shape ``(n,)`` or ``(n, k)`` (one ESS per column).
+
+    Returns
+    -------
+    `numpy.ndarray`
+        The ESS (a scalar array or one per column).
 
     Examples
     --------
@@ -106,8 +114,10 @@ class WeightedSamples:
         if lw.ndim == 1:
             lw = lw[:, None]
         if theta.ndim != 2 or lw.ndim != 2 or len(theta) != len(lw):
-            raise ValueError(f"theta (n, n_params) and log_weights (n,) or (n, k) must have the same "
-                             f"number of samples, got {theta.shape} and {lw.shape}")
+            raise ValueError(
+                f"theta (n, n_params) and log_weights (n,) or (n, k) must have the same "
+                f"number of samples, got {theta.shape} and {lw.shape}"
+            )
         if len(theta) == 0:
             raise ValueError("no samples")
         if np.isnan(lw).any() or np.isposinf(lw).any():
@@ -115,11 +125,15 @@ class WeightedSamples:
         if not np.isfinite(lw).any(0).all():
             raise ValueError("every sample has zero weight (log_weights all -inf) in some column")
         n_params, k = theta.shape[1], lw.shape[1]
-        self.names = tuple(names) if names is not None else tuple(f"theta_{i}" for i in range(n_params))
+        self.names = (
+            tuple(names) if names is not None else tuple(f"theta_{i}" for i in range(n_params))
+        )
         if len(self.names) != n_params:
             raise ValueError(f"{len(self.names)} names for {n_params} parameters")
         if marginals is None:
-            marginals = [(i,) for i in range(n_params)] if k == n_params else [tuple(range(n_params))] * k
+            marginals = (
+                [(i,) for i in range(n_params)] if k == n_params else [tuple(range(n_params))] * k
+            )
         self.marginals = tuple(tuple(int(i) for i in m) for m in marginals)
         if len(self.marginals) != k:
             raise ValueError(f"{len(self.marginals)} marginals for {k} weight columns")
@@ -129,9 +143,11 @@ class WeightedSamples:
         self.ess = 1.0 / (self.weights**2).sum(0)
         low = self.ess < min_ess
         if low.any():
-            cols = ", ".join(f"{n} ({e:.1f})" for n, e, b in zip(self.column_names, self.ess, low) if b)
+            cols = ", ".join(f"{n} ({e:.1f})"
+                             for n, e, b in zip(self.column_names, self.ess, low) if b)
             warnings.warn(f"low effective sample size of the weighted samples: {cols}; draw more "
-                          "samples or truncate the prior", LowEffectiveSampleSizeWarning)
+                          "samples or truncate the prior", LowEffectiveSampleSizeWarning,
+                          stacklevel=2)
 
     @property
     def column_names(self) -> tuple:
@@ -153,17 +169,40 @@ class WeightedSamples:
         return self.weights[:, [self._column(i) for i in range(self.theta.shape[1])]]
 
     def mean(self) -> np.ndarray:
-        """Posterior mean of every parameter, shape ``(n_params,)``."""
+        """Posterior mean of every parameter.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(n_params,)``.
+        """
         return (self._marginal_weights() * self.theta).sum(0)
 
     def std(self) -> np.ndarray:
-        """Posterior standard deviation of every parameter, shape ``(n_params,)``."""
+        """Posterior standard deviation of every parameter.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(n_params,)``.
+        """
         w = self._marginal_weights()
         mu = (w * self.theta).sum(0)
         return np.sqrt((w * (self.theta - mu) ** 2).sum(0))
 
     def quantile(self, q) -> np.ndarray:
-        """Weighted marginal quantiles: shape ``(n_params,)`` for a scalar ``q``, else ``(len(q), n_params)``."""
+        """Weighted marginal quantiles.
+
+        Parameters
+        ----------
+        q : float or sequence of float
+            Probabilities in [0, 1].
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(n_params,)`` for a scalar ``q``, else ``(len(q), n_params)``.
+        """
         q_arr = np.atleast_1d(np.asarray(q, dtype=np.float64))
         if ((q_arr < 0) | (q_arr > 1)).any():
             raise ValueError(f"quantiles must be in [0, 1], got {q}")
@@ -179,9 +218,18 @@ class WeightedSamples:
     def credible_level(self, point) -> np.ndarray:
         """Highest-posterior-density mass enclosing ``point``, for every weight column.
 
-        ``point`` is a full parameter vector ``(n_params,)``. Uses ``log_weight_fn`` when given
-        (exact ranks of the densities), else a weighted-histogram density estimate.
-        Returns shape ``(k,)`` (see `hpd_credible_level`).
+        Uses ``log_weight_fn`` when given (exact ranks of the densities), else a
+        weighted-histogram density estimate (see `hpd_credible_level`).
+
+        Parameters
+        ----------
+        point : array-like
+            A full parameter vector ``(n_params,)``.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``(k,)``, one level per weight column.
         """
         point = _numpy(point).reshape(-1)
         if len(point) != self.theta.shape[1]:
@@ -200,6 +248,18 @@ class WeightedSamples:
         """Log-weight thresholds of the HPD regions of given credible ``levels`` (for contours).
 
         The region ``log_weights[:, column] >= threshold`` holds posterior mass ``level``.
+
+        Parameters
+        ----------
+        levels : float or sequence of float
+            Credible levels.
+        column : int
+            Weight column.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            One threshold per level.
         """
         lw, w = self.log_weights[:, column], self.weights[:, column]
         order = np.argsort(-lw)
@@ -220,7 +280,9 @@ class WeightedSamples:
         hist, edges = np.histogramdd(t, bins=n_bins, range=ranges, weights=w)
 
         def lookup(values):
-            idx = [np.searchsorted(e, values[..., j], side="right") - 1 for j, e in enumerate(edges)]
+            idx = [
+                np.searchsorted(e, values[..., j], side="right") - 1 for j, e in enumerate(edges)
+            ]
             inside = np.all([(i >= 0) & (i < n_bins) for i in idx], axis=0)
             dens = hist[tuple(np.clip(i, 0, n_bins - 1) for i in idx)]
             return np.where(inside, dens, 0.0)
@@ -231,6 +293,11 @@ class WeightedSamples:
         """Per-parameter mean, std, median, 68 % interval and ESS as a `~astropy.table.QTable`.
 
         Parameters have different units, so values are plain numbers with a ``unit`` column.
+
+        Returns
+        -------
+        `~astropy.table.QTable`
+            One row per parameter.
         """
         q = self.quantile([0.16, 0.5, 0.84])
         ess = self.ess[[self._column(i) for i in range(self.theta.shape[1])]]

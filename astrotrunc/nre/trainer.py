@@ -1,4 +1,5 @@
-"""One trainer for every ratio estimator: AdamW, schedule, validation, early stopping, checkpoints."""
+"""One trainer for every ratio estimator: AdamW, schedule, validation, early stopping, checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -124,7 +125,9 @@ def _check_batch(batch):
         raise TypeError(f"batches must be non-empty dicts of tensors, got {type(batch).__name__}")
     sizes = {k: len(v) for k, v in batch.items()}
     if len(set(sizes.values())) != 1:
-        raise ValueError(f"all arrays of a batch must have the same length (batch size), got {sizes}")
+        raise ValueError(
+            f"all arrays of a batch must have the same length (batch size), got {sizes}"
+        )
     for k, v in batch.items():
         _check_finite(k, v)
 
@@ -194,10 +197,16 @@ class Trainer:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if int(max_epochs) < 1 or int(batch_size) < 1:
-            raise ValueError(f"max_epochs and batch_size must be positive, got {max_epochs}, {batch_size}")
+            raise ValueError(
+                f"max_epochs and batch_size must be positive, got {max_epochs}, {batch_size}"
+            )
         self.max_epochs, self.batch_size = int(max_epochs), int(batch_size)
         self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
-        self.val_fraction, self.patience, self.scheduler = float(val_fraction), int(patience), scheduler
+        self.val_fraction, self.patience, self.scheduler = (
+            float(val_fraction),
+            int(patience),
+            scheduler,
+        )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
         self.progress, self.seed = progress, seed
@@ -246,7 +255,14 @@ class Trainer:
                 opt, factor=0.5, patience=max(self.patience // 2, 1))
         else:
             sched = None
-        state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "done": False, "seed": seed}
+        state = {
+            "epoch": 0,
+            "best": math.inf,
+            "stale": 0,
+            "history": [],
+            "done": False,
+            "seed": seed,
+        }
         best_state = None
         if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / _CKPT).exists():
             state, best_state = self._restore(estimator, opt, sched, gen)
@@ -270,7 +286,9 @@ class Trainer:
                 loss.backward()
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"the training loss became {value} at epoch {epoch + 1}")
+                    raise FloatingPointError(
+                        f"the training loss became {value} at epoch {epoch + 1}"
+                    )
                 if self.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(estimator.parameters(), self.grad_clip)
                 opt.step()
@@ -289,7 +307,9 @@ class Trainer:
                             time.perf_counter() - t0))
             if val < state["best"]:
                 state["best"], state["stale"] = val, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in estimator.state_dict().items()}
+                best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in estimator.state_dict().items()
+                }
             else:
                 state["stale"] += 1
             state["epoch"] = epoch + 1
@@ -325,7 +345,9 @@ class Trainer:
     # -- checkpoints: one safetensors file (tensors + JSON metadata), replaced atomically ------
     def _checkpoint(self, estimator, opt, sched, gen, state, best_state):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in estimator.state_dict().items()}
+        tensors = {
+            f"model.{k}": v.detach().cpu().contiguous() for k, v in estimator.state_dict().items()
+        }
         tensors.update({f"best.{k}": v.contiguous() for k, v in (best_state or {}).items()})
         opt_state = opt.state_dict()
         for pid, st in opt_state["state"].items():
@@ -359,20 +381,26 @@ class Trainer:
         meta = self._read_meta()
         tensors = load_file(str(self.checkpoint_dir / _CKPT))
         if meta["architecture"] != type(estimator).__name__:
-            raise ValueError(f"the checkpoint in {self.checkpoint_dir} is for a {meta['architecture']}, "
-                             f"not a {type(estimator).__name__}")
+            raise ValueError(
+                f"the checkpoint in {self.checkpoint_dir} is for a {meta['architecture']}, "
+                f"not a {type(estimator).__name__}"
+            )
         model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             estimator.load_state_dict(model)
         except RuntimeError as exc:
-            raise ValueError(f"the checkpoint in {self.checkpoint_dir} does not fit this estimator's "
-                             f"architecture: {exc}") from None
+            raise ValueError(
+                f"the checkpoint in {self.checkpoint_dir} does not fit this estimator's "
+                f"architecture: {exc}"
+            ) from None
         best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
         opt_tensors = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
                 _, pid, name = k.split(".", 2)
-                opt_tensors.setdefault(int(pid), {})[name] = v.to(self.device) if name != "step" else v
+                opt_tensors.setdefault(int(pid), {})[name] = (
+                    v.to(self.device) if name != "step" else v
+                )
         opt.load_state_dict({"state": opt_tensors, "param_groups": meta["param_groups"]})
         if sched is not None and meta["scheduler"] is not None:
             sched.load_state_dict(meta["scheduler"])

@@ -1,0 +1,218 @@
+"""Describing detected regions: the catalog columns, computed lazily (photutils style).
+
+Finding (`~astrotrunc.NeuralSourceFinder`) and describing are two steps: the finder hands the
+odds map and the regions to `RegionCatalog`, whose columns are computed on first use and
+assembled by `RegionCatalog.to_table`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.table import QTable
+from scipy import ndimage
+
+__all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS"]
+
+#: The columns of a `~astrotrunc.find_sources` catalog, in order.
+CATALOG_COLUMNS = ("id", "x_centroid", "y_centroid", "sky_centroid", "l", "b", "flux", "flux_err",
+                   "peak_odds", "detection_probability", "n_pixels", "label")
+
+
+def peak_centroids(odds, segm):
+    """Source position of every region: its odds peak, refined by the odds-weighted 3×3 centroid.
+
+    A region that merges several sources (bright neighbours at a low odds threshold) is placed on
+    its most probable source centre, not between the sources as a whole-region centroid would be.
+
+    Parameters
+    ----------
+    odds : 2-D array
+        The odds map.
+    segm : `~photutils.segmentation.SegmentationImage`
+        The regions.
+
+    Returns
+    -------
+    x, y : arrays
+        Pixel coordinates (0-based), in the order of ``segm.labels``.
+    """
+    ny, nx = odds.shape
+    peaks = np.array(ndimage.maximum_position(odds, segm.data, segm.labels)).reshape(-1, 2)
+    dy, dx = np.mgrid[-1:2, -1:2]
+    yy = np.clip(peaks[:, 0, None, None] + dy, 0, ny - 1)
+    xx = np.clip(peaks[:, 1, None, None] + dx, 0, nx - 1)
+    same = segm.data[yy, xx] == segm.data[peaks[:, 0], peaks[:, 1]][:, None, None]
+    w = np.where(same, odds[yy, xx], 0.0)
+    w_sum = w.sum((1, 2))
+    return (w * xx).sum((1, 2)) / w_sum, (w * yy).sum((1, 2)) / w_sum
+
+
+class RegionCatalog:
+    """The catalog of detected regions; every column is computed on first use.
+
+    Parameters
+    ----------
+    data : 2-D array
+        The map in the detector's flux unit.
+    log_odds : 2-D array
+        The detector's log-odds map (``-inf`` at bad pixels).
+    segm : `~photutils.segmentation.SegmentationImage`
+        The regions R_i.
+    bad : 2-D bool array
+        Bad pixels.
+    detector : `~astrotrunc.SourceDetector`
+        For the flux estimate.
+    wcs : `~astropy.wcs.WCS`, optional
+        Celestial WCS for sky coordinates.
+    flux_unit : `~astropy.units.Unit`, optional
+        Unit of the flux columns (the map's own unit); the detector's when `None`.
+    meta : dict, optional
+        The table's metadata (the finder's settings).
+    """
+
+    def __init__(self, data, log_odds, segm, bad, detector, wcs=None, flux_unit=None, meta=None):
+        self.data, self.log_odds, self.segm, self.bad = data, log_odds, segm, bad
+        self.detector, self.wcs = detector, wcs
+        self.flux_unit = u.Unit(flux_unit if flux_unit is not None else detector.flux_unit)
+        self.meta = dict(meta or {})
+
+    def __len__(self):
+        return len(self.segm.labels)
+
+    @functools.cached_property
+    def odds(self):
+        with np.errstate(over="ignore"):
+            odds = np.exp(np.clip(self.log_odds, -700, 700))
+        odds[self.bad] = 0.0
+        return odds
+
+    @functools.cached_property
+    def _centroids(self):
+        return peak_centroids(self.odds, self.segm)
+
+    @property
+    def x_centroid(self):
+        return self._centroids[0] * u.pix
+
+    @property
+    def y_centroid(self):
+        return self._centroids[1] * u.pix
+
+    @functools.cached_property
+    def sky_centroid(self):
+        n = len(self)
+        if self.wcs is not None and self.wcs.has_celestial:
+            sky = self.wcs.celestial.pixel_to_world(*self._centroids)
+            return sky.galactic if hasattr(sky, "galactic") else sky
+        nan = np.full(n, np.nan) * u.deg
+        return SkyCoord(nan, nan, frame="galactic")
+
+    @property
+    def l(self):  # noqa: E743
+        return self.sky_centroid.l.wrap_at(180 * u.deg).to(u.deg)
+
+    @property
+    def b(self):
+        return self.sky_centroid.b.to(u.deg)
+
+    @functools.cached_property
+    def _flux(self):
+        flux, err = self.detector.estimate_flux(self.data, *self._centroids, self.bad)
+        scale = u.Unit(self.detector.flux_unit).to(self.flux_unit)
+        return flux * scale * self.flux_unit, err * scale * self.flux_unit
+
+    @property
+    def flux(self):
+        return self._flux[0]
+
+    @property
+    def flux_err(self):
+        return self._flux[1]
+
+    @property
+    def peak_odds(self):
+        return np.asarray(ndimage.maximum(self.odds, self.segm.data, self.segm.labels)).reshape(-1)
+
+    @property
+    def detection_probability(self):
+        """``1 - prod(1 - p)`` over the region's pixels, ``p = odds / (1 + odds)``."""
+        log_miss = -np.logaddexp(0, np.where(self.bad, -np.inf, self.log_odds))
+        s = ndimage.sum_labels(log_miss, self.segm.data, self.segm.labels)
+        return -np.expm1(np.asarray(s).reshape(-1))
+
+    @property
+    def n_pixels(self):
+        return np.asarray(self.segm.areas, dtype=int).reshape(-1)
+
+    @property
+    def label(self):
+        return np.asarray(self.segm.labels)
+
+    @property
+    def id(self):
+        return np.arange(1, len(self) + 1)
+
+    def to_table(self, columns=None) -> QTable:
+        """The catalog as a `~astropy.table.QTable` (all `CATALOG_COLUMNS` by default).
+
+        Parameters
+        ----------
+        columns : list of str, optional
+            The columns to compute, in order.
+
+        Returns
+        -------
+        `~astropy.table.QTable`
+        """
+        columns = CATALOG_COLUMNS if columns is None else tuple(columns)
+        unknown = [c for c in columns if c not in CATALOG_COLUMNS]
+        if unknown:
+            msg = f"unknown catalog columns {unknown}; available: {list(CATALOG_COLUMNS)}"
+            raise ValueError(msg)
+        table = QTable()
+        for name in columns:
+            table[name] = getattr(self, name)
+        table.meta.update(self.meta)
+        if self.wcs is not None and self.wcs.has_celestial:
+            table.meta["pixel_scale_deg"] = float(np.mean(
+                [abs(p.to_value(u.deg)) for p in self.wcs.celestial.proj_plane_pixel_scales()]))
+        table.meta["flux_unit"] = self.flux_unit.to_string()
+        return table
+
+
+def empty_catalog(flux_unit="", meta=None) -> QTable:
+    """A catalog with the `CATALOG_COLUMNS` (and their units) and no rows.
+
+    Parameters
+    ----------
+    flux_unit : str or `~astropy.units.Unit`
+        Unit of the flux columns.
+    meta : dict, optional
+        Table metadata.
+
+    Returns
+    -------
+    `~astropy.table.QTable`
+    """
+    funit = u.Unit(flux_unit)
+    empty = np.zeros(0)
+    table = QTable()
+    table["id"] = np.zeros(0, dtype=int)
+    table["x_centroid"] = empty * u.pix
+    table["y_centroid"] = empty * u.pix
+    table["sky_centroid"] = SkyCoord(empty * u.deg, empty * u.deg, frame="galactic")
+    table["l"] = empty * u.deg
+    table["b"] = empty * u.deg
+    table["flux"] = empty * funit
+    table["flux_err"] = empty * funit
+    table["peak_odds"] = empty
+    table["detection_probability"] = empty
+    table["n_pixels"] = np.zeros(0, dtype=int)
+    table["label"] = np.zeros(0, dtype=int)
+    table.meta.update(meta or {})
+    table.meta["flux_unit"] = funit.to_string()
+    return table

@@ -1,0 +1,485 @@
+"""Finding sources: `NeuralSourceFinder`, the one object that carries the detection settings.
+
+A finder validates its settings once, at construction, like the photutils finders; calling it
+on a map checks the map (units, bad and non-physical pixels, the detector's domain), runs the
+detector and segments the odds map into the regions R_i; the catalog is described by
+`~astrotrunc.detection.catalog.RegionCatalog`. `find_sources` is a thin wrapper.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+from astropy import units as u
+from astropy.wcs import WCS
+from photutils.segmentation import SegmentationImage, detect_sources
+from photutils.utils import NoDetectionsWarning
+from scipy import ndimage
+
+from .._utils import evaluating, validate_map
+from ..exceptions import AstrotruncWarning, OutOfDomainWarning
+from .catalog import RegionCatalog
+from .domain import domain_differences, nonphysical_limit
+from .estimator import SourceDetector, default_detector, fill_bad_pixels
+
+__all__ = ["NeuralSourceFinder", "find_sources", "detection_regions", "as_finder"]
+
+_RETRAIN_HINT = ("the catalog may be wrong; retrain a detector for these maps (see 'Training a "
+                 "detector for your instrument' in the astrotrunc detection documentation)")
+
+
+def _check_threshold(threshold):
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        msg = f"threshold must be a positive number (odds), got {threshold!r}"
+        raise TypeError(msg) from None
+    if not (math.isfinite(value) and value > 0):
+        msg = f"threshold must be positive and finite (odds r1 > threshold), got {threshold!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _check_n_pixels(n_pixels):
+    if isinstance(n_pixels, bool) or not isinstance(n_pixels, numbers.Integral) or n_pixels < 1:
+        msg = f"n_pixels must be an integer >= 1, got {n_pixels!r}"
+        raise ValueError(msg)
+    return int(n_pixels)
+
+
+def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=True):
+    """The detected regions R_i of a log-odds map, as a `~photutils.segmentation.SegmentationImage`.
+
+    Pixels with odds > ``threshold`` are segmented with `photutils.segmentation.detect_sources`;
+    with ``deblend=True`` every segment is then split into the watershed basins of its local
+    odds maxima (`scipy.ndimage.watershed_ift`), so that neighbouring sources whose odds regions
+    touch are catalogued separately -- one region per most-probable source centre.
+
+    Parameters
+    ----------
+    log_odds : 2-D array
+        Per-pixel log r1 (``-inf`` where bad).
+    threshold : float
+        Odds threshold (> 0).
+    n_pixels : int
+        Minimum number of connected pixels of a region.
+    mask : 2-D bool array, optional
+        Pixels excluded from every region.
+    deblend : bool
+        Split regions at their local odds maxima.
+
+    Returns
+    -------
+    `~photutils.segmentation.SegmentationImage` or `None`
+        `None` when nothing is above the threshold.
+    """
+    threshold = _check_threshold(threshold)
+    n_pixels = _check_n_pixels(n_pixels)
+    with warnings.catch_warnings():  # "nothing found" is reported by the caller
+        warnings.simplefilter("ignore", NoDetectionsWarning)
+        segm = detect_sources(log_odds, math.log(threshold), n_pixels=n_pixels, mask=mask)
+    if segm is None or not deblend:
+        return segm
+    inside = segm.data > 0
+    peaks = inside & (log_odds == ndimage.maximum_filter(log_odds, size=3, mode="nearest"))
+    markers, _ = ndimage.label(peaks, structure=np.ones((3, 3)))
+    finite = np.where(inside, log_odds, np.nan)
+    lo, hi = np.nanmin(finite), np.nanmax(finite)
+    depth = np.where(inside, (hi - np.nan_to_num(finite, nan=lo)) / max(hi - lo, 1e-12), 1.0)
+    basins = ndimage.watershed_ift((depth * 65000).astype(np.uint16), markers.astype(np.int32),
+                                   structure=np.ones((3, 3), dtype=int))
+    basins[~inside] = 0
+    return SegmentationImage(basins)
+
+
+class NeuralSourceFinder:
+    """Detect point sources with an r1 detector: one catalog row per region with odds > threshold.
+
+    Every setting is validated here, once; the finder records them all in each catalog it makes
+    (``catalog.meta``), and `~astrotrunc.CompletenessFunction`, `~astrotrunc.injection_recovery`
+    and the benchmarks take a finder, so "detected" means the same thing everywhere.
+
+    Parameters
+    ----------
+    detector : `~astrotrunc.SourceDetector`, optional
+        The shipped default (trained on `~astrotrunc.PointSourceModel.paper`) when `None`.
+    threshold : float
+        Odds threshold r1 > threshold (5 in the paper); positive and finite.
+    n_pixels : int
+        Minimum number of connected pixels of a region.
+    flux_threshold : float, optional
+        Which F_th channel of the detector to use (its default when `None`).
+    deblend : bool
+        Split regions at their local odds maxima (see `detection_regions`).
+    tile_overlap : int
+        Overlap (pixels) of the tiles on maps larger than four times the training shape.
+    batch_size : int
+        Maps (or tiles) per network call.
+
+    Raises
+    ------
+    TypeError
+        ``detector`` is not a `~astrotrunc.SourceDetector`.
+    ValueError
+        A setting out of range (threshold <= 0 or NaN, n_pixels < 1, an F_th the detector does
+        not have, a negative or too large tile overlap).
+
+    Examples
+    --------
+    >>> from astrotrunc import NeuralSourceFinder, PointSourceModel
+    >>> finder = NeuralSourceFinder(threshold=5)
+    >>> cat = finder(PointSourceModel.paper().simulate(1, seed=3).maps[0])
+    >>> len(cat) > 0, cat.meta["threshold"]
+    (True, 5.0)
+    """
+
+    def __init__(self, detector=None, threshold=5.0, n_pixels=1, flux_threshold=None, *,
+                 deblend=True, tile_overlap=32, batch_size=16):
+        if detector is None:
+            detector = default_detector()
+        elif not isinstance(detector, SourceDetector):
+            msg = f"detector must be a SourceDetector, got {type(detector).__name__}"
+            raise TypeError(msg)
+        self.detector = detector
+        self.threshold = _check_threshold(threshold)
+        self.n_pixels = _check_n_pixels(n_pixels)
+        self.channel = detector.channel(flux_threshold)
+        self.flux_threshold = detector.flux_thresholds[self.channel]
+        if not isinstance(deblend, (bool, np.bool_)):
+            msg = f"deblend must be True or False, got {deblend!r}"
+            raise TypeError(msg)
+        self.deblend = bool(deblend)
+        if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, numbers.Integral) \
+                or not 0 <= tile_overlap < min(detector.shape):
+            msg = (f"tile_overlap must be an integer in [0, {min(detector.shape)}) (smaller than "
+                   f"the detector's training shape), got {tile_overlap!r}")
+            raise ValueError(msg)
+        self.tile_overlap = int(tile_overlap)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
+            raise ValueError(msg)
+        self.batch_size = int(batch_size)
+
+    def __repr__(self):
+        return (f"NeuralSourceFinder(detector={self.detector.name!r}, threshold={self.threshold}, "
+                f"n_pixels={self.n_pixels}, flux_threshold={self.flux_threshold:g}, "
+                f"deblend={self.deblend}, tile_overlap={self.tile_overlap})")
+
+    @property
+    def settings(self) -> dict:
+        """Everything that defines a detection (recorded in catalog metadata and r2 files)."""
+        return {"detector": self.detector.name, "detector_id": self.detector.identity,
+                "threshold": self.threshold, "flux_threshold": float(self.flux_threshold),
+                "n_pixels": self.n_pixels, "deblend": self.deblend,
+                "tile_overlap": self.tile_overlap}
+
+    # -- one map -----------------------------------------------------------------------------
+    def prepare(self, data, mask=None, wcs=None):
+        """Validate one map; the map in the detector's unit, its bad pixels, unit and WCS.
+
+        Parameters are those of `__call__`.
+
+        Warns (`~astrotrunc.AstrotruncWarning`) about NaN/infinite pixels outside the mask and
+        non-physical pixels (both are masked), and (`~astrotrunc.OutOfDomainWarning`) about
+        every way the map differs from the detector's training maps.
+
+        Returns
+        -------
+        data : 2-D float64 array
+        bad : 2-D bool array
+        unit : `~astropy.units.Unit` or None
+            The map's own unit (`None` when it had none).
+        wcs : `~astropy.wcs.WCS` or None
+        """
+        if wcs is None:
+            wcs = getattr(data, "wcs", None)
+        data, bad, unit = validate_map(data, mask)
+        if min(data.shape) < 3:
+            msg = (f"a map of shape {data.shape} is too small to hold a point source; expected "
+                   "at least 3x3 pixels")
+            raise ValueError(msg)
+        det = self.detector
+        if unit is not None:
+            try:
+                data = data * unit.to(u.Unit(det.flux_unit))
+            except u.UnitsError:
+                msg = (f"the map is in {unit.to_string() or 'dimensionless units'!s}, which does "
+                       f"not convert to the detector's flux unit "
+                       f"{det.flux_unit or 'dimensionless (model units)'!r}; give the map in "
+                       "the detector's units or retrain a detector for these maps")
+                raise ValueError(msg) from None
+        nonfinite = ~np.isfinite(data) & ~bad
+        if nonfinite.any() and not (bad | nonfinite).all():
+            warnings.warn(f"{int(nonfinite.sum())} NaN or infinite pixel(s) are not in the mask: "
+                          "they are treated as masked", AstrotruncWarning, stacklevel=3)
+        bad |= nonfinite
+        limit = nonphysical_limit(det.domain)
+        with np.errstate(invalid="ignore"):
+            wild = ~bad & (np.abs(data) > limit)
+        if wild.any():
+            warnings.warn(f"{int(wild.sum())} pixel(s) with |value| > {limit:.3g} (up to "
+                          f"{np.abs(data[wild]).max():.3g}) are not physical for this detector: "
+                          "they are masked", AstrotruncWarning, stacklevel=3)
+            bad |= wild
+        if bad.all():
+            msg = "every pixel of the map is masked or not finite: nothing to detect"
+            raise ValueError(msg)
+        scale = None
+        if wcs is not None:
+            if not isinstance(wcs, WCS):
+                msg = f"wcs must be an astropy WCS, got {type(wcs).__name__}"
+                raise TypeError(msg)
+            if wcs.array_shape is not None and tuple(wcs.array_shape) != data.shape:
+                msg = (f"the WCS describes a {tuple(wcs.array_shape)} image but the data are "
+                       f"{data.shape}")
+                raise ValueError(msg)
+            if wcs.has_celestial:
+                scale = float(np.mean([abs(p.to_value(u.deg))
+                                       for p in wcs.celestial.proj_plane_pixel_scales()]))
+        differences = domain_differences(det.domain, data, bad, pixel_scale_deg=scale)
+        if differences:
+            warnings.warn(f"this map is outside the domain of detector {det.name!r}: "
+                          + "; ".join(differences) + f" -- {_RETRAIN_HINT}",
+                          OutOfDomainWarning, stacklevel=3)
+        return data, bad, unit, wcs
+
+    def __call__(self, data, mask=None, wcs=None, *, return_segmentation=False):
+        """Detect the sources of one map.
+
+        Parameters
+        ----------
+        data : 2-D array, `~astropy.units.Quantity`, `~astropy.nddata.NDData` or `torch.Tensor`
+            The map. A Quantity (or NDData with a unit) is converted to the detector's flux unit
+            (`ValueError` when not convertible); an NDData brings its own ``wcs`` and ``mask``.
+        mask : 2-D bool array, optional
+            True where pixels are bad; NaN, infinite and non-physical pixels are masked too.
+        wcs : `~astropy.wcs.WCS`, optional
+            Celestial WCS of the map, for sky coordinates (and the pixel-scale check).
+        return_segmentation : bool
+            Also return the `~photutils.segmentation.SegmentationImage` of the regions.
+
+        Returns
+        -------
+        catalog : `~astropy.table.QTable` or `None`
+            Columns ``id, x_centroid, y_centroid, sky_centroid, l, b, flux, flux_err, peak_odds,
+            detection_probability, n_pixels, label`` (photutils 3.x names); `None` (with a
+            `~photutils.utils.NoDetectionsWarning`) if nothing is detected. The flux columns are
+            in the map's unit (the detector's when the map has none); ``meta`` holds the
+            finder's `settings`.
+        segmentation : `~photutils.segmentation.SegmentationImage`
+            Only with ``return_segmentation=True``.
+        """
+        data, bad, unit, wcs = self.prepare(data, mask, wcs)
+        log_odds = self.detector.log_odds(data, bad, flux_threshold=self.flux_threshold,
+                                          tile_overlap=self.tile_overlap,
+                                          batch_size=self.batch_size)
+        segm = self.segment(log_odds, bad)
+        if segm is None:
+            warnings.warn("No sources were found (no region with odds above the threshold).",
+                          NoDetectionsWarning, stacklevel=2)
+            return (None, None) if return_segmentation else None
+        catalog = self.describe(data, log_odds, segm, bad, wcs=wcs, unit=unit).to_table()
+        return (catalog, segm) if return_segmentation else catalog
+
+    def segment(self, log_odds, bad=None):
+        """The regions R_i of a log-odds map with this finder's settings (`detection_regions`).
+
+        Parameters
+        ----------
+        log_odds : 2-D array
+            The detector's log-odds map (of this finder's F_th channel).
+        bad : 2-D bool array, optional
+            Pixels excluded from every region.
+
+        Returns
+        -------
+        `~photutils.segmentation.SegmentationImage` or `None`
+        """
+        return detection_regions(log_odds, self.threshold, self.n_pixels, bad, self.deblend)
+
+    def describe(self, data, log_odds, segm, bad=None, *, wcs=None, unit=None):
+        """The lazy catalog (`~astrotrunc.detection.catalog.RegionCatalog`) of found regions.
+
+        Columns are computed on first use: ``describe(...).to_table(["x_centroid",
+        "y_centroid"])`` computes the positions only.
+
+        Parameters
+        ----------
+        data : 2-D array
+            The map, in the detector's flux unit.
+        log_odds : 2-D array
+            Its log-odds map.
+        segm : `~photutils.segmentation.SegmentationImage`
+            The regions (`segment`).
+        bad : 2-D bool array, optional
+            Bad pixels.
+        wcs : `~astropy.wcs.WCS`, optional
+            For sky coordinates.
+        unit : `~astropy.units.Unit`, optional
+            Unit of the flux columns (the detector's by default).
+
+        Returns
+        -------
+        `~astrotrunc.detection.catalog.RegionCatalog`
+        """
+        bad = np.zeros(np.shape(data), bool) if bad is None else np.asarray(bad, bool)
+        return RegionCatalog(data, log_odds, segm, bad, self.detector, wcs, flux_unit=unit,
+                             meta=self.settings)
+
+    # -- many maps -----------------------------------------------------------------------------
+    def find_batch(self, maps, mask=None):
+        """Region label maps ``(n, H, W)`` (0 = background) of a batch of same-shape maps.
+
+        The detector runs batched; the regions of every map are found exactly as for one map
+        (same threshold, channel, ``n_pixels``, deblending, bad-pixel filling). Maps are taken as
+        they are, in the detector's flux unit (no domain check: meant for simulations); NaN,
+        infinite and masked pixels are bad.
+
+        Parameters
+        ----------
+        maps : array or `torch.Tensor`, ``(n, H, W)``
+            The maps.
+        mask : bool array ``(n, H, W)`` or ``(H, W)``, optional
+            Bad pixels.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            ``int32`` labels; region ``j`` of map ``i`` is ``labels[i] == j``.
+        """
+        maps, bad = self._batch(maps, mask)
+        out = np.zeros(maps.shape, dtype=np.int32)
+        for i, (lo, b) in enumerate(zip(self._log_odds_batches(maps, bad), bad.numpy())):
+            segm = self.segment(lo, b)
+            if segm is not None:
+                out[i] = segm.data
+        return out
+
+    def log_odds_batch(self, maps, mask=None):
+        """The detector's log-odds ``(n, H, W)`` of a batch of maps (this finder's channel).
+
+        Parameters and conventions are those of `find_batch`; bad pixels get ``-inf``.
+
+        Returns
+        -------
+        `numpy.ndarray`
+            float64.
+        """
+        maps, bad = self._batch(maps, mask)
+        return np.stack(list(self._log_odds_batches(maps, bad)))
+
+    def _batch(self, maps, mask):
+        import torch
+
+        maps = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps,
+                               dtype=torch.float32)
+        if maps.ndim != 3:
+            msg = f"maps must be a batch (n, H, W), got shape {tuple(maps.shape)}"
+            raise ValueError(msg)
+        bad = ~torch.isfinite(maps)
+        if mask is not None:
+            bad |= torch.as_tensor(np.asarray(mask, dtype=bool)).expand_as(maps)
+        if bad.any():  # the same filling as for one map
+            maps = torch.stack([torch.as_tensor(fill_bad_pixels(m.numpy(), b.numpy()),
+                                                dtype=torch.float32) for m, b in zip(maps, bad)])
+        return maps, bad
+
+    def _log_odds_batches(self, maps, bad):
+        """Yield the log-odds map of every map, computed in batches."""
+        det, k = self.detector, self.channel
+        large = maps.shape[1] > 4 * det.shape[0] or maps.shape[2] > 4 * det.shape[1]
+        device = next(det.parameters()).device
+        step = 1 if large else self.batch_size
+        with evaluating(det):
+            for start in range(0, len(maps), step):
+                chunk = maps[start:start + step]
+                if large:
+                    logits = det.log_odds(chunk[0], bad[start].numpy(),
+                                          flux_threshold=self.flux_threshold,
+                                          tile_overlap=self.tile_overlap)[None]
+                else:
+                    logits = det(chunk.to(device))[:, k].double().cpu().numpy()
+                    logits[bad[start:start + step].numpy()] = -np.inf
+                yield from logits
+
+
+def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):
+    """A `NeuralSourceFinder` from a finder, a detector or `None` (the default detector).
+
+    Parameters
+    ----------
+    finder : `NeuralSourceFinder`, `~astrotrunc.SourceDetector` or None
+        A finder is returned as it is; a detector (or `None`) gets a finder with the settings.
+    threshold, flux_threshold, n_pixels : optional
+        Settings for a new finder; giving them with a finder is a `TypeError` (the finder
+        carries its own).
+
+    Returns
+    -------
+    `NeuralSourceFinder`
+    """
+    given = {k: v for k, v in (("threshold", threshold), ("flux_threshold", flux_threshold),
+                               ("n_pixels", n_pixels)) if v is not None}
+    if isinstance(finder, NeuralSourceFinder):
+        if given:
+            msg = (f"{sorted(given)} belong to the NeuralSourceFinder; build the finder with "
+                   "them instead of passing them here")
+            raise TypeError(msg)
+        return finder
+    if finder is not None and not isinstance(finder, SourceDetector):
+        msg = f"expected a NeuralSourceFinder or a SourceDetector, got {type(finder).__name__}"
+        raise TypeError(msg)
+    return NeuralSourceFinder(finder, **given)
+
+
+def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_pixels=1,
+                 flux_threshold=None, deblend=True, return_segmentation=False):
+    """Detect point sources with the r1 detector: one catalog row per region with odds > threshold.
+
+    A thin wrapper: ``NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold,
+    deblend=deblend)(data, mask, wcs)``; see `NeuralSourceFinder` for the settings and
+    `NeuralSourceFinder.__call__` for the map and the catalog.
+
+    Parameters
+    ----------
+    data : 2-D array, `~astropy.units.Quantity`, `~astropy.nddata.NDData` or `torch.Tensor`
+        The map, in (or convertible to) the detector's flux unit.
+    detector : `~astrotrunc.SourceDetector`, optional
+        The shipped default when `None`.
+    wcs : `~astropy.wcs.WCS`, optional
+        Celestial WCS of the map.
+    mask : 2-D bool array, optional
+        True where pixels are bad.
+    threshold : float
+        Odds threshold (5 in the paper).
+    n_pixels : int
+        Minimum region size.
+    flux_threshold : float, optional
+        F_th channel (the detector's default when `None`).
+    deblend : bool
+        Split regions at their local odds maxima.
+    return_segmentation : bool
+        Also return the regions' `~photutils.segmentation.SegmentationImage`.
+
+    Returns
+    -------
+    catalog : `~astropy.table.QTable` or `None`
+        See `NeuralSourceFinder.__call__`; `None` (with a `~photutils.utils.NoDetectionsWarning`)
+        if nothing is detected.
+    segmentation : `~photutils.segmentation.SegmentationImage`
+        Only with ``return_segmentation=True``.
+
+    Examples
+    --------
+    >>> from astrotrunc import PointSourceModel, find_sources
+    >>> sims = PointSourceModel.paper().simulate(1, seed=3)
+    >>> cat = find_sources(sims.maps[0], wcs=PointSourceModel.paper().wcs)
+    >>> cat.colnames[:4]
+    ['id', 'x_centroid', 'y_centroid', 'sky_centroid']
+    """
+    finder = NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold, deblend=deblend)
+    return finder(data, mask, wcs, return_segmentation=return_segmentation)
