@@ -127,6 +127,8 @@ def _add_train(sub):
     t.add_argument("--flux-threshold", type=float, default=10.0, help="completeness: F_th channel")
     t.add_argument("--threshold", type=float, default=5.0, help="completeness: odds threshold")
     t.add_argument("--n-pixels", type=int, default=1, help="completeness: minimum region size")
+    t.add_argument("--conditional", action="store_true",
+                   help="completeness: S(F, l, b | θ), conditional on the population (crowding)")
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
     t.add_argument("--domain-maps", type=int, default=1000,
                    help="detector: simulations whose statistics record its domain")
@@ -156,12 +158,13 @@ def _cmd_train(args):
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold, **trainer)
     else:
-        from .completeness import CompletenessFunction
+        from .completeness import CompletenessFunction, ConditionalCompleteness
         from .detection import NeuralSourceFinder, SourceDetector
 
         det = SourceDetector.load(args.detector) if args.detector else None
         finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
-        est = CompletenessFunction.fit_to(model, finder, n_maps=args.n_maps,
+        kind = ConditionalCompleteness if args.conditional else CompletenessFunction
+        est = kind.fit_to(model, finder, n_maps=args.n_maps,
                                           n_val_maps=args.n_val, seed=args.seed, **trainer)
     est.save(out, overwrite=args.overwrite)
     print(f"wrote {args.what} to {out}")
@@ -247,13 +250,13 @@ def _cmd_infer(args):
     from .io import HealpixMap, read_map
 
     names = ("posterior_corner", "truncated_samples", "truncation")
-    plot_paths = ([Path(args.plots).expanduser() / f"{k}.png" for k in names]
-                  if args.plots else [])
+    plot_paths = []
+    if args.plots:
+        Path(args.plots).expanduser().mkdir(parents=True, exist_ok=True)
+        plot_paths = [Path(args.plots).expanduser() / f"{k}.png" for k in names]
     out, *checked = _check_outputs([args.out, *plot_paths], args.overwrite,
                                    inputs=[args.map] + ([args.catalog] if args.catalog else []))
     plots = dict(zip(names, checked))
-    if plots:
-        plots["posterior_corner"].parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir).expanduser() if args.workdir else out.with_name(out.name + ".work")
     nd = read_map(args.map)
     if isinstance(nd, HealpixMap):

@@ -32,6 +32,7 @@ __all__ = ["CompletenessFunction", "ConditionalCompleteness", "CompletenessLabel
            "injection_recovery", "match_sources", "default_completeness", "detect_batch"]
 
 _DEFAULT_COMPLETENESS = "completeness_paper.safetensors"
+_DEFAULT_CONDITIONAL = "completeness_conditional_paper.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,6 +818,16 @@ class ConditionalCompleteness(CompletenessFunction):
         slope = nn.functional.softplus(g + 1.0) + 0.1
         steps = torch.tanh(slope[:, :, None] * (zf[None, None, :] - cen[:, :, None]))
         return bias + (nn.functional.softplus(w)[:, :, None] * steps).sum(1)
+
+    @classmethod
+    def load_default(cls) -> "ConditionalCompleteness":
+        """The θ-conditional completeness shipped beside the default detector.
+
+        Returns
+        -------
+        `ConditionalCompleteness`
+        """
+        return cls.load(str(resources.files("astrotrunc") / "data" / _DEFAULT_CONDITIONAL))
 
     def __call__(self, flux, l=None, b=None, theta=None):  # noqa: E741
         """S(F, l, b | θ) (numpy, broadcasting over flux and position); ``theta`` is one θ."""

@@ -103,8 +103,10 @@ class PopulationInference:
     detector : `~astrotrunc.SourceDetector`, optional
         r1; the shipped detector by default.
     completeness : `~astrotrunc.CompletenessFunction`, optional
-        r2 of that detector; the shipped one (with the shipped detector) by default. Its
-        ``threshold`` and ``flux_threshold`` define "detected" everywhere.
+        r2 of that detector: with the shipped detector, the shipped θ-conditional
+        `~astrotrunc.ConditionalCompleteness` by default (a θ-averaged S leaves the detected
+        branch over-confident in crowded maps). Its ``threshold`` and ``flux_threshold`` define
+        "detected" everywhere.
     flux_threshold, threshold : float, optional
         Must agree with the completeness (given only to state them).
     settings : `InferenceSettings`, optional
@@ -122,7 +124,7 @@ class PopulationInference:
 
     def __init__(self, model=None, detector=None, completeness=None, *, flux_threshold=None,
                  threshold=None, settings=None):
-        from ..completeness import CompletenessFunction, default_completeness
+        from ..completeness import CompletenessFunction, ConditionalCompleteness
         from ..detection import SourceDetector, default_detector
         from ..simulation import PointSourceModel
 
@@ -130,7 +132,7 @@ class PopulationInference:
         if not isinstance(self.model, PointSourceModel):
             raise TypeError(f"model must be a PointSourceModel, got {type(self.model).__name__}")
         if detector is None and completeness is None:
-            detector, completeness = default_detector(), default_completeness()
+            detector, completeness = default_detector(), ConditionalCompleteness.load_default()
         elif detector is None:
             detector = default_detector()
         elif completeness is None:

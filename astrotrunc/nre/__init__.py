@@ -4,7 +4,7 @@
 from .estimator import RatioEstimator, contrastive_loss
 from .marginal import MarginalRatioEstimator
 from .networks import (EMBEDDINGS, CNNEmbedding, ChannelResidualNet, DeepSetEmbedding,
-                       MLPEmbedding, OnlineStandardize, make_embedding)
+                       MapSummaries, MLPEmbedding, OnlineStandardize, make_embedding)
 from .posterior import WeightedSamples, effective_sample_size, hpd_credible_level
 from .trainer import Trainer
 
@@ -18,6 +18,7 @@ __all__ = [
     "MLPEmbedding",
     "CNNEmbedding",
     "DeepSetEmbedding",
+    "MapSummaries",
     "make_embedding",
     "EMBEDDINGS",
     "WeightedSamples",

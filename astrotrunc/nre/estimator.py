@@ -15,6 +15,8 @@ from .._utils import atomic_write
 __all__ = ["RatioEstimator", "contrastive_loss"]
 
 _REGISTRY: dict[str, type] = {}
+#: Modules that define the package's estimators (imported by `RatioEstimator.load` on demand).
+_ESTIMATOR_MODULES = ("astrotrunc.detection", "astrotrunc.completeness", "astrotrunc.inference")
 _FORMAT = "astrotrunc-ratio-estimator"
 
 
@@ -180,6 +182,11 @@ class RatioEstimator(nn.Module):
         if meta.get("format") != _FORMAT or "class" not in meta or "config" not in meta:
             raise ValueError(f"{path} is a safetensors file but not an astrotrunc model file")
         name = meta["class"]
+        if name not in _REGISTRY:  # the package's estimators register when their module loads
+            import importlib
+
+            for module in _ESTIMATOR_MODULES:
+                importlib.import_module(module)
         klass = _REGISTRY.get(name)
         if klass is None or not issubclass(klass, cls):
             raise ValueError(f"{path} holds a {name}, not a {cls.__name__}"

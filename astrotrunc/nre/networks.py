@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["OnlineStandardize", "ChannelResidualNet", "MLPEmbedding", "CNNEmbedding",
-           "MapSummaries",
-           "DeepSetEmbedding", "make_embedding", "EMBEDDINGS"]
+           "MapSummaries", "DeepSetEmbedding", "make_embedding", "EMBEDDINGS"]
 
 
 class OnlineStandardize(nn.Module):
