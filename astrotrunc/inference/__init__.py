@@ -1,3 +1,4 @@
 """Population inference (r3, r4 and their combination): what population produced this map?"""
 
 from .likelihood import *  # noqa: F401,F403
+from .r4 import *  # noqa: F401,F403
