@@ -42,8 +42,13 @@ from torch import nn
 from ..nre import DeepSetEmbedding, MarginalRatioEstimator
 from ..truncation import CompletenessTable
 
-__all__ = ["ReferenceDensity", "DetectedCatalogs", "DetectedCatalogRatio",
-           "NeuralCatalogLikelihood", "simulate_detected"]
+__all__ = [
+    "DetectedCatalogRatio",
+    "DetectedCatalogs",
+    "NeuralCatalogLikelihood",
+    "ReferenceDensity",
+    "simulate_detected",
+]
 
 _FLUX_FEATURES = ("none", "log")
 
@@ -118,9 +123,9 @@ class ReferenceDensity(nn.Module):
     @property
     def config(self) -> dict:
         """JSON-serialisable settings (the pixel weights are a buffer, saved with the weights)."""
-        return dict(shape=list(self.shape), flux_feature=self.flux_feature,
-                    flux_threshold=self.flux_threshold, flux_loc=self.flux_loc,
-                    flux_scale=self.flux_scale, max_detected=self.max_detected)
+        return {"shape": list(self.shape), "flux_feature": self.flux_feature,
+                    "flux_threshold": self.flux_threshold, "flux_loc": self.flux_loc,
+                    "flux_scale": self.flux_scale, "max_detected": self.max_detected}
 
     @property
     def n_features(self) -> int:
@@ -454,11 +459,11 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
 
     @property
     def config(self) -> dict:
-        return dict(reference=self.reference_density.config, params=list(self.param_names),
-                    pairs=[[self.param_names[i] for i in p] for p in self.pairs],
-                    n_features=self.embedding_kwargs["n_features"],
-                    set_hidden=self.embedding_kwargs["hidden"], hidden=self.hidden,
-                    n_blocks=self.n_blocks, dropout=self.dropout)
+        return {"reference": self.reference_density.config, "params": list(self.param_names),
+                    "pairs": [[self.param_names[i] for i in p] for p in self.pairs],
+                    "n_features": self.embedding_kwargs["n_features"],
+                    "set_hidden": self.embedding_kwargs["hidden"], "hidden": self.hidden,
+                    "n_blocks": self.n_blocks, "dropout": self.dropout}
 
 
 class NeuralCatalogLikelihood:
