@@ -124,8 +124,8 @@ class ReferenceDensity(nn.Module):
     def config(self) -> dict:
         """JSON-serialisable settings (the pixel weights are a buffer, saved with the weights)."""
         return {"shape": list(self.shape), "flux_feature": self.flux_feature,
-                    "flux_threshold": self.flux_threshold, "flux_loc": self.flux_loc,
-                    "flux_scale": self.flux_scale, "max_detected": self.max_detected}
+                "flux_threshold": self.flux_threshold, "flux_loc": self.flux_loc,
+                "flux_scale": self.flux_scale, "max_detected": self.max_detected}
 
     @property
     def n_features(self) -> int:
@@ -428,6 +428,11 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         Output and hidden width of the set embedding.
     hidden, n_blocks, dropout
         Ratio heads, as in `~astrotrunc.nre.MarginalRatioEstimator`.
+    log_params : sequence of str
+        Positive parameters that enter the heads as their logarithm (before standardisation).
+        A scale parameter is constrained to a relative precision (h to ~h / sqrt(2 N_det)), so
+        in log it needs the same resolution everywhere in the prior; on the raw scale a catalog
+        with small h asks the heads for a much sharper function than one with large h.
 
     Examples
     --------
@@ -440,7 +445,7 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
     """
 
     def __init__(self, reference, params=("N", "sigma_F", "h"), pairs=(), n_features=32,
-                 set_hidden=64, hidden=64, n_blocks=2, dropout=0.0):
+                 set_hidden=64, hidden=64, n_blocks=2, dropout=0.0, log_params=("N", "h")):
         if isinstance(reference, dict):
             reference = ReferenceDensity(**reference)
         if not isinstance(reference, ReferenceDensity):
@@ -452,6 +457,15 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
                          hidden=hidden, n_blocks=n_blocks, dropout=dropout, x_key="x",
                          theta_key="theta", reference_key="x_ref", joint=True)
         self.reference_density = reference
+        unknown = [p for p in log_params if p not in self.param_names]
+        if unknown:
+            msg = f"log_params {unknown} are not parameters of r4 ({list(self.param_names)})"
+            raise ValueError(msg)
+        self.log_params = tuple(str(p) for p in log_params)
+        if self.log_params:
+            index = [self.param_names.index(p) for p in self.log_params]
+            self.theta_norm = nn.Sequential(_LogColumns(len(self.param_names), index),
+                                            self.theta_norm)
 
     def build_embedding(self) -> nn.Module:
         """The DeepSets embedding, evaluated on the present sources only (same weights)."""
@@ -460,10 +474,11 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
     @property
     def config(self) -> dict:
         return {"reference": self.reference_density.config, "params": list(self.param_names),
-                    "pairs": [[self.param_names[i] for i in p] for p in self.pairs],
-                    "n_features": self.embedding_kwargs["n_features"],
-                    "set_hidden": self.embedding_kwargs["hidden"], "hidden": self.hidden,
-                    "n_blocks": self.n_blocks, "dropout": self.dropout}
+                "pairs": [[self.param_names[i] for i in p] for p in self.pairs],
+                "n_features": self.embedding_kwargs["n_features"],
+                "set_hidden": self.embedding_kwargs["hidden"], "hidden": self.hidden,
+                "n_blocks": self.n_blocks, "dropout": self.dropout,
+                "log_params": list(self.log_params)}
 
 
 class NeuralCatalogLikelihood:
@@ -581,6 +596,19 @@ class _PackedDeepSet(DeepSetEmbedding):
         pooled = torch.zeros(x.shape[0], phi.shape[1], dtype=phi.dtype, device=x.device)
         pooled = pooled.index_add(0, rows, phi) / count.clamp_min(1)[:, None]
         return self.rho(torch.cat([pooled, torch.log1p(count)[:, None]], dim=1))
+
+
+class _LogColumns(nn.Module):
+    """Replace chosen columns of ``(B, n)`` parameters by their logarithm."""
+
+    def __init__(self, n, index):
+        super().__init__()
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[list(index)] = True
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, theta):
+        return torch.where(self.mask, torch.log(theta.clamp_min(1e-30)), theta)
 
 
 def _channel_grid(net, features, params):
