@@ -24,10 +24,11 @@ Two choices of this module, argued:
   indicator I(S_det) only constrains the positions (and, with the ``flux_threshold`` option,
   whether F ≥ F_th, which is then a 0/1 column), so p(I=1 | θ) integrates the fluxes out. A
   network that reads the fluxes leaves that integral to the Monte Carlo average over reference
-  catalogs, whose variance grows exponentially with N_det (a product of N_det flux ratios): with
-  the exact flux ratios, 35 detections and 4096 references, the estimate of a θ-independent
-  quantity already drifts by several nats across σ_F. A network that never sees the fluxes
-  learns the flux-marginalised ratio directly. ``flux_feature="log"`` (features log F, x, y;
+  catalogs, whose variance grows exponentially with N_det (a product of N_det flux ratios): in a
+  check with the exact flux ratios (a step-like S at F = 10, ρ1's flux the prior-predictive
+  detected flux), 35 detections and 4096 references, the log-mean-exp of a quantity whose true
+  value is 0 for every σ_F came out between -4 and 0 nats across σ_F ∈ [1, 3]. A network that
+  never sees the fluxes learns the flux-marginalised ratio directly. ``flux_feature="log"`` (features log F, x, y;
   ρ1's flux a log-normal) is offered for simulators whose indicator depends on the fluxes.
 """
 
