@@ -92,8 +92,8 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--n-blocks", type=int, default=1)
     parser.add_argument("--n-catalogs", type=int, default=12)
-    parser.add_argument("--n-theta", type=int, default=8192, help="prior draws per catalog")
-    parser.add_argument("--n-reference", type=int, default=256)
+    parser.add_argument("--n-theta", type=int, default=32768, help="prior draws per catalog")
+    parser.add_argument("--n-reference", type=int, default=128)
     parser.add_argument("--n-bins", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -176,11 +176,12 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     (OUT / "r4_vs_exact.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {OUT / 'r4_vs_exact.json'}")
-    if args.save and not args.load:
+    if args.save:
         if ok:
-            est.save(args.save, overwrite=True, metadata={"command": "benchmarks/r4_vs_exact.py",
-                                                          "max_jsd_joint": max_joint,
-                                                          "max_jsd_1d": max_1d})
+            meta = {"command": "benchmarks/r4_vs_exact.py", "settings": vars(args),
+                    "max_jsd_joint": max_joint, "max_jsd_1d": max_1d,
+                    "training_seconds": result.get("training_seconds")}
+            est.save(args.save, overwrite=True, metadata=meta)
             print(f"target met: saved r4 to {args.save}")
         else:
             print(f"target not met: {args.save} not written")
