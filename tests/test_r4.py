@@ -16,7 +16,7 @@ from astrotrunc.inference import (
     ReferenceDensity,
     simulate_detected,
 )
-from astrotrunc.nre import Trainer
+from astrotrunc.nre import MarginalRatioEstimator, Trainer
 from astrotrunc.priors import BoxPrior, Uniform
 from astrotrunc.simulation import SkyGeometry
 from astrotrunc.truncation import CompletenessTable, DetectedRegions
@@ -208,3 +208,24 @@ def test_zero_detections(trained):
     r_n = torch.argsort(torch.argsort(lp[:, -1])).double()
     assert float(torch.corrcoef(torch.stack([r_e, r_n]))[0, 1]) > 0.5
     assert like.joint_log_prob(theta).shape == (200,)
+
+
+def test_likelihood_is_the_log_mean_of_r4_over_reference_catalogs():
+    model, _ = _toy()
+    torch.manual_seed(1)
+    est = DetectedCatalogRatio(ReferenceDensity(model.shape), hidden=8, set_hidden=8).eval()
+    labels = np.zeros(model.shape, int)
+    labels[4, 4:6], labels[10, 12] = 1, 2
+    regions = DetectedRegions(labels)
+    theta = model.prior.sample(6, generator=0)
+    refs = est.reference_density.sample_in_regions(regions, 5, generator=3)
+    with torch.no_grad():
+        # r4 = θ-heads (against shuffled θ) + the θ-free head (against the reference catalogs)
+        f = est.features(refs)
+        split = (MarginalRatioEstimator.heads(est, f, theta[:5])
+                 + est.reference_log_ratio(f)[:, None])
+        assert torch.allclose(est.log_ratio(refs, theta[:5]), split)
+        log_r = torch.stack([est.log_ratio(r[None].expand(6, -1, -1), theta) for r in refs], 1)
+    expected = torch.logsumexp(log_r.double(), 1) - math.log(5)
+    got = NeuralCatalogLikelihood(est, model, regions, n_reference=5, seed=3).log_prob(theta)
+    assert torch.allclose(got, expected, atol=1e-5)
