@@ -97,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--n-bins", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--catalog-seed", type=int, default=None,
+                        help="seed of the observed maps (default: seed + 1000)")
+    parser.add_argument("--out", default=str(OUT / "r4_vs_exact.json"), help="JSON figures")
     parser.add_argument("--load", help="evaluate this trained r4 instead of training one")
     parser.add_argument("--checkpoint", help="also write the trained r4 here (always)")
     parser.add_argument("--save", help="write the trained r4 here if it meets the target")
@@ -122,7 +125,8 @@ def main(argv=None):
             est.save(args.checkpoint, overwrite=True)
 
     # observations: full-model maps, catalogs from the real detector
-    sims = model.simulate(args.n_catalogs, seed=args.seed + 1000)
+    catalog_seed = args.seed + 1000 if args.catalog_seed is None else args.catalog_seed
+    sims = model.simulate(args.n_catalogs, seed=catalog_seed)
     theta = model.prior.sample(args.n_theta, generator=args.seed + 2000)
     lo, hi = model.prior.low.numpy(), model.prior.high.numpy()
     exact0 = None
@@ -173,9 +177,10 @@ def main(argv=None):
           f"{t_exact:.1f} s, neural {t_neural:.1f} s ({args.n_reference} references)")
     result.update(catalogs=rows, max_jsd_joint=max_joint, max_jsd_1d=max_1d, target_met=ok,
                   seconds_exact=t_exact, seconds_neural=t_neural)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "r4_vs_exact.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {OUT / 'r4_vs_exact.json'}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
     if args.save:
         if ok:
             meta = {"command": "benchmarks/r4_vs_exact.py", "settings": vars(args),
