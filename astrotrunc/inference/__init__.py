@@ -4,3 +4,4 @@ from .likelihood import *  # noqa: F401,F403
 from .r3 import *  # noqa: F401,F403
 from .posterior import *  # noqa: F401,F403
 from .population import *  # noqa: F401,F403
+from .r4 import *  # noqa: F401,F403
