@@ -302,3 +302,17 @@ class _tiny_settings(InferenceSettings):
     @classmethod
     def quick(cls, **kwargs):
         return cls(**kwargs)
+
+
+def test_population_inference_neural_catalog_route(model, observation):
+    """catalog_likelihood='neural' runs r4 (the shipped one) through the same run."""
+    sims, _, _ = observation
+    inf = PopulationInference(model, settings=TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = inf.run(sims.maps[0], branches=("detected",), catalog_likelihood="neural",
+                       progress=False)
+    assert post.meta["catalog_likelihood"] == "neural"
+    assert np.isfinite(post.summary()["median"]).all()
+    with pytest.raises(ValueError, match="catalog_likelihood"):
+        inf.run(sims.maps[0], catalog_likelihood="magic")

@@ -250,7 +250,7 @@ class PopulationInference:
     def run(self, data, catalog=None, *, wcs=None, mask=None, segmentation=None,
             branches=("sub-threshold", "detected"), catalog_likelihood="exact", n_rounds=None,
             n_simulations=None, quick=False, client=None, device=None, seed=0, progress=True,
-            workdir=None, truth=None, settings=None):
+            workdir=None, truth=None, settings=None, r4=None):
         """Population posterior of one map.
 
         Parameters
@@ -268,9 +268,11 @@ class PopulationInference:
             Regions of a given ``catalog``.
         branches : sequence of {'sub-threshold', 'detected'}
             Which branches to compute; ``combined`` is their product.
-        catalog_likelihood : {'exact'}
+        catalog_likelihood : {'exact', 'neural'}
             Route of p(I=1 | θ): ``'exact'`` (quadrature, for models with a tractable source
-            density, as the default model).
+            density, as the default model) or ``'neural'``: r4, the paper's route (the shipped
+            `DetectedCatalogRatio`, trained with the θ-averaged completeness of the shipped
+            detector, unless ``r4=`` is given).
         n_rounds, n_simulations : int, optional
             Override the settings' TMNRE rounds and simulations per round.
         quick : bool
@@ -292,6 +294,8 @@ class PopulationInference:
             True θ (simulated observations), recorded for plots.
         settings : `InferenceSettings`, optional
             Instead of this object's settings.
+        r4 : `DetectedCatalogRatio`, optional
+            The r4 of ``catalog_likelihood='neural'``.
 
         Returns
         -------
@@ -301,8 +305,9 @@ class PopulationInference:
         if not branches or any(b not in ("sub-threshold", "detected") for b in branches):
             raise ValueError(f"branches must be a non-empty subset of ('sub-threshold', "
                              f"'detected'), got {branches}")
-        if catalog_likelihood != "exact":
-            raise ValueError(f"catalog_likelihood must be 'exact', got {catalog_likelihood!r}")
+        if catalog_likelihood not in ("exact", "neural"):
+            raise ValueError("catalog_likelihood must be 'exact' or 'neural', got "
+                             f"{catalog_likelihood!r}")
         cfg = settings or (InferenceSettings.quick() if quick else self.settings)
         over = {k: v for k, v in (("n_rounds", n_rounds), ("n_simulations", n_simulations))
                 if v is not None}
@@ -340,18 +345,29 @@ class PopulationInference:
             times["sub-threshold posterior"] = time.perf_counter() - t1
         if "detected" in branches:
             t1 = time.perf_counter()
-            like = base_likelihood.for_regions(regions)
-            theta_d, lw_d = _focused_draws(like.log_prob, box0, cfg.n_samples, gen)
+            if catalog_likelihood == "exact":
+                like = base_likelihood.for_regions(regions)
+                log_like = like.log_prob
+            else:
+                from .r4 import DetectedCatalogRatio, NeuralCatalogLikelihood
+
+                r4 = DetectedCatalogRatio.load_default() if r4 is None else r4
+                like = NeuralCatalogLikelihood(r4, self.model, regions, seed=int(seed))
+
+                def log_like(t):
+                    return like.log_prob(t)[:, -1]
+
+            theta_d, lw_d = _focused_draws(log_like, box0, cfg.n_samples, gen)
             posts["detected"] = WeightedSamples(theta_d, lw_d, names=names, units=_units(self))
             if log_r3 is not None:
                 r3_box = log_r3[1]
 
                 def log_combined(t):
-                    return log_r3[0](t)[:, -1].double() + like.log_prob(t)
+                    return log_r3[0](t)[:, -1].double() + log_like(t)
 
                 theta_c, lw_c = _focused_draws(log_combined, r3_box, cfg.n_samples, gen)
                 posts["combined"] = WeightedSamples(theta_c, lw_c, names=names, units=_units(self))
-            times["detected (exact likelihood)"] = time.perf_counter() - t1
+            times[f"detected ({catalog_likelihood} likelihood)"] = time.perf_counter() - t1
         if "combined" not in posts:
             only = posts.get("detected") or posts["sub-threshold"]
             posts["combined"] = WeightedSamples(only.theta, only.log_weights[:, -1], names=names,
