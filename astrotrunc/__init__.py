@@ -23,3 +23,4 @@ from .nre import *  # noqa: F401,F403
 from .store import *  # noqa: F401,F403
 from .truncation import *  # noqa: F401,F403
 from .diagnostics import *  # noqa: F401,F403
+from .survey import *  # noqa: F401,F403

@@ -85,11 +85,19 @@ def _cmd_train(args):
 
 def _cmd_detect(args):
     from .detection import SourceDetector, find_sources
-    from .io import read_map
+    from .io import HealpixMap, read_map
 
-    nd = read_map(args.map)
+    if args.out_dir is not None or len(args.map) > 1 or args.out is None:
+        return _cmd_detect_many(args)
+    nd = read_map(args.map[0])
     det = SourceDetector.load(args.detector) if args.detector else None
-    cat = find_sources(nd, det, threshold=args.threshold, flux_threshold=args.flux_threshold)
+    if isinstance(nd, HealpixMap):
+        from .survey import find_sources_healpix
+
+        cat = find_sources_healpix(nd, detector=det, threshold=args.threshold,
+                                   flux_threshold=args.flux_threshold, workers=args.workers)
+    else:
+        cat = find_sources(nd, det, threshold=args.threshold, flux_threshold=args.flux_threshold)
     if cat is None:
         print("no sources detected")
         return
@@ -103,6 +111,27 @@ def _cmd_detect(args):
         _check_writable(args.regions, args.overwrite)
         catalog_to_regions(cat).write(args.regions, format="ds9", overwrite=args.overwrite)
         print(f"wrote DS9 regions to {args.regions}")
+
+
+def _cmd_detect_many(args):
+    """``detect a.fits b.fits ... --out-dir DIR``: one catalog per map plus a merged one."""
+    from .detection import SourceDetector
+    from .survey import find_sources_many
+
+    if args.out_dir is None:
+        msg = ("several maps need --out-dir DIR (one catalog per map plus merged.ecsv); "
+               "--out names the catalog of a single map")
+        raise ValueError(msg)
+    if args.out is not None or args.regions is not None:
+        msg = "--out and --regions are for a single map; with --out-dir, drop them"
+        raise ValueError(msg)
+    det = SourceDetector.load(args.detector) if args.detector else None
+    merged = find_sources_many(args.map, out_dir=args.out_dir, detector=det,
+                               workers=args.workers, overwrite=args.overwrite,
+                               threshold=args.threshold, flux_threshold=args.flux_threshold)
+    n = 0 if merged is None else len(merged)
+    print(f"wrote {len(args.map)} catalog(s) and {n} sources in all to "
+          f"{args.out_dir}/merged.ecsv")
 
 
 def _parser():
@@ -139,9 +168,13 @@ def _parser():
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    d = sub.add_parser("detect", help="detect sources in a FITS map")
-    d.add_argument("map", help="input FITS map (image with WCS)")
-    d.add_argument("--out", required=True, help="output catalog (.ecsv or .fits)")
+    d = sub.add_parser("detect", help="detect sources in FITS maps (images or HEALPix)")
+    d.add_argument("map", nargs="+", help="input FITS map(s): images with WCS or HEALPix")
+    d.add_argument("--out", help="output catalog of a single map (.ecsv or .fits)")
+    d.add_argument("--out-dir", help="output directory for several maps: one catalog each "
+                   "plus merged.ecsv; a killed run resumes (finished maps are not redone)")
+    d.add_argument("--workers", type=int, default=None,
+                   help="parallel Dask workers (default: the number of CPUs)")
     d.add_argument("--regions", help="also write DS9 regions here")
     d.add_argument("--threshold", type=float, default=5.0, help="odds threshold (default 5)")
     d.add_argument("--flux-threshold", type=float, default=None, help="detector F_th channel")
