@@ -1,0 +1,81 @@
+"""All-sky HEALPix detection: time of `find_sources_healpix` at nside 512 and 1024, 1 vs 2 workers.
+
+A paper-instrument sky (`healpix_point_sources`: 1000 sources, F ~ U(3, 100), PSF 0.94 deg,
+exposure 100) is searched with the shipped detector on the default patch layout (CAR,
+128 px of 0.625 deg, overlap 32 px, max_stretch 1.05). Each configuration runs ``--repeat``
+times and reports the best wall time; the speed-up is t(1 worker) / t(2 workers). Workers
+are threads of Dask's local pool (``client=None``); torch's intra-op threads are shared out
+among them.
+
+Run: ``python benchmarks/healpix.py [--nside 512 1024] [--workers 1 2] [--repeat 1]``;
+writes ``benchmarks/output/healpix.json``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astrotrunc import (
+    HealpixMap,
+    find_sources_healpix,
+    healpix_patches,
+    healpix_point_sources,
+)
+from astrotrunc.detection import default_detector
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nside", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--n-sources", type=int, default=1000)
+    p.add_argument("--out", default=str(Path(__file__).parent / "output" / "healpix.json"))
+    args = p.parse_args()
+
+    rng = np.random.default_rng(0)
+    lon = rng.uniform(0, 360, args.n_sources)
+    lat = np.degrees(np.arcsin(rng.uniform(-1, 1, args.n_sources)))
+    flux = rng.uniform(3, 100, args.n_sources)
+    default_detector()
+    healpix_patches()  # layout planning is cached; not part of the timing
+    n_patches = len(healpix_patches())
+    results = []
+    for nside in args.nside:
+        sky = HealpixMap(healpix_point_sources(nside, lon, lat, flux, seed=1))
+        times = {}
+        for workers in args.workers:
+            best = np.inf
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                cat = find_sources_healpix(sky, workers=workers, progress=False)
+                best = min(best, time.perf_counter() - t0)
+            times[workers] = best
+            n_det = 0 if cat is None else len(cat)
+            print(f"nside {nside:5d} ({sky.values.size / 1e6:5.1f} Mpix), {n_patches} patches, "
+                  f"{workers} worker(s): {best:7.1f} s  ({n_det} sources)", flush=True)
+            results.append({"nside": nside, "workers": workers, "seconds": best, "n_sources": n_det,
+                                "n_patches": n_patches})
+        if 1 in times and 2 in times:
+            print(f"nside {nside:5d}: speed-up 1 -> 2 workers = {times[1] / times[2]:.2f}x",
+                  flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    speedups = {str(n): next(r["seconds"] for r in results if r["nside"] == n and r["workers"] == 1)
+                / next(r["seconds"] for r in results if r["nside"] == n and r["workers"] == 2)
+                for n in args.nside if {1, 2} <= set(args.workers)}
+    out.write_text(json.dumps({
+        "benchmark": "find_sources_healpix", "results": results, "speedup_1_to_2": speedups,
+        "n_injected": args.n_sources, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(), "python": platform.python_version()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
