@@ -424,8 +424,8 @@ def _run(fn, shared, calls, *, client, workers, progress, desc, unit):
     """``[fn(*shared, *args) for args in calls]`` through Dask, in order, with a progress bar.
 
     ``client=None``: Dask's local threaded scheduler with ``workers`` threads (synchronous for
-    one worker); otherwise a `distributed.Client`, to which the ``shared`` objects are
-    scattered once.
+    one worker); otherwise a `distributed.Client`, to which the large ``shared`` objects
+    (arrays, the detector) are scattered once.
     """
     bar = tqdm(total=len(calls), desc=desc, unit=unit, disable=None if progress else True)
     # "nothing found here" in one patch or map is no news: the caller warns once for the lot
@@ -438,13 +438,26 @@ def _run(fn, shared, calls, *, client, workers, progress, desc, unit):
             bar.close()
 
 
+def _quiet(fn, *args):
+    """``fn(*args)`` without NoDetectionsWarning, in a cluster worker's process.
+
+    (A worker running several tasks in threads may race on the warning filters: at worst a
+    warning shows in its log.)
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoDetectionsWarning)
+        return fn(*args)
+
+
 def _run_tasks(fn, shared, calls, *, client, workers, bar):
     """The Dask part of `_run`."""
     if client is not None:
         from distributed import as_completed
 
-        shared_f = [client.scatter(s, broadcast=True, hash=False) for s in shared]
-        futures = [client.submit(fn, *shared_f, *args, pure=False) for args in calls]
+        # large objects (the map, the network) go to the workers once; small ones travel inline
+        shared_f = [client.scatter(s, broadcast=True, hash=False)
+                    if isinstance(s, (np.ndarray, SourceDetector)) else s for s in shared]
+        futures = [client.submit(_quiet, fn, *shared_f, *args, pure=False) for args in calls]
         for _ in as_completed(futures):
             bar.update()
         return client.gather(futures)

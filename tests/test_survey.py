@@ -299,3 +299,12 @@ def test_find_sources_healpix_wcs_frame_icrs():
     assert len(cat) == 1 and cat.meta["frame"] == "icrs"
     assert cat["sky_centroid"][0].separation(c) < 0.625 * u.deg
     assert cat["healpix_pixel"][0] == hp.ang2pix(64, 150.0, -20.0, lonlat=True)
+
+
+def test_many_maps_on_a_distributed_client(map_files, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None) as client:
+        merged = find_sources_many(map_files, out_dir=tmp_path, client=client, progress=False)
+    local = find_sources_many(map_files, out_dir=tmp_path / "local", workers=1, progress=False)
+    assert len(merged) == len(local) and list(merged["map"]) == list(local["map"])
