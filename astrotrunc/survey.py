@@ -252,7 +252,7 @@ def healpix_patches(resolution=PAPER_PIXEL_SCALE, patch_size=128, overlap=32, pr
     --------
     >>> from astrotrunc import healpix_patches
     >>> patches = healpix_patches()     # the shipped detector's 0.625 deg pixels, 128 px
-    >>> len(patches), patches[0].array_shape, list(patches[0].wcs.crval)
+    >>> len(patches), patches[0].array_shape, patches[0].wcs.crval.tolist()
     (42, (128, 128), [0.0, 90.0])
     """
     res, patch_size, overlap, projection, max_stretch = _check_patch_settings(
@@ -901,7 +901,7 @@ def find_sources_many(maps, *, out_dir, detector=None, client=None, workers=None
     >>> with tempfile.TemporaryDirectory() as out:
     ...     cat = find_sources_many(maps, out_dir=out, workers=1, progress=False)
     ...     again = find_sources_many(maps, out_dir=out, workers=1, progress=False)  # resumes
-    >>> sorted(set(cat["map"])), len(again) == len(cat)
+    >>> sorted(set(cat["map"].tolist())), len(again) == len(cat)
     (['map0000', 'map0001'], True)
     """
     if isinstance(maps, np.ndarray) and maps.ndim == 3:
