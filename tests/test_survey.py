@@ -308,3 +308,29 @@ def test_many_maps_on_a_distributed_client(map_files, tmp_path):
         merged = find_sources_many(map_files, out_dir=tmp_path, client=client, progress=False)
     local = find_sources_many(map_files, out_dir=tmp_path / "local", workers=1, progress=False)
     assert len(merged) == len(local) and list(merged["map"]) == list(local["map"])
+
+
+def test_detection_regions_never_cross_segments():
+    # regression: scipy's watershed_ift let markers flood across the background and give a
+    # pixel next to one source's peak to the region of another far away; each deblended region
+    # must lie in one above-threshold segment and be connected
+    import math
+
+    from photutils.segmentation import detect_sources
+    from scipy import ndimage
+
+    from astrotrunc.detection import detection_regions
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    log_odds = np.full((128, 128), -10.0)
+    for _ in range(40):  # peaks of very different heights and widths
+        x0, y0, h = rng.uniform(5, 123), rng.uniform(5, 123), rng.uniform(2, 30)
+        log_odds = np.maximum(log_odds, h - rng.uniform(2, 8) * ((xx - x0) ** 2 + (yy - y0) ** 2))
+    segments = detect_sources(log_odds, math.log(5), n_pixels=1)
+    regions = detection_regions(log_odds)
+    assert regions.n_labels >= segments.n_labels
+    for label in regions.labels:
+        inside = regions.data == label
+        assert len(np.unique(segments.data[inside])) == 1
+        assert ndimage.label(inside, structure=np.ones((3, 3)))[1] == 1
