@@ -119,16 +119,20 @@ def _cmd_detect_many(args):
     from .survey import find_sources_many
 
     if args.out_dir is None:
-        msg = ("several maps need --out-dir DIR (one catalog per map plus merged.ecsv); "
-               "--out names the catalog of a single map")
+        msg = ("give --out FILE for the catalog of one map, or --out-dir DIR for several maps "
+               "(one catalog per map plus merged.ecsv)")
         raise ValueError(msg)
     if args.out is not None or args.regions is not None:
         msg = "--out and --regions are for a single map; with --out-dir, drop them"
         raise ValueError(msg)
     det = SourceDetector.load(args.detector) if args.detector else None
-    merged = find_sources_many(args.map, out_dir=args.out_dir, detector=det,
-                               workers=args.workers, overwrite=args.overwrite,
-                               threshold=args.threshold, flux_threshold=args.flux_threshold)
+    try:
+        merged = find_sources_many(args.map, out_dir=args.out_dir, detector=det,
+                                   workers=args.workers, overwrite=args.overwrite,
+                                   threshold=args.threshold, flux_threshold=args.flux_threshold)
+    except RuntimeError as err:  # some maps failed; the others' catalogs are written
+        print(f"astrotrunc detect: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
     n = 0 if merged is None else len(merged)
     print(f"wrote {len(args.map)} catalog(s) and {n} sources in all to "
           f"{args.out_dir}/merged.ecsv")

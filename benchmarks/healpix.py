@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,32 @@ import torch
 
 from astrotrunc import (
     HealpixMap,
+    find_sources,
     find_sources_healpix,
     healpix_patches,
     healpix_point_sources,
 )
 from astrotrunc.detection import default_detector
+from astrotrunc.survey import (
+    PAPER_PIXEL_SCALE,
+    _healpix_patch,
+    _target_nside,
+    _working_map,
+)
+
+
+def stages(sky):
+    """Serial seconds of (summing the map down, filling all patches, detecting in them)."""
+    res = PAPER_PIXEL_SCALE.to_value("deg")
+    t0 = time.perf_counter()
+    values, bad, nside, nest = _working_map(sky, res)
+    t1 = time.perf_counter()
+    patches = [_healpix_patch(values, bad, nside, nest, w, max(nside, _target_nside(res)))
+               for w in healpix_patches()]
+    t2 = time.perf_counter()
+    for w, (data, mask) in zip(healpix_patches(), patches):
+        find_sources(data, wcs=w, mask=mask)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 def main():
@@ -60,12 +82,19 @@ def main():
                 cat = find_sources_healpix(sky, workers=workers, progress=False)
                 times[workers] = min(times[workers], time.perf_counter() - t0)
                 n_det[workers] = 0 if cat is None else len(cat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            down, fill, detect = stages(sky)
+        print(f"nside {nside:5d}: serial stages: sum down {down:.1f} s, fill 42 patches "
+              f"{fill:.1f} s, detect in them {detect:.1f} s", flush=True)
         for workers in args.workers:
             best = times[workers]
             print(f"nside {nside:5d} ({sky.values.size / 1e6:5.1f} Mpix), {n_patches} patches, "
                   f"{workers} worker(s): {best:7.1f} s  ({n_det[workers]} sources)", flush=True)
             results.append({"nside": nside, "workers": workers, "seconds": best,
-                            "n_sources": n_det[workers], "n_patches": n_patches})
+                            "n_sources": n_det[workers], "n_patches": n_patches,
+                            "serial_stages_s": {"sum_down": down, "fill": fill,
+                                                "detect": detect}})
         if 1 in times and 2 in times:
             print(f"nside {nside:5d}: speed-up 1 -> 2 workers = {times[1] / times[2]:.2f}x",
                   flush=True)

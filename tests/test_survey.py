@@ -289,6 +289,13 @@ def test_cli_detect_many_and_single(map_files, tmp_path, capsys):
     # several maps need --out-dir
     assert main(["detect", *map(str, map_files), "--out", str(tmp_path / "x.ecsv")]) == 2
     assert "--out-dir" in capsys.readouterr().err
+    # a map that fails: exit status 1, the others written, the failure named
+    broken = tmp_path / "broken.fits"
+    broken.write_text("not FITS")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["detect", str(map_files[0]), str(broken), "--out-dir", str(tmp_path / "d2")])
+    assert exit_info.value.code == 1 and "broken: OSError" in capsys.readouterr().err
+    assert (tmp_path / "d2" / "obs0.ecsv").exists()
 
 
 def test_find_sources_healpix_wcs_frame_icrs():
