@@ -341,3 +341,18 @@ def test_detection_regions_never_cross_segments():
         inside = regions.data == label
         assert len(np.unique(segments.data[inside])) == 1
         assert ndimage.label(inside, structure=np.ones((3, 3)))[1] == 1
+
+
+def test_fast_projection_matches_wcslib():
+    from astrotrunc.survey import _projector, _radius
+
+    for projection in ("CAR", "TAN"):
+        for w in healpix_patches(projection=projection, max_stretch=1.3)[::4]:
+            centre = hp.ang2vec(*w.wcs.crval, lonlat=True)
+            vec = np.column_stack(hp.pix2vec(32, hp.query_disc(32, centre, _radius(w))))
+            x, y = _projector(w)(vec)
+            lon, lat = hp.vec2ang(vec, lonlat=True)
+            x_ref, y_ref = w.wcs_world2pix(lon, lat, 0)
+            inside = (np.abs(x_ref - 63.5) < 70) & (np.abs(y_ref - 63.5) < 70)
+            np.testing.assert_allclose(x[inside], x_ref[inside], atol=1e-6)
+            np.testing.assert_allclose(y[inside], y_ref[inside], atol=1e-6)
