@@ -541,12 +541,13 @@ def _as_healpix(hpx_map, nside, nest, frame):
 def _merge_patches(cats, match_radius_deg, min_edge):
     """One catalog from overlapping patch catalogs, each source kept from one patch only.
 
-    Detections are taken in decreasing order of their distance to their own patch's edge; a
-    detection is dropped when one already taken from *another* patch lies within the match
-    radius (detections from one patch never suppress each other: it deblended them already).
-    Detections closer to their patch edge than half the margin, where the detector
-    sees too little context, are dropped first: the layout puts every position well inside
-    another patch.
+    Detections are taken in decreasing order of ``edge_distance`` (how far inside its patch's
+    trusted interior a detection lies, see `_edge_distance`); a detection is dropped when one
+    already taken from *another* patch lies within the match radius (detections from one
+    patch never suppress each other: it deblended them already). Detections with an
+    ``edge_distance`` below ``min_edge`` (half the margin: near a patch edge, where the detector
+    sees too little context, or out in the stretched part of a patch) are dropped first: the
+    layout puts every position at least a full margin inside some patch.
     """
     cats = [c for c in cats if c is not None and len(c)]
     if not cats:
