@@ -310,22 +310,27 @@ def _projector(wcs):
         ex, ey = ex / (ex @ ex), ey / (ey @ ey)
 
         def project(v):
-            c = centre.astype(v.dtype)
-            t = v / (v @ c)[:, None]
-            with np.errstate(invalid="ignore"):
-                behind = np.where(v @ c > 0, 0.0, np.nan)
-            return cx + t @ ex.astype(v.dtype) + behind, cy + t @ ey.astype(v.dtype) + behind
+            depth = _dot(v, centre)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                behind = np.where(depth > 0, 0.0, np.nan)
+                return (cx + _dot(v, ex) / depth + behind, cy + _dot(v, ey) / depth + behind)
         return project
 
     # plate carree: native longitude and latitude are linear in x and y
     east, pole = vec(cx + 90 / dx, cy), vec(cx, cy + 90 / dy)
 
     def project(v):
-        e, c, p = (a.astype(v.dtype) for a in (east, centre, pole))
-        phi = np.degrees(np.arctan2(v @ e, v @ c))
-        theta = np.degrees(np.arcsin(np.clip(v @ p, -1, 1)))
+        phi = np.degrees(np.arctan2(_dot(v, east), _dot(v, centre)))
+        theta = np.degrees(np.arcsin(np.clip(_dot(v, pole), -1, 1)))
         return cx + phi / dx, cy + theta / dy
     return project
+
+
+def _dot(v, a):
+    """``v @ a`` for unit vectors ``v (n, 3)``, in v's precision and without BLAS threads
+    (which would spin against the pool's workers for a 3-column product)."""
+    a = np.asarray(a, v.dtype)
+    return v[:, 0] * a[0] + v[:, 1] * a[1] + v[:, 2] * a[2]
 
 
 def _target_nside(res):
