@@ -47,6 +47,9 @@ _PUBLIC = {
     "truncation_bounds": "truncation", "run_rounds": "truncation", "coverage": "diagnostics",
     "plot_coverage": "diagnostics", "TruncatedModel": "truncation",
     "DetectedRegions": "truncation",
+    # survey scale: all-sky HEALPix maps and many maps
+    "find_sources_healpix": "survey", "find_sources_many": "survey",
+    "healpix_patches": "survey", "healpix_point_sources": "survey",
     # r3, r4 and the population posterior
     "PopulationInference": "inference", "PopulationPosterior": "inference",
     "InferenceSettings": "inference",
@@ -55,8 +58,8 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 _SUBMODULES = {"cli", "completeness", "demo", "detection", "diagnostics", "exceptions",
-               "inference", "io", "nre", "priors", "simulation", "store", "truncation",
-               "visualization"}
+               "inference", "io", "nre", "priors", "simulation", "store", "survey",
+               "truncation", "visualization"}
 
 
 def __getattr__(name):

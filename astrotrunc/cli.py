@@ -164,8 +164,8 @@ def _cmd_train(args):
         det = SourceDetector.load(args.detector) if args.detector else None
         finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
         kind = ConditionalCompleteness if args.conditional else CompletenessFunction
-        est = kind.fit_to(model, finder, n_maps=args.n_maps,
-                                          n_val_maps=args.n_val, seed=args.seed, **trainer)
+        est = kind.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
+                          seed=args.seed, **trainer)
     est.save(out, overwrite=args.overwrite)
     print(f"wrote {args.what} to {out}")
 
@@ -174,10 +174,14 @@ def _cmd_train(args):
 # detect
 # ----------------------------------------------------------------------------------------------
 def _add_detect(sub):
-    d = sub.add_parser("detect", help="detect sources in a FITS map")
-    d.add_argument("map", help="input FITS map (image with WCS, or HEALPix with --center, "
-                               "--shape and --resolution)")
-    d.add_argument("--out", required=True, help="output catalog (.ecsv or .fits)")
+    d = sub.add_parser("detect", help="detect sources in FITS maps (images or HEALPix)")
+    d.add_argument("map", nargs="+", help="input FITS map(s): images with WCS, or HEALPix (all "
+                                          "sky, or a patch with --center, --shape, --resolution)")
+    d.add_argument("--out", help="output catalog of a single map (.ecsv or .fits)")
+    d.add_argument("--out-dir", help="output directory for several maps: one catalog each "
+                   "plus merged.ecsv; a killed run resumes (finished maps are not redone)")
+    d.add_argument("--workers", type=int, default=None,
+                   help="parallel Dask workers (default: the number of CPUs)")
     d.add_argument("--regions", help="also write DS9 regions here")
     d.add_argument("--threshold", type=float, default=5.0, help="odds threshold (default 5)")
     d.add_argument("--flux-threshold", type=float, default=None, help="detector F_th channel")
@@ -195,6 +199,9 @@ def _add_detect(sub):
 
 
 def _cmd_detect(args):
+    if args.out_dir is not None or len(args.map) > 1 or args.out is None:
+        return _cmd_detect_many(args)
+    args.map = args.map[0]
     out, *regions = _check_outputs([args.out, args.regions], args.overwrite,
                                    inputs=[args.map] + ([args.detector] if args.detector else []))
     geometry = (args.center, args.shape, args.resolution)
@@ -213,17 +220,17 @@ def _cmd_detect(args):
         kwargs = dict(center=tuple(args.center), shape=tuple(args.shape),
                       resolution=args.resolution * u.deg)
     nd = read_map(args.map, **kwargs)
-    if isinstance(nd, HealpixMap):
-        msg = (f"{args.map} is a HEALPix map (nside {nd.nside}); the detector works on images: "
-               "project a patch with --center L B --shape NY NX --resolution DEG (the shipped "
-               "detector was trained on 128 x 128 pixels of 0.625 deg), or in Python with "
-               "astrotrunc.read_map(path, center=..., shape=..., resolution=...)")
-        raise ValueError(msg)
     det = SourceDetector.load(args.detector) if args.detector else None
     finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoDetectionsWarning)  # reported below
-        cat = finder(nd)
+        if isinstance(nd, HealpixMap):  # the whole sky, in overlapping patches
+            from .survey import find_sources_healpix
+
+            cat = find_sources_healpix(nd, detector=det, threshold=args.threshold,
+                                       flux_threshold=args.flux_threshold, workers=args.workers)
+        else:
+            cat = finder(nd)
     if cat is None:
         unit = nd.unit if nd.unit is not None else u.Unit(finder.detector.flux_unit)
         cat = empty_catalog(unit, finder.settings)
@@ -236,6 +243,31 @@ def _cmd_detect(args):
     print(f"wrote {len(cat)} sources to {out}" + ("" if len(cat) else " (no sources detected)"))
     if regions:
         print(f"wrote DS9 regions to {regions[0]}")
+
+
+def _cmd_detect_many(args):
+    """``detect a.fits b.fits ... --out-dir DIR``: one catalog per map plus a merged one."""
+    if args.out_dir is None:
+        msg = ("give --out FILE for the catalog of one map, or --out-dir DIR for several maps "
+               "(one catalog per map plus merged.ecsv)")
+        raise ValueError(msg)
+    if args.out is not None or args.regions is not None:
+        msg = "--out and --regions are for a single map; with --out-dir, drop them"
+        raise ValueError(msg)
+    from .detection import SourceDetector
+    from .survey import find_sources_many
+
+    det = SourceDetector.load(args.detector) if args.detector else None
+    try:
+        merged = find_sources_many(args.map, out_dir=args.out_dir, detector=det,
+                                   workers=args.workers, overwrite=args.overwrite,
+                                   threshold=args.threshold, flux_threshold=args.flux_threshold)
+    except RuntimeError as err:  # some maps failed; the others' catalogs are written
+        print(f"astrotrunc detect: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    n = 0 if merged is None else len(merged)
+    print(f"wrote {len(args.map)} catalog(s) and {n} sources in all to "
+          f"{args.out_dir}/merged.ecsv")
 
 
 # ----------------------------------------------------------------------------------------------

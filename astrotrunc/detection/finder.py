@@ -54,9 +54,10 @@ def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=Tr
     """The detected regions R_i of a log-odds map, as a `~photutils.segmentation.SegmentationImage`.
 
     Pixels with odds > ``threshold`` are segmented with `photutils.segmentation.detect_sources`;
-    with ``deblend=True`` every segment is then split into the watershed basins of its local
-    odds maxima (`scipy.ndimage.watershed_ift`), so that neighbouring sources whose odds regions
-    touch are catalogued separately -- one region per most-probable source centre.
+    with ``deblend=True`` every segment is then split into the basins of its local odds maxima
+    (each pixel joins the maximum that steepest ascent inside its segment leads to), so that
+    neighbouring sources whose odds regions touch are catalogued separately -- one region per
+    most-probable source centre. A pixel never joins a maximum of another segment.
 
     Parameters
     ----------
@@ -86,11 +87,28 @@ def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=Tr
     inside = segm.data > 0
     peaks = inside & (log_odds == ndimage.maximum_filter(log_odds, size=3, mode="nearest"))
     markers, _ = ndimage.label(peaks, structure=np.ones((3, 3)))
-    finite = np.where(inside, log_odds, np.nan)
-    lo, hi = np.nanmin(finite), np.nanmax(finite)
-    depth = np.where(inside, (hi - np.nan_to_num(finite, nan=lo)) / max(hi - lo, 1e-12), 1.0)
-    basins = ndimage.watershed_ift((depth * 65000).astype(np.uint16), markers.astype(np.int32),
-                                   structure=np.ones((3, 3), dtype=int))
+    # steepest ascent within the segment, by pointer jumping (scipy's watershed_ift let distant
+    # markers flood across the background and take pixels of other segments)
+    ny, nx = log_odds.shape
+    value = np.where(inside, log_odds, -np.inf)
+    padded = np.pad(value, 1, constant_values=-np.inf)
+    seg_padded = np.pad(segm.data, 1)
+    index = np.arange(ny * nx).reshape(ny, nx)
+    idx_padded = np.pad(index, 1)
+    best, parent = value.copy(), index.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            window = (slice(1 + dy, 1 + dy + ny), slice(1 + dx, 1 + dx + nx))
+            higher = (padded[window] > best) & (seg_padded[window] == segm.data)
+            best = np.where(higher, padded[window], best)
+            parent = np.where(higher, idx_padded[window], parent)
+    parent = parent.ravel()
+    while True:
+        jumped = parent[parent]
+        if np.array_equal(jumped, parent):
+            break
+        parent = jumped
+    basins = markers.ravel()[parent].reshape(ny, nx)
     basins[~inside] = 0
     return SegmentationImage(basins)
 
