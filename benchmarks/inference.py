@@ -131,7 +131,8 @@ def r3(args):
     print(f"observation seed {args.seed}, truth {obs.theta[0].tolist()}")
     for features in args.features.split(","):
         cfg = InferenceSettings(features=features, n_rounds=args.n_rounds,
-                                n_simulations=args.n_simulations, n_samples=args.n_samples)
+                                n_simulations=args.n_simulations, n_samples=args.n_samples,
+                                max_epochs=args.max_epochs)
         inf = PopulationInference(model, completeness=_completeness(args)
                                   if args.completeness else None, settings=cfg)
         work = OUT / f"r3_work_{features}"
@@ -156,6 +157,8 @@ def r3(args):
         print(f"{features}: run {wall:.0f} s; widths(68%) " +
               ", ".join(f"{k} {v:.3g}" for k, v in res["widths_68"].items()))
         print("   coverage: " + ", ".join(f"{k} {v:.3f}" for k, v in res["coverage"].items()))
+        res["calibrated_width_per_minute"] = {
+            n: 1.0 / (res["widths_68"][n] * max(wall / 60, 1e-3)) for n in NAMES}
         out[features] = res
     return out
 
@@ -215,6 +218,7 @@ def main():
     p.add_argument("--n-rounds", type=int, default=2, help="r3 mode: TMNRE rounds")
     p.add_argument("--n-simulations", type=int, default=4096, help="r3 mode: per round")
     p.add_argument("--n-test", type=int, default=300, help="r3 mode: held-out simulations")
+    p.add_argument("--max-epochs", type=int, default=40, help="r3 mode: training epochs (max)")
     p.add_argument("--quick", action="store_true", help="end-to-end mode: quick settings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
