@@ -107,16 +107,18 @@ def test_bad_settings_and_files_are_clear_errors(obs, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_healpix_input_is_projected_or_named(tmp_path, capsys):
+def test_healpix_input_is_searched_all_sky_or_projected(tmp_path, capsys):
     hpx = tmp_path / "sky.fits"
     write_map(hpx, HealpixMap(np.random.default_rng(0).poisson(1.0, 12 * 16**2) / 100.0,
                               frame="galactic"))
     out = tmp_path / "c.ecsv"
-    assert main(["detect", str(hpx), "--out", str(out)]) == 2
-    assert "--center L B --shape NY NX --resolution DEG" in capsys.readouterr().err
-    assert main(["detect", str(hpx), "--out", str(out), "--center", "0", "0", "--shape", "24",
+    assert main(["detect", str(hpx), "--out", str(out)]) == 0  # the whole sky, in patches
+    assert out.exists() and "sources to" in capsys.readouterr().out
+    patch = tmp_path / "p.ecsv"
+    assert main(["detect", str(hpx), "--out", str(patch), "--center", "0", "0", "--shape", "24",
                  "24", "--resolution", "0.625"]) == 0
-    assert out.exists()
+    assert patch.exists()
+    assert main(["detect", str(hpx), "--out", str(patch), "--center", "0", "0"]) == 2
 
 
 def test_train_detector_and_completeness(tmp_path):
