@@ -124,11 +124,17 @@ class _MonotoneFluxLogit(nn.Module):
             self.position[-1].bias[1 + n_steps:1 + 2 * n_steps] = torch.linspace(-2, 2, n_steps)
 
     def forward(self, z_flux, z_pos):
+        return self.table(self.position(z_pos), z_flux[:, None])[:, 0]
+
+    def table(self, p, z_flux):
+        """Logits ``(n, m)`` for position outputs ``p`` ``(n, 1 + 3k)`` and log fluxes ``z_flux``
+        (``(m,)``, shared by every position, or ``(n, m)``)."""
         k = self.n_steps
-        p = self.position(z_pos)
-        bias, w, c, g = p[:, 0], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
+        bias, w, c, g = p[:, :1], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
         slope = nn.functional.softplus(g + 1.0) + 0.1
-        return bias + (nn.functional.softplus(w) * torch.tanh(slope * (z_flux[:, None] - c))).sum(1)
+        z = z_flux[None, None, :] if z_flux.ndim == 1 else z_flux[:, None, :]
+        steps = torch.tanh(slope[:, :, None] * (z - c[:, :, None]))
+        return bias + (nn.functional.softplus(w)[:, :, None] * steps).sum(1)
 
 
 class CompletenessFunction(RatioEstimator):
@@ -220,12 +226,8 @@ class CompletenessFunction(RatioEstimator):
         zf = (torch.log(torch.as_tensor(flux, dtype=torch.float32).clamp_min(1e-30)) - c) / s
         zl = (torch.remainder(torch.as_tensor(l, dtype=torch.float32) + 180.0, 360.0) - 180.0) / ls
         zb = torch.as_tensor(b, dtype=torch.float32) / bs
-        net, k = self.net, self.net.n_steps
-        p = net.position(torch.stack([zl, zb], dim=-1))  # no dropout/normalisation layers
-        bias, w, cen, g = p[:, :1], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
-        slope = nn.functional.softplus(g + 1.0) + 0.1
-        steps = torch.tanh(slope[:, :, None] * (zf[None, None, :] - cen[:, :, None]))
-        return bias + (nn.functional.softplus(w)[:, :, None] * steps).sum(1)
+        p = self.net.position(torch.stack([zl, zb], dim=-1))  # no dropout/normalisation layers
+        return self.net.table(p, zf)
 
     # -- user interface --------------------------------------------------------------------
     def __call__(self, flux, l=None, b=None):  # noqa: E741
@@ -812,12 +814,8 @@ class ConditionalCompleteness(CompletenessFunction):
         zl = (torch.remainder(torch.as_tensor(l, dtype=torch.float32) + 180.0, 360.0) - 180.0) / ls
         zb = torch.as_tensor(b, dtype=torch.float32) / bs
         zt = self._z_theta(theta).expand(len(zl), -1)
-        net, k = self.net, self.net.n_steps
-        p = net.position(torch.cat([torch.stack([zl, zb], dim=-1), zt], 1))
-        bias, w, cen, g = p[:, :1], p[:, 1:1 + k], p[:, 1 + k:1 + 2 * k], p[:, 1 + 2 * k:]
-        slope = nn.functional.softplus(g + 1.0) + 0.1
-        steps = torch.tanh(slope[:, :, None] * (zf[None, None, :] - cen[:, :, None]))
-        return bias + (nn.functional.softplus(w)[:, :, None] * steps).sum(1)
+        p = self.net.position(torch.cat([torch.stack([zl, zb], dim=-1), zt], 1))
+        return self.net.table(p, zf)
 
     @classmethod
     def load_default(cls) -> "ConditionalCompleteness":

@@ -444,22 +444,28 @@ class CompletenessTable:
     """
 
     def __init__(self, completeness, geometry, mask=None, flux_range=(1e-3, 1e5), n_flux=161):
+        self._setup(completeness, geometry, mask, flux_range, n_flux)
+        table = torch.sigmoid(completeness.logit_table(torch.exp(self.log_flux), self.lon,
+                                                       self.lat))
+        self.table = torch.where(self.off[:, None], 0.0, table).float().contiguous()
+
+    def _setup(self, completeness, geometry, mask, flux_range, n_flux):
+        """Pixel-centre sky positions, pixels where S = 0 (``off``) and the log-flux grid."""
         ny, nx = geometry.shape
         yy, xx = np.mgrid[0:ny, 0:nx]
         sky = geometry.pixel_to_world(xx.ravel(), yy.ravel())
-        lon = torch.as_tensor(sky.l.wrap_at(180 * u.deg).deg)
-        lat = torch.as_tensor(sky.b.deg)
+        self.lon = torch.as_tensor(sky.l.wrap_at(180 * u.deg).deg, dtype=torch.float32)
+        self.lat = torch.as_tensor(sky.b.deg, dtype=torch.float32)
         self.log_flux = torch.linspace(math.log(flux_range[0]), math.log(flux_range[1]), n_flux,
                                        dtype=torch.float64)
-        table = torch.sigmoid(completeness.logit_table(torch.exp(self.log_flux), lon, lat))
         off = torch.zeros(ny * nx, dtype=torch.bool)
         extent = getattr(completeness, "extent", None)
         if extent is not None:
             l0, l1, b0, b1 = extent
-            off |= (lon < l0) | (lon > l1) | (lat < b0) | (lat > b1)
+            off |= (self.lon < l0) | (self.lon > l1) | (self.lat < b0) | (self.lat > b1)
         if mask is not None:
             off |= torch.as_tensor(np.asarray(mask, dtype=bool)).reshape(-1)
-        self.table = torch.where(off[:, None], 0.0, table).float().contiguous()  # (npix, n_flux)
+        self.off = off
         self.shape, self.n_flux = (ny, nx), int(n_flux)
         self._step = float(self.log_flux[1] - self.log_flux[0])
 
@@ -511,24 +517,8 @@ class ConditionalCompletenessTable(CompletenessTable):
 
     def __init__(self, completeness, geometry, prior, mask=None, n_nodes=(5, 4, 6),
                  flux_range=(1e-3, 1e5), n_flux=161):
-        ny, nx = geometry.shape
-        yy, xx = np.mgrid[0:ny, 0:nx]
-        sky = geometry.pixel_to_world(xx.ravel(), yy.ravel())
-        self.lon = torch.as_tensor(sky.l.wrap_at(180 * u.deg).deg, dtype=torch.float32)
-        self.lat = torch.as_tensor(sky.b.deg, dtype=torch.float32)
-        self.log_flux = torch.linspace(math.log(flux_range[0]), math.log(flux_range[1]), n_flux,
-                                       dtype=torch.float64)
-        off = torch.zeros(ny * nx, dtype=torch.bool)
-        extent = getattr(completeness, "extent", None)
-        if extent is not None:
-            l0, l1, b0, b1 = extent
-            off |= (self.lon < l0) | (self.lon > l1) | (self.lat < b0) | (self.lat > b1)
-        if mask is not None:
-            off |= torch.as_tensor(np.asarray(mask, dtype=bool)).reshape(-1)
-        self.off, self.completeness = off, completeness
-        self.shape, self.n_flux = (ny, nx), int(n_flux)
-        self._step = float(self.log_flux[1] - self.log_flux[0])
-        self.table = None
+        self._setup(completeness, geometry, mask, flux_range, n_flux)
+        self.completeness, self.table = completeness, None
         lo, hi = prior.low.double(), prior.high.double()
         nn_, ns, nh = n_nodes
         self.axes = (torch.linspace(math.log(max(lo[0], 1.0)), math.log(hi[0]), nn_,
