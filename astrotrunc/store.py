@@ -133,7 +133,12 @@ class SimulationStore:
         return -(-self.capacity // self.chunk_size) if self.chunk_size else 0
 
     def keys(self) -> list:
-        """Names of the stored arrays."""
+        """Names of the stored arrays.
+
+        Returns
+        -------
+        list of str
+        """
         return [k for k in self._group.array_keys() if k != _MARKER]
 
     def __getitem__(self, key):
@@ -166,7 +171,19 @@ class SimulationStore:
                 f"arrays {self.keys()}>")
 
     def read_chunk(self, index: int, keys=None) -> dict:
-        """The rows of complete chunk ``index`` as a dict of numpy arrays."""
+        """The rows of complete chunk ``index``.
+
+        Parameters
+        ----------
+        index : int
+            A complete chunk.
+        keys : list of str, optional
+            Arrays to read (all by default).
+
+        Returns
+        -------
+        dict of `numpy.ndarray`
+        """
         if not (0 <= index < self.n_chunks
                 and int(self._group[_MARKER][index]) == self._expected_rows(index)):
             raise ValueError(f"chunk {index} of the store is not complete")
@@ -175,7 +192,17 @@ class SimulationStore:
         return {k: self._group[k][start:stop] for k in (keys or self.keys())}
 
     def load(self, keys=None) -> dict:
-        """All complete rows as a dict of numpy arrays (for stores that fit in memory)."""
+        """All complete rows (for stores that fit in memory).
+
+        Parameters
+        ----------
+        keys : list of str, optional
+            Arrays to read (all by default).
+
+        Returns
+        -------
+        dict of `numpy.ndarray`
+        """
         chunks = self.complete_chunks
         if not len(chunks):
             raise ValueError("the simulation store is empty (no complete chunks)")
@@ -207,6 +234,11 @@ class SimulationStore:
             Chunks in flight at once (bounds memory); twice the cluster's threads by default.
         progress : bool
             Show a progress bar.
+
+        Returns
+        -------
+        None
+            The store is filled in place; a killed fill loses only the chunks in flight.
         """
         n = int(n)
         if n < 1:
@@ -328,13 +360,51 @@ class SimulationStore:
     def dataset(
         self, batch_size=128, *, chunks=None, keys=None, shuffle=True, seed=None, prefetch=2
     ):
-        """A `StoreDataset` of batches over complete chunks (all of them by default)."""
+        """A `StoreDataset` of batches over complete chunks (all of them by default).
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows per batch.
+        chunks : sequence of int, optional
+            Chunks to read (all complete ones by default).
+        keys : list of str, optional
+            Arrays to read.
+        shuffle : bool
+            Shuffle chunk order and rows within chunks.
+        seed : int, optional
+            Seed of the shuffling.
+        prefetch : int
+            Chunks read ahead in a background thread.
+
+        Returns
+        -------
+        `StoreDataset`
+        """
         chunks = self.complete_chunks if chunks is None else np.asarray(chunks, dtype=int)
         return StoreDataset(self, chunks, batch_size, keys=keys, shuffle=shuffle, seed=seed,
                             prefetch=prefetch)
 
     def batch_source(self, val_fraction=0.1, generator=None, keys=None, prefetch=2):
-        """The trainer's view: a chunk-level validation split, shuffled prefetched batches."""
+        """The trainer's view: a chunk-level validation split, shuffled prefetched batches.
+
+        Parameters
+        ----------
+        val_fraction : float
+            Fraction of the complete chunks held out for validation.
+        generator : `torch.Generator`, optional
+            Random source of the split.
+        keys : list of str, optional
+            Arrays to read.
+        prefetch : int
+            Chunks read ahead.
+
+        Returns
+        -------
+        batch source
+            An object with ``train_batches``, ``val_batches`` and ``n_batches`` (see
+            `~astrotrunc.nre.Trainer`).
+        """
         chunks = self.complete_chunks
         if len(chunks) == 0:
             raise ValueError("the simulation store is empty (no complete chunks): fill it first")

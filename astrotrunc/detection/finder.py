@@ -196,7 +196,7 @@ class NeuralSourceFinder:
                 "tile_overlap": self.tile_overlap}
 
     # -- one map -----------------------------------------------------------------------------
-    def prepare(self, data, mask=None, wcs=None):
+    def prepare(self, data, mask=None, wcs=None, *, _stacklevel=2):
         """Validate one map; the map in the detector's unit, its bad pixels, unit and WCS.
 
         Parameters are those of `__call__`.
@@ -233,7 +233,7 @@ class NeuralSourceFinder:
         nonfinite = ~np.isfinite(data) & ~bad
         if nonfinite.any() and not (bad | nonfinite).all():
             warnings.warn(f"{int(nonfinite.sum())} NaN or infinite pixel(s) are not in the mask: "
-                          "they are treated as masked", AstrotruncWarning, stacklevel=3)
+                          "they are treated as masked", AstrotruncWarning, stacklevel=_stacklevel)
         bad |= nonfinite
         limit = nonphysical_limit(det.domain)
         with np.errstate(invalid="ignore"):
@@ -241,7 +241,7 @@ class NeuralSourceFinder:
         if wild.any():
             warnings.warn(f"{int(wild.sum())} pixel(s) with |value| > {limit:.3g} (up to "
                           f"{np.abs(data[wild]).max():.3g}) are not physical for this detector: "
-                          "they are masked", AstrotruncWarning, stacklevel=3)
+                          "they are masked", AstrotruncWarning, stacklevel=_stacklevel)
             bad |= wild
         if bad.all():
             msg = "every pixel of the map is masked or not finite: nothing to detect"
@@ -262,10 +262,10 @@ class NeuralSourceFinder:
         if differences:
             warnings.warn(f"this map is outside the domain of detector {det.name!r}: "
                           + "; ".join(differences) + f" -- {_RETRAIN_HINT}",
-                          OutOfDomainWarning, stacklevel=3)
+                          OutOfDomainWarning, stacklevel=_stacklevel)
         return data, bad, unit, wcs
 
-    def __call__(self, data, mask=None, wcs=None, *, return_segmentation=False):
+    def __call__(self, data, mask=None, wcs=None, *, return_segmentation=False, _stacklevel=3):
         """Detect the sources of one map.
 
         Parameters
@@ -291,14 +291,14 @@ class NeuralSourceFinder:
         segmentation : `~photutils.segmentation.SegmentationImage`
             Only with ``return_segmentation=True``.
         """
-        data, bad, unit, wcs = self.prepare(data, mask, wcs)
+        data, bad, unit, wcs = self.prepare(data, mask, wcs, _stacklevel=_stacklevel)
         log_odds = self.detector.log_odds(data, bad, flux_threshold=self.flux_threshold,
                                           tile_overlap=self.tile_overlap,
                                           batch_size=self.batch_size)
         segm = self.segment(log_odds, bad)
         if segm is None:
             warnings.warn("No sources were found (no region with odds above the threshold).",
-                          NoDetectionsWarning, stacklevel=2)
+                          NoDetectionsWarning, stacklevel=_stacklevel - 1)
             return (None, None) if return_segmentation else None
         catalog = self.describe(data, log_odds, segm, bad, wcs=wcs, unit=unit).to_table()
         return (catalog, segm) if return_segmentation else catalog
@@ -500,4 +500,5 @@ def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_p
     ['id', 'x_centroid', 'y_centroid', 'sky_centroid']
     """
     finder = NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold, deblend=deblend)
-    return finder(data, mask, wcs, return_segmentation=return_segmentation)
+    # warnings point at the caller of find_sources
+    return finder(data, mask, wcs, return_segmentation=return_segmentation, _stacklevel=4)
