@@ -96,23 +96,30 @@ def _train(prior, theta, x, embedding, args, shape):
 
 
 @torch.no_grad()
-def _draws(posterior, x, n_samples, box, chunk=50, max_tries=5):
+def _draws(posterior, x, n_samples, box, chunk=50, max_tries=6):
     """Posterior draws inside the prior box, a list of ``(n_i, 3)`` per observation, and the
     fraction of the flow's draws that fell inside.
 
     sbi's own rejection (``reject_outside_prior=True``) loops until the worst observation has all
-    its draws; instead draw ``2 n_samples`` unrejected per try, drop those outside the box and
-    keep at most ``n_samples`` (up to ``max_tries`` tries; N floored back to integers).
+    its draws; instead draw unrejected (``1.25 n_samples`` / the acceptance so far), drop those
+    outside the box, repeat for the observations still short of ``n_samples`` (at most
+    ``max_tries`` times) and keep ``n_samples`` (N floored back to integers).
     """
     low, high = box
     kept = [[] for _ in range(len(x))]
     n_in, n_all = np.zeros(len(x)), np.zeros(len(x))
     for _ in range(max_tries):
-        todo = [i for i in range(len(x)) if sum(len(k) for k in kept[i]) < n_samples]
+        need = np.array([n_samples - sum(len(k) for k in ks) for ks in kept])
+        todo = np.flatnonzero(need > 0)
         for start in range(0, len(todo), chunk):
             idx = todo[start:start + chunk]
-            s = posterior.sample_batched((2 * n_samples,), x=x[idx].float(),
-                                         reject_outside_prior=False, show_progress_bars=False)
+            acc = np.where(n_all[idx] > 0, n_in[idx] / np.maximum(n_all[idx], 1), 1.0)
+            m = int(np.ceil(1.25 * np.max(need[idx] / np.maximum(acc, 0.05))))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # sbi warns of the draws outside: counted here
+                s = posterior.sample_batched((m,), x=x[idx].float(),
+                                             reject_outside_prior=False,
+                                             show_progress_bars=False)
             s = s.permute(1, 0, 2).double()
             inside = ((s >= low) & (s < high)).all(-1)
             for i, si, ok in zip(idx, s, inside):
