@@ -209,6 +209,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare", default=str(OUT / "inference_end-to-end.json"),
                    help="astrotrunc's end-to-end figures to print beside NPE's, when present")
+    p.add_argument("--out", default=str(OUT / "npe_baseline.json"), help="JSON output")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import sbi
@@ -277,9 +278,9 @@ def main():
     out["wall_s"] = time.perf_counter() - t_all
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"total {out['wall_s']:.0f} s, peak RSS {out['peak_rss_mib']:.0f} MiB")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "npe_baseline.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {OUT / 'npe_baseline.json'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
