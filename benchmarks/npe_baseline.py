@@ -72,6 +72,28 @@ def _dequantise(theta, gen):
     return theta
 
 
+class _NoTracker:
+    """An sbi ``Tracker`` that keeps nothing (sbi's default writes TensorBoard logs to
+    ``./sbi-logs``)."""
+
+    log_dir = None
+
+    def log_metric(self, name, value, step=None):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def add_figure(self, name, figure, step=None):
+        pass
+
+    def flush(self):
+        pass
+
+
 def _train(prior, theta, x, embedding, args, shape):
     from sbi.inference import NPE
     from sbi.neural_nets import posterior_nn
@@ -84,7 +106,8 @@ def _train(prior, theta, x, embedding, args, shape):
                            num_conv_layers=3, num_linear_units=128, output_dim=64)
     est = posterior_nn(model=args.density_estimator, embedding_net=net, hidden_features=64,
                        num_transforms=5)
-    npe = NPE(prior=prior, density_estimator=est, device="cpu", show_progress_bars=False)
+    npe = NPE(prior=prior, density_estimator=est, device="cpu", show_progress_bars=False,
+              tracker=_NoTracker())
     t0 = time.perf_counter()
     npe.append_simulations(theta, x.float(), exclude_invalid_x=False)
     npe.train(training_batch_size=args.batch_size, learning_rate=args.lr,
