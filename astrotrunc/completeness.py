@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from importlib import resources
 
 import numpy as np
 import torch
@@ -498,8 +497,7 @@ class CompletenessFunction(RatioEstimator):
         -------
         `CompletenessFunction`
         """
-        path = resources.files("astrotrunc") / "data" / _DEFAULT_COMPLETENESS
-        return cls.load(str(path))
+        return cls.load_shipped(_DEFAULT_COMPLETENESS)
 
 
 def default_completeness() -> CompletenessFunction:
@@ -825,7 +823,7 @@ class ConditionalCompleteness(CompletenessFunction):
         -------
         `ConditionalCompleteness`
         """
-        return cls.load(str(resources.files("astrotrunc") / "data" / _DEFAULT_CONDITIONAL))
+        return cls.load_shipped(_DEFAULT_CONDITIONAL)
 
     def __call__(self, flux, l=None, b=None, theta=None):  # noqa: E741
         """S(F, l, b | θ) (numpy, broadcasting over flux and position); ``theta`` is one θ."""

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import math
 import warnings
-from importlib import resources
 
 import numpy as np
 import torch
@@ -395,11 +394,7 @@ class SourceDetector(RatioEstimator):
         -------
         `SourceDetector`
         """
-        path = resources.files("astrotrunc") / "data" / _DEFAULT_DETECTOR
-        if not path.is_file():  # pragma: no cover - packaging error
-            msg = f"the default detector is missing from the installation ({path})"
-            raise OSError(msg)
-        return cls.load(str(path))
+        return cls.load_shipped(_DEFAULT_DETECTOR)
 
 
 @functools.lru_cache(maxsize=1)

@@ -138,10 +138,10 @@ class PopulationPosterior:
 
         The file is written atomically and never replaces an existing one without ``overwrite``.
         """
-        from ..io import _check_writable
-        from ..nre.estimator import _atomic
+        from .._utils import atomic_write as _atomic
+        from .._utils import check_writable
 
-        path = _check_writable(path, overwrite)
+        path = check_writable(path, overwrite)
         table = self._sample_table()
         meta = self._file_meta()
         suffix = "".join(path.suffixes[-2:]).lower()

@@ -500,9 +500,7 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         ≤ 0.05 on 24 catalogs of the shipped detector; the thinnest margin, 0.046, is at small
         h). No flux cut (``flux_threshold=None``).
         """
-        from importlib import resources
-
-        return cls.load(str(resources.files("astrotrunc") / "data" / _DEFAULT_R4))
+        return cls.load_shipped(_DEFAULT_R4)
 
     def reference_log_ratio(self, features) -> torch.Tensor:
         """``(B,)`` log p(S_det) / ρ(S_det) of embedded catalogs (the θ-free factor of r4)."""

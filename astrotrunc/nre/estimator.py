@@ -152,6 +152,26 @@ class RatioEstimator(nn.Module):
         _atomic(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
     @classmethod
+    def load_shipped(cls, filename):
+        """Load a model file shipped in ``astrotrunc/data`` (the defaults of r1, r2, r4).
+
+        Parameters
+        ----------
+        filename : str
+            File name inside the package's ``data`` directory.
+
+        Returns
+        -------
+        `RatioEstimator`
+        """
+        from importlib import resources
+
+        path = resources.files("astrotrunc") / "data" / filename
+        if not path.is_file():  # pragma: no cover - packaging error
+            raise OSError(f"the shipped model {filename} is missing from the installation ({path})")
+        return cls.load(str(path))
+
+    @classmethod
     def load(cls, path, map_location=None):
         """Rebuild a saved estimator. Only safetensors files written by `save` are accepted.
 
