@@ -476,18 +476,26 @@ class CompletenessTable:
         inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
         return torch.where(inside, iy * nx + ix, 0), inside
 
-    def at_pixels(self, flux, pixel):
-        """S at fluxes ``flux`` in flat pixels ``pixel`` (same shapes), interpolated in log F."""
+    def _flux_index(self, flux):
+        """Grid index below each flux and the fraction of the step above it (linear in log F)."""
         pos = (torch.log(flux.double().clamp_min(1e-300)) - float(self.log_flux[0])) / self._step
         pos = pos.clamp(0, self.n_flux - 1)
         i0 = pos.floor().long().clamp(max=self.n_flux - 2)
-        frac = (pos - i0).float()
+        return i0, (pos - i0).float()
+
+    def at_pixels(self, flux, pixel):
+        """S at fluxes ``flux`` in flat pixels ``pixel`` (same shapes), interpolated in log F."""
+        i0, frac = self._flux_index(flux)
         flat = self.table.reshape(-1)
         base = pixel * self.n_flux + i0
         return flat[base] * (1 - frac) + flat[base + 1] * frac
 
-    def __call__(self, flux, x, y):
-        """S of sources of ``flux`` at pixel positions (x, y); 0 outside the map."""
+    def __call__(self, flux, x, y, active=None):
+        """S of sources of ``flux`` at pixel positions (x, y); 0 outside the map.
+
+        ``active`` (bool, same shape) marks the sources whose S is needed; a table may skip the
+        others (their value is then unspecified).
+        """
         pixel, inside = self.pixel(x, y)
         return torch.where(inside, self.at_pixels(flux, pixel), 0.0)
 
@@ -581,14 +589,44 @@ class ConditionalCompletenessTable(CompletenessTable):
                                                         lat.repeat(n), theta=theta))
         return torch.where(off.repeat(n)[:, None], 0.0, t).reshape(n, k, self.n_flux)
 
-    def at_pixels(self, flux, pixel, theta=None):
-        """S at ``flux`` in flat pixels ``pixel``, for θ ``(n, 3)`` of the leading axis."""
+    def interpolate(self, tables, flux, index, theta):
+        """S from node tables: trilinear between the θ nodes, linear in log F.
+
+        The interpolation the catalog likelihood uses, so a truncated model and the likelihood
+        that read the same ``tables`` agree on S exactly.
+
+        Parameters
+        ----------
+        tables : tensor ``(n_nodes, P, n_flux)``
+            S at every node on ``P`` positions (`all_nodes`).
+        flux, index : tensors of one shape ``(n, ...)``
+            Fluxes and indices into the ``P`` positions.
+        theta : tensor ``(n, 3)``
+            θ of each leading row.
+        """
+        idx, w = self.corners(theta)  # (n, 8)
+        lead = (len(theta),) + (1,) * (flux.ndim - 1) + (8,)
+        idx, w = idx.reshape(lead), w.reshape(lead).float()
+        i0, frac = self._flux_index(flux)
+        base = (idx * tables.shape[1] + index[..., None]) * self.n_flux + i0[..., None]
+        flat = tables.reshape(-1)
+        s = flat[base] * (1 - frac[..., None]) + flat[base + 1] * frac[..., None]
+        return (s * w).sum(-1)
+
+    def at_pixels(self, flux, pixel, theta=None, active=None):
+        """S at ``flux`` in flat pixels ``pixel``, for θ ``(n, 3)`` of the leading axis.
+
+        The network runs only where ``active`` (default: everywhere); elsewhere S is 0.
+        """
         if theta is None:
             raise ValueError("a conditional completeness needs the θ of each map")
         theta = torch.as_tensor(theta, dtype=torch.float32)
         th = theta.reshape(theta.shape[0], *([1] * (flux.ndim - 1)), 3).expand(*flux.shape, 3)
         flat, pix = flux.reshape(-1), pixel.reshape(-1)
-        need = torch.nonzero(~self.off[pix]).ravel()
+        on = ~self.off[pix]
+        if active is not None:
+            on &= active.reshape(-1)
+        need = torch.nonzero(on).ravel()
         s = torch.zeros(flat.shape)
         with torch.no_grad():
             logit = self.completeness({"flux": flat[need].float(), "l": self.lon[pix[need]],
@@ -597,9 +635,10 @@ class ConditionalCompletenessTable(CompletenessTable):
         s[need] = torch.sigmoid(logit)
         return s.reshape(flux.shape)
 
-    def __call__(self, flux, x, y, theta=None):
+    def __call__(self, flux, x, y, theta=None, active=None):
         pixel, inside = self.pixel(x, y)
-        return torch.where(inside, self.at_pixels(flux, pixel, theta), 0.0)
+        on = inside if active is None else inside & active
+        return torch.where(inside, self.at_pixels(flux, pixel, theta, on), 0.0)
 
 
 class TruncatedModel:
@@ -666,6 +705,9 @@ class TruncatedModel:
         self.table = (completeness if isinstance(completeness, CompletenessTable) else
                       completeness_table(completeness, model, regions.mask))
         self._theta_arg = isinstance(self.table, ConditionalCompletenessTable)
+        if self._theta_arg:  # S inside the regions: node tables, as the catalog likelihood reads
+            self._region_pixels = torch.unique(self.regions.pixel_index)
+            self._region_tables = self.table.all_nodes(self._region_pixels).float()
         # padded region cells: (n_det, max cells) flat indices into the grid's (pixel, cell) table
         k2 = oversample**2
         cells = (self.regions.pixel_index[:, None] * k2 + torch.arange(k2)).reshape(-1)
@@ -715,8 +757,12 @@ class TruncatedModel:
             u01 = a + (1 - a) * u01
         z = torch.special.ndtri(u01.clamp(1e-300, 1 - 1e-16))
         flux = torch.exp(self.model.flux_mu + sig * z).float()
-        s = self.table.at_pixels(flux, cell // self.grid.oversample**2,
-                                 *((theta,) if self._theta_arg else ()))
+        pixel = cell // self.grid.oversample**2
+        if self._theta_arg:
+            index = torch.searchsorted(self._region_pixels, pixel)
+            s = self.table.interpolate(self._region_tables, flux, index, theta)
+        else:
+            s = self.table.at_pixels(flux, pixel)
         w = torch.where(s.sum(-1, keepdim=True) > 0, s, torch.ones_like(s)).reshape(n * m, k)
         one = torch.multinomial(w, 1, generator=gen).reshape(n, m, 1)
         take = lambda a: a.gather(2, one)[..., 0]  # noqa: E731
@@ -736,8 +782,10 @@ class TruncatedModel:
             prop[:, 0] = n_prop
             flux, lon, lat, _ = self.model.sample_sources(prop, gen)
             x, y = self.model.geometry.world_to_pixel(lon, lat)
-            s = self.table(flux, x, y, *((theta,) if self._theta_arg else ()))
-            accept = torch.rand(s.shape, generator=gen) >= s
+            # proposals are padded to the chunk's largest need: S only where one may be kept
+            active = torch.arange(n_prop)[None, :] < (need[:, None] * 1.4 + 16)
+            s = self.table(flux, x, y, *((theta,) if self._theta_arg else ()), active=active)
+            accept = (torch.rand(s.shape, generator=gen) >= s) & active
             rank = torch.cumsum(accept.long(), 1)
             keep = accept & (rank <= need[:, None])
             parts.append((flux, lon, lat, x, y, keep))

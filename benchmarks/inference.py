@@ -17,6 +17,7 @@ Run: ``python benchmarks/inference.py detected --n-obs 200``
 import argparse
 import json
 import resource
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -132,10 +133,12 @@ def r3(args):
     for features in args.features.split(","):
         cfg = InferenceSettings(features=features, n_rounds=args.n_rounds,
                                 n_simulations=args.n_simulations, n_samples=args.n_samples,
-                                max_epochs=args.max_epochs)
+                                max_epochs=args.max_epochs, balance=args.balance)
         inf = PopulationInference(model, completeness=_completeness(args)
                                   if args.completeness else None, settings=cfg)
-        work = OUT / f"r3_work_{features}"
+        work = OUT / f"r3_work_{features}_{args.n_rounds}x{args.n_simulations}_b{args.balance:g}"
+        if work.exists():  # a finished run would be resumed, not measured
+            shutil.rmtree(work)
         t0 = time.perf_counter()
         post = inf.run(obs.maps[0], workdir=work, progress=False, seed=args.seed,
                        branches=("sub-threshold",), client="sync")
@@ -219,6 +222,7 @@ def main():
     p.add_argument("--n-simulations", type=int, default=4096, help="r3 mode: per round")
     p.add_argument("--n-test", type=int, default=300, help="r3 mode: held-out simulations")
     p.add_argument("--max-epochs", type=int, default=40, help="r3 mode: training epochs (max)")
+    p.add_argument("--balance", type=float, default=0.0, help="r3 balanced-NRE weight")
     p.add_argument("--quick", action="store_true", help="end-to-end mode: quick settings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

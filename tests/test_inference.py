@@ -96,6 +96,44 @@ def test_truncated_model_pins_detections_and_conserves_n(model, completeness):
     assert torch.equal(same.maps, tm.simulate(5, seed=7).maps)
 
 
+def test_conditional_completeness_in_the_truncated_model(model):
+    from astrotrunc import ConditionalCompleteness
+    from astrotrunc.truncation import ConditionalCompletenessTable
+
+    torch.manual_seed(4)
+    cond = ConditionalCompleteness(detector_id="test", flux_threshold=10.0,
+                                   extent=[-40, 40, -40, 40], params=model.param_names,
+                                   theta_center=[5.0, 2.0, 1.5], theta_scale=[1.0, 0.5, 0.8])
+    labels = np.zeros(model.shape, int)
+    labels[60:62, 30] = 1
+    labels[70, 90] = 2
+    regions = DetectedRegions(labels)
+    tm = TruncatedModel(model, regions, cond)
+    table = tm.table
+    assert isinstance(table, ConditionalCompletenessTable)
+    # at a node, the interpolation the truncated model and the likelihood share is the node's S
+    pix = torch.unique(regions.pixel_index)
+    tables = table.all_nodes(pix).float()
+    node = 37
+    flux = torch.exp(table.log_flux[::20]).float()[None, None].expand(1, len(pix), -1)
+    index = torch.arange(len(pix))[None, :, None].expand_as(flux)
+    s = table.interpolate(tables, flux, index, table.nodes[node][None])
+    assert torch.allclose(s[0], table.node_table(node, pix)[:, ::20].float(), atol=1e-5)
+    # and the network evaluated exactly agrees with the interpolation at a node
+    exact = table.at_pixels(flux[0], pix[:, None].expand(-1, flux.shape[-1]),
+                            table.nodes[node][None].float())
+    assert torch.allclose(exact, s[0], atol=2e-3)
+    # sources not marked active are skipped (S = 0 there), the others evaluated
+    active = torch.zeros(flux.shape[1:], dtype=torch.bool)
+    active[0] = True
+    part = table.at_pixels(flux[0], pix[:, None].expand(-1, flux.shape[-1]),
+                           table.nodes[node][None].float(), active)
+    assert torch.equal(part[0], exact[0]) and (part[1:] == 0).all()
+    sims = tm.simulate(64, seed=2, chunk_size=32)
+    assert (sims.detected.sum(1) == 2).all()
+    assert (sims.valid.sum(1) == sims.theta[:, 0].long()).all()
+
+
 def test_truncated_model_options_and_errors(model, completeness):
     labels = np.zeros(model.shape, int)
     labels[64, 64] = 1

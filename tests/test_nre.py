@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from astrotrunc.exceptions import LowEffectiveSampleSizeWarning
 from astrotrunc.nre import (ChannelResidualNet, MarginalRatioEstimator, OnlineStandardize,
                             RatioEstimator, Trainer, WeightedSamples, contrastive_loss,
-                            effective_sample_size)
+                            effective_sample_size, match_marginals)
 from astrotrunc._toys import (LG_MATRIX, LG_PRIOR, LG_SIGMA, linear_gaussian,
                               linear_gaussian_moments)
 
@@ -262,3 +262,38 @@ def test_deepsets_embedding_for_catalogs():
         torch.testing.assert_close(
             est.log_ratio(other, batch["theta"]), est.log_ratio(x, batch["theta"])
         )
+
+
+def test_match_marginals_sets_marginals_and_keeps_dependence():
+    rng = np.random.default_rng(1)
+    t = rng.uniform(-8, 8, size=(60000, 2))
+    cov = np.array([[4.0, 2.4], [2.4, 4.0]])  # joint: std 2 each, correlation 0.6
+    wide = -0.5 * np.einsum("ni,ij,nj->n", t, np.linalg.inv(cov), t)
+    sharp = -0.5 * (t / np.array([1.0, 1.5])) ** 2  # targets: std 1 and 1.5
+    lw = match_marginals(t, wide, sharp)
+    post = WeightedSamples(t, lw)
+    assert np.allclose(post.std(), [1.0, 1.5], atol=0.05)
+    w = post.weights[:, 0]
+    m = (w[:, None] * t).sum(0)
+    c = (w * (t[:, 0] - m[0]) * (t[:, 1] - m[1])).sum() / np.prod(post.std())
+    assert c > 0.3  # the joint's positive dependence survives
+    with pytest.raises(ValueError, match="marginal_log_weights"):
+        match_marginals(t, wide, sharp[:, :1])
+
+
+def test_balanced_loss_adds_the_balance_penalty():
+    torch.manual_seed(0)
+    kwargs = dict(x_shape=3, params=["a", "b"], hidden=8, standardize=False)
+    plain, balanced = (MarginalRatioEstimator(**kwargs, balance=b) for b in (0.0, 100.0))
+    balanced.load_state_dict(plain.state_dict())
+    batch = {"x": torch.randn(64, 3), "theta": torch.randn(64, 2)}
+    with torch.no_grad():
+        d = torch.sigmoid(torch.cat([plain(batch), plain.log_ratio(
+            batch["x"], torch.roll(batch["theta"], 1, 0))]))
+        gap = d[:64].mean(0) + d[64:].mean(0) - 1
+        extra = float(balanced.loss(batch) - plain.loss(batch))
+    assert extra == pytest.approx(100 * float((gap**2).mean()), rel=1e-4)
+    assert extra > 0
+    assert balanced.config["balance"] == 100.0
+    with pytest.raises(ValueError, match="balance"):
+        MarginalRatioEstimator(**kwargs, balance=-1)

@@ -9,6 +9,8 @@ The pipeline of "Detection is truncation" (DESIGN.md, "Combining"):
    (simulations in a `~astrotrunc.store.SimulationStore` filled through Dask);
 4. the detected branch: p(I=1 | θ) of the catalog (`CatalogLikelihood`, exact);
 5. weight prior draws: sub-threshold ∝ p(θ) r3, detected ∝ p(θ) p(I=1 | θ), combined ∝ both.
+   r3's 1-D heads give the sub-threshold marginals; its joint head, raked to those marginals
+   (`~astrotrunc.nre.match_marginals`), is the r3 that multiplies p(I=1 | θ).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..nre import RatioEstimator, Trainer, WeightedSamples
+from ..nre import RatioEstimator, Trainer, WeightedSamples, match_marginals
 from ..priors import BoxPrior
 from ..truncation import (DetectedRegions, TruncatedModel, TruncationResult, TruncationRound,
                           completeness_table, truncation_bounds)
@@ -61,6 +63,9 @@ class InferenceSettings:
     detected_flux_cut : bool
         Also require F ≥ F_th of detected sources (the paper's option; off by default, see
         `~astrotrunc.truncation.TruncatedModel`).
+    balance : float
+        Balanced-NRE weight of r3's loss (`~astrotrunc.nre.MarginalRatioEstimator`): > 0 makes
+        r3 conservative where its simulations are few.
     """
 
     n_rounds: int = 3
@@ -75,6 +80,7 @@ class InferenceSettings:
     n_samples: int = 50_000
     chunk_size: int = 256
     detected_flux_cut: bool = False
+    balance: float = 0.0
 
     @classmethod
     def quick(cls, **kwargs) -> "InferenceSettings":
@@ -342,10 +348,10 @@ class PopulationInference:
             box = result.rounds[-1].prior
             theta = box.sample(cfg.n_samples, generator=gen)
             x_prep = est.prepare(x)
-            lr = _log_ratio(est, x_prep, theta)
+            lr = _raked(est, theta, _log_ratio(est, x_prep, theta))
             posts["sub-threshold"] = WeightedSamples(theta, lr, names=names,
                                                      marginals=est.marginals, units=_units(self))
-            log_r3 = (lambda t: _log_ratio(est, x_prep, t), box)
+            log_r3 = (lambda t: _log_ratio(est, x_prep, t), box, est)
             trunc = result.to_table()
             times["sub-threshold posterior"] = time.perf_counter() - t1
         if "detected" in branches:
@@ -370,7 +376,10 @@ class PopulationInference:
                 def log_combined(t):
                     return log_r3[0](t)[:, -1].double() + log_like(t)
 
-                theta_c, lw_c = _focused_draws(log_combined, r3_box, cfg.n_samples, gen)
+                theta_c, _ = _focused_draws(log_combined, r3_box, cfg.n_samples, gen)
+                # the joint head's marginals, raked to the 1-D heads', times p(I=1 | θ)
+                lw_c = (_raked(log_r3[2], theta_c, log_r3[0](theta_c))[:, -1].double()
+                        + log_like(theta_c))
                 posts["combined"] = WeightedSamples(theta_c, lw_c, names=names, units=_units(self))
             times[f"detected ({catalog_likelihood} likelihood)"] = time.perf_counter() - t1
         if "combined" not in posts:
@@ -425,7 +434,7 @@ class PopulationInference:
                 rdir.mkdir(parents=True, exist_ok=True)
                 est = SubThresholdRatio(self.model.shape, names, features=cfg.features,
                                         summary_kwargs={"scale": _exposure(self.model)},
-                                        mask=bad, hidden=cfg.hidden)
+                                        mask=bad, hidden=cfg.hidden, balance=cfg.balance)
                 store = SimulationStore(rdir / "simulations.zarr")
                 sim = TruncatedSimulations(truncated, box, est, chunk_size=cfg.chunk_size)
                 store.fill(sim, cfg.n_simulations, chunk_size=cfg.chunk_size,
@@ -485,6 +494,25 @@ def _focused_draws(log_fn, box, n, gen, epsilon=1e-7, n_iter=3):
             break
         box = new
     return theta, lw
+
+
+def _raked(estimator, theta, log_ratio):
+    """``log_ratio`` with its joint column raked to the 1-D heads' marginals (`match_marginals`).
+
+    The joint head carries the dependence between the parameters (needed to multiply r3 by the
+    catalog likelihood); the 1-D heads, trained on the same simulations, estimate each marginal
+    more sharply and are the calibrated ones (``benchmarks/inference.py r3``).
+    """
+    heads = list(estimator.marginals)
+    d = theta.shape[1]
+    full = tuple(range(d))
+    if full not in heads or any((i,) not in heads for i in range(d)):
+        return log_ratio
+    one_d = log_ratio[:, [heads.index((i,)) for i in range(d)]]
+    out = log_ratio.clone().double()
+    out[:, heads.index(full)] = torch.as_tensor(
+        match_marginals(theta, log_ratio[:, heads.index(full)], one_d))
+    return out
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ from .estimator import RatioEstimator, contrastive_loss
 from .marginal import MarginalRatioEstimator
 from .networks import (EMBEDDINGS, CNNEmbedding, ChannelResidualNet, DeepSetEmbedding,
                        MapSummaries, MLPEmbedding, OnlineStandardize, make_embedding)
-from .posterior import WeightedSamples, effective_sample_size, hpd_credible_level
+from .posterior import (WeightedSamples, effective_sample_size, hpd_credible_level,
+                        match_marginals)
 from .trainer import Trainer
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "EMBEDDINGS",
     "WeightedSamples",
     "effective_sample_size",
+    "match_marginals",
     "hpd_credible_level",
 ]

@@ -49,6 +49,11 @@ class MarginalRatioEstimator(RatioEstimator):
     joint : bool
         Add one head over all parameters (the joint ratio), after the 1-D and pair heads: what
         a product with another likelihood (r3 × p(I=1 | θ)) needs.
+    balance : float
+        Weight λ of the balancing term of balanced NRE (Delaunoy et al. 2022),
+        ``λ (E_joint[σ(logit)] + E_marginal[σ(logit)] − 1)²`` per head: it pushes the classifier
+        towards conservative (not over-confident) posteriors when simulations are few. 0 is
+        plain NRE; Delaunoy et al. use 100.
 
     Examples
     --------
@@ -63,7 +68,7 @@ class MarginalRatioEstimator(RatioEstimator):
 
     def __init__(self, x_shape, params, pairs=(), embedding="mlp", embedding_kwargs=None,
                  hidden=64, n_blocks=2, dropout=0.0, standardize=True, x_key="x",
-                 theta_key="theta", reference_key=None, joint=False):
+                 theta_key="theta", reference_key=None, joint=False, balance=0.0):
         super().__init__()
         self.x_shape = (
             (int(x_shape),) if isinstance(x_shape, int) else tuple(int(s) for s in x_shape)
@@ -81,6 +86,9 @@ class MarginalRatioEstimator(RatioEstimator):
         if any(len(p) != 2 or p[0] == p[1] for p in self.pairs):
             raise ValueError(f"pairs must be pairs of two different parameters, got {pairs!r}")
         self.joint = bool(joint)
+        self.balance = float(balance)
+        if not self.balance >= 0:
+            raise ValueError(f"balance must be >= 0, got {balance!r}")
         self.embedding_name = str(embedding)
         self.embedding_kwargs = dict(embedding_kwargs or {})
         self.hidden, self.n_blocks, self.dropout = int(hidden), int(n_blocks), float(dropout)
@@ -117,7 +125,7 @@ class MarginalRatioEstimator(RatioEstimator):
                     embedding=self.embedding_name, embedding_kwargs=self.embedding_kwargs,
                     hidden=self.hidden, n_blocks=self.n_blocks, dropout=self.dropout,
                     standardize=self.standardize, x_key=self.x_key, theta_key=self.theta_key,
-                    reference_key=self.reference_key, joint=self.joint)
+                    reference_key=self.reference_key, joint=self.joint, balance=self.balance)
 
     def build_embedding(self) -> nn.Module:
         """The data embedding (a module with an ``n_features`` attribute); override to customise.
@@ -184,7 +192,12 @@ class MarginalRatioEstimator(RatioEstimator):
         logits = self.heads(torch.cat([f, f_marg]), torch.cat([z, z_marg]), standardized=True)
         labels = torch.zeros_like(logits)
         labels[: len(theta)] = 1.0
-        return 2 * nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        loss = 2 * nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if self.balance > 0:  # balanced NRE: E_joint[d] + E_marginal[d] = 1 for every head
+            d = torch.sigmoid(logits)
+            gap = d[: len(theta)].mean(0) + d[len(theta):].mean(0) - 1
+            loss = loss + self.balance * (gap**2).mean()
+        return loss
 
     # -- posterior -------------------------------------------------------------------------------
     @torch.no_grad()
