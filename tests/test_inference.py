@@ -346,10 +346,11 @@ def test_population_inference_neural_catalog_route(model, observation):
     """catalog_likelihood='neural' runs r4 (the shipped one) through the same run."""
     sims, _, _ = observation
     inf = PopulationInference(model, settings=TINY)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         post = inf.run(sims.maps[0], branches=("detected",), catalog_likelihood="neural",
                        progress=False)
+    assert any("θ-averaged" in str(w.message) for w in seen)  # r4 vs the conditional S
     assert post.meta["catalog_likelihood"] == "neural"
     assert np.isfinite(post.summary()["median"]).all()
     with pytest.raises(ValueError, match="catalog_likelihood"):

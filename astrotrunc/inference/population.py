@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer, WeightedSamples, match_marginals
 from ..priors import BoxPrior
 from ..truncation import (DetectedRegions, TruncatedModel, TruncationResult, TruncationRound,
@@ -368,7 +369,14 @@ class PopulationInference:
             else:
                 from .r4 import DetectedCatalogRatio, NeuralCatalogLikelihood
 
-                r4 = DetectedCatalogRatio.load_default() if r4 is None else r4
+                if r4 is None:
+                    r4 = DetectedCatalogRatio.load_default()
+                    if hasattr(self.completeness, "theta_center"):
+                        warnings.warn("the shipped r4 learned catalogs thinned by the θ-averaged "
+                                      "completeness, this inference uses the θ-conditional one: "
+                                      "the neural detected branch follows the θ-averaged S (the "
+                                      "exact route follows this inference's S)",
+                                      AstrotruncWarning, stacklevel=2)
                 like = NeuralCatalogLikelihood(r4, self.model, regions, seed=int(seed))
 
                 def log_like(t):
