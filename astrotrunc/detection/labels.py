@@ -76,18 +76,41 @@ class DetectionSimulations:
         return (f"DetectionSimulations(n_train={self.n_train}, n_val={self.n_val}, "
                 f"flux_thresholds={self.flux_thresholds}, seed={self.seed})")
 
-    def _batches(self, n, seed, batch_size):
-        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size):
+    def _batches(self, n, seed, batch_size, chunks=None):
+        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size, chunks=chunks):
             yield {"x": sims.maps, "labels": detection_labels(sims, self.flux_thresholds)}
 
-    def train_batches(self, batch_size, epoch):
-        """Batches ``{"x": maps, "labels": labels}`` of epoch ``epoch``."""
-        return self._batches(self.n_train, (self.seed, 1, epoch), batch_size)
+    def _chunks(self, n, batch_size, rank, world_size, pad):
+        """The batches (chunks of the simulation stream) of ``rank``: dealt out in turn."""
+        from ..nre._ddp import shard_indices
 
-    def val_batches(self, batch_size):
-        """The validation batches (the same maps every epoch)."""
-        return self._batches(self.n_val, (self.seed, 0), batch_size)
+        if world_size == 1:
+            return None
+        return shard_indices(torch.arange(-(-n // batch_size)), rank, world_size, pad).tolist()
 
-    def n_batches(self, batch_size):
-        """Training batches per epoch."""
-        return -(-self.n_train // batch_size)
+    def train_batches(self, batch_size, epoch, rank=0, world_size=1):
+        """Batches ``{"x": maps, "labels": labels}`` of epoch ``epoch``.
+
+        With ``world_size`` processes, ``rank`` simulates batches ``rank``, ``rank +
+        world_size``, ... of the single-process stream (the last round wraps around, so that
+        every rank takes as many steps).
+        """
+        return self._batches(self.n_train, (self.seed, 1, epoch), batch_size,
+                             self._chunks(self.n_train, batch_size, rank, world_size, True))
+
+    def val_batches(self, batch_size, rank=0, world_size=1):
+        """The validation batches (the same maps every epoch; ``rank``'s share)."""
+        return self._batches(self.n_val, (self.seed, 0), batch_size,
+                             self._chunks(self.n_val, batch_size, rank, world_size, False))
+
+    def n_batches(self, batch_size, rank=0, world_size=1):
+        """Training batches per epoch (of ``rank``)."""
+        chunks = self._chunks(self.n_train, batch_size, rank, world_size, True)
+        return -(-self.n_train // batch_size) if chunks is None else len(chunks)
+
+    def shard(self, rank, world_size):
+        """Process ``rank``'s share of ``world_size`` as a batch source (data-parallel training).
+        """
+        from ..nre._ddp import RankView
+
+        return RankView(self, rank, world_size)
