@@ -134,6 +134,22 @@ class Group:
             dist.all_gather(parts, state)
         return [p.cpu() for p in parts] if self.rank == 0 else []
 
+    def sync_buffers(self, module):
+        """Rank 0's buffers (batch-norm statistics...) on every rank.
+
+        DDP broadcasts them before each forward pass, so after the last one of an epoch each
+        rank holds statistics of its own last batch: validation and checkpoints need one state.
+        """
+        if not self.active:
+            return
+        for buf in module.buffers():
+            if self.comm_device.type == buf.device.type:
+                dist.broadcast(buf, 0)
+            else:
+                t = buf.to(self.comm_device)
+                dist.broadcast(t, 0)
+                buf.copy_(t)
+
     def barrier(self):
         if self.active:
             dist.barrier()
@@ -300,6 +316,7 @@ def spawn_fit(trainer, estimator, data, resume, nproc):
     import torch.multiprocessing as mp
     from safetensors import safe_open
     from safetensors.torch import load_file
+    from torch.multiprocessing.spawn import ProcessException
 
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" in os.environ:
@@ -313,7 +330,7 @@ def spawn_fit(trainer, estimator, data, resume, nproc):
             mp.start_processes(_worker, args=(nproc, addr, port, threads, trainer, estimator,
                                               data, resume, outdir),
                                nprocs=nproc, join=True, start_method=_start_method())
-        except mp.ProcessException as exc:
+        except ProcessException as exc:
             raise _rank_error(outdir, nproc, exc) from None
         path = str(Path(outdir, "result.safetensors"))
         state = load_file(path)

@@ -365,6 +365,7 @@ class Trainer:
                 count += 1
                 if show:
                     bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            group.sync_buffers(estimator)
             total, count = group.sum(total, count)
             if count == 0:
                 raise ValueError("no training batches: the data are empty")
@@ -386,6 +387,7 @@ class Trainer:
                 rng = group.gather_rng()  # every rank's, for an exact resume
                 if group.rank == 0:
                     self._checkpoint(estimator, opt, sched, gen, state, best_state, rng, group)
+                group.barrier()  # no rank starts the next epoch before its checkpoint exists
             if show:
                 tqdm.write(f"epoch {epoch + 1}: train {history[-1][1]:.5g}  val {val:.5g}")
         if best_state is not None:
