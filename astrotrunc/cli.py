@@ -142,6 +142,10 @@ def _add_train(sub):
                         "nccl on GPUs, one GPU each); under torchrun, its ranks are used instead")
     t.add_argument("--backend", choices=["gloo", "nccl"], default=None,
                    help="torch.distributed backend (default: nccl on GPUs, gloo on CPU)")
+    t.add_argument("--store", help="detector: simulate the training maps once into this zarr "
+                                   "store (on the Dask cluster of --client) and train from it")
+    t.add_argument("--client", default=None,
+                   help="detector with --store: Dask scheduler address ('sync': no Dask)")
     t.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds a training process waits for the others before failing")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -184,8 +188,12 @@ def _train(args, model, trainer):
                                     n_val=args.n_val, seed=args.seed,
                                     base_channels=args.channels, depth=args.depth,
                                     domain_maps=args.domain_maps, name=args.name,
-                                    default_flux_threshold=args.default_flux_threshold, **trainer)
+                                    default_flux_threshold=args.default_flux_threshold,
+                                    store=args.store, client=args.client, **trainer)
     else:
+        if args.store is not None:
+            msg = "--store is for the detector; the completeness labels its own simulations"
+            raise ValueError(msg)
         from .completeness import CompletenessFunction, ConditionalCompleteness
         from .detection import NeuralSourceFinder, SourceDetector
 

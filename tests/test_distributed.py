@@ -1,5 +1,6 @@
 """Data-parallel training: two CPU processes (gloo), shards, rank agreement, crash and resume."""
 
+import functools
 import hashlib
 import json
 import os
@@ -11,10 +12,11 @@ import torch.multiprocessing as mp
 
 from astrotrunc import PointSourceModel, SourceDetector
 from astrotrunc.cli import main
-from astrotrunc.detection import DetectionSimulations
+from astrotrunc.detection import DetectionSimulations, StoredDetectionSimulations
 from astrotrunc.exceptions import AstrotruncWarning
 from astrotrunc.nre import Trainer, _ddp
 from astrotrunc.nre.trainer import _as_source
+from astrotrunc.store import SimulationStore
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available())
@@ -24,8 +26,13 @@ pytestmark = pytest.mark.skipif(
 _SETTINGS = dict(max_epochs=3, batch_size=2, progress=False, seed=0, nproc=2)
 
 
+@functools.lru_cache(maxsize=1)
+def _paper():
+    return PointSourceModel.paper()
+
+
 def _tiny():
-    model = PointSourceModel.paper()
+    model = _paper()
     with torch.random.fork_rng():
         torch.manual_seed(0)
         det = SourceDetector.from_model(model, [10.0], base_channels=2, depth=1)
@@ -104,6 +111,19 @@ def test_crashed_rank_fails_the_run_and_the_checkpoint_resumes(tmp_path, uninter
     det.history = history
     det.save(tmp_path / "r1.safetensors")
     assert SourceDetector.load(tmp_path / "r1.safetensors").metadata["training"]["world_size"] == 2
+
+
+def test_store_filled_once_then_trained_by_two_processes(tmp_path):
+    model, _ = _tiny()
+    kw = dict(n_train=8, n_val=4, base_channels=2, depth=1, domain_maps=0, max_epochs=1,
+              batch_size=2, progress=False, store=tmp_path / "sims", client="sync")
+    det = SourceDetector.fit_to(model, [10.0], nproc=2, **kw)
+    store = SimulationStore(tmp_path / "sims", mode="r")
+    assert len(store) == 12 and store.n_chunks == 3  # 2 training chunks, 1 validation chunk
+    assert det.history.meta["trainer"]["world_size"] == 2
+    assert det.history.meta["trainer"]["val_fraction"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="lacks"):
+        StoredDetectionSimulations(SimulationStore(), [10.0])
 
 
 def _maps(batches):
