@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -286,7 +287,7 @@ def _worker(local_rank, nproc, addr, port, threads, trainer, estimator, data, re
         history = trainer.fit(estimator, data, resume=resume)
     except BaseException as exc:
         Path(outdir, f"error-{local_rank}.json").write_text(json.dumps(
-            {"type": type(exc).__name__, "message": str(exc),
+            {"type": type(exc).__name__, "message": str(exc), "time": time.time(),
              "traceback": traceback.format_exc()}))
         raise
     if local_rank == 0:
@@ -325,11 +326,15 @@ def spawn_fit(trainer, estimator, data, resume, nproc):
     else:
         port = free_port(addr)
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // nproc)
+    method = _start_method()
+    if method == "fork":
+        # the first optimiser imports torch._dynamo (seconds): once here, not in every child
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     with tempfile.TemporaryDirectory(prefix="astrotrunc-ddp-") as outdir:
         try:
             mp.start_processes(_worker, args=(nproc, addr, port, threads, trainer, estimator,
                                               data, resume, outdir),
-                               nprocs=nproc, join=True, start_method=_start_method())
+                               nprocs=nproc, join=True, start_method=method)
         except ProcessException as exc:
             raise _rank_error(outdir, nproc, exc) from None
         path = str(Path(outdir, "result.safetensors"))
@@ -342,11 +347,14 @@ def spawn_fit(trainer, estimator, data, resume, nproc):
 
 def _rank_error(outdir, nproc, exc):
     """The first failing rank's exception, re-raised in the caller with its type when it is ours."""
-    reports = sorted(Path(outdir).glob("error-*.json"))
+    reports = {int(p.stem.split("-")[1]): json.loads(p.read_text())
+               for p in Path(outdir).glob("error-*.json")}
     if not reports:
         return RuntimeError(f"a training process of {nproc} died: {exc}")
-    rank = int(reports[0].stem.split("-")[1])
-    err = json.loads(reports[0].read_text())
+    # the first to fail is the cause; the others then lose their connections to it
+    rank, err = min(reports.items(), key=lambda item: item[1]["time"])
     text = f"training process {rank} of {nproc} failed: {err['message']}"
+    if "timed out" in err["message"].lower():
+        text += " (another process stopped answering for longer than the timeout)"
     kind = _ERRORS.get(err["type"], RuntimeError)
     return kind(text if kind is not RuntimeError else f"{text} ({err['type']})")
