@@ -172,3 +172,12 @@ def test_bad_process_counts_and_busy_port(monkeypatch, tmp_path):
             Trainer(**_SETTINGS).fit(det, _data(model, det))
     assert main(["train", "detector", "--out", str(tmp_path / "d.safetensors"),
                  "--nproc", "0"]) == 2
+
+
+def test_cli_nproc_writes_one_file_that_records_the_world_size(tmp_path):
+    out = tmp_path / "r1.safetensors"
+    assert main(["train", "detector", "--out", str(out), "--n-train", "4", "--n-val", "2",
+                 "--epochs", "1", "--batch-size", "2", "--channels", "2", "--depth", "1",
+                 "--domain-maps", "2", "--nproc", "2", "--quiet"]) == 0
+    training = SourceDetector.load(out).metadata["training"]
+    assert training["world_size"] == 2 and training["backend"] == "gloo"
