@@ -181,3 +181,30 @@ def test_cli_nproc_writes_one_file_that_records_the_world_size(tmp_path):
                  "--domain-maps", "2", "--nproc", "2", "--quiet"]) == 0
     training = SourceDetector.load(out).metadata["training"]
     assert training["world_size"] == 2 and training["backend"] == "gloo"
+
+
+class _Plain:
+    """A batch source with no ``shard`` method: ranks take every other batch."""
+
+    def train_batches(self, batch_size, epoch):
+        return ({"x": torch.full((batch_size, 1), float(i))} for i in range(5))
+
+    def val_batches(self, batch_size):
+        return ({"x": torch.full((batch_size, 1), float(i))} for i in range(3))
+
+
+def test_sources_without_shard_and_stores_give_equal_disjoint_shares():
+    parts = [_ddp.shard(_Plain(), r, 2) for r in (0, 1)]
+    train = [[int(b["x"][0]) for b in p.train_batches(2, 0)] for p in parts]
+    assert train == [[0, 2], [1, 3]]  # the odd last batch is dropped: equal step counts
+    assert [[int(b["x"][0]) for b in p.val_batches(2)] for p in parts] == [[0, 2], [1]]
+
+    store = SimulationStore()
+    store.fill(lambda n, seed: {"x": torch.arange(n, dtype=torch.float32)[:, None] + seed % 997},
+               50, chunk_size=8, seed=0, client="sync", progress=False)  # 6 full chunks + 2 rows
+    sources = [store.batch_source(0.2, torch.Generator().manual_seed(0)) for _ in (0, 1)]
+    shares = [_ddp.shard(s, r, 2) for r, s in enumerate(sources)]
+    rows = [[tuple(b["x"][:, 0].tolist()) for b in s.train_batches(4, 0)] for s in shares]
+    assert len(rows[0]) == len(rows[1]) == shares[0].n_batches(4) == shares[1].n_batches(4)
+    val = [{v for b in s.val_batches(4) for v in b["x"][:, 0].tolist()} for s in shares]
+    assert not val[0] & val[1]
