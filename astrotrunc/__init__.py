@@ -35,6 +35,7 @@ _PUBLIC = {
     # r1: detection
     "SourceDetector": "detection", "NeuralSourceFinder": "detection",
     "find_sources": "detection", "DetectionSimulations": "detection",
+    "StoredDetectionSimulations": "detection",
     "catalog_to_regions": "detection", "default_detector": "detection",
     # r2: completeness
     "CompletenessFunction": "completeness", "CompletenessLabels": "completeness",

@@ -135,6 +135,19 @@ def _add_train(sub):
     t.add_argument("--name", default="astrotrunc-paper-r1")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch here")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel training processes on this machine (DDP: gloo on CPU, "
+                        "nccl on GPUs, one GPU each); under torchrun, its ranks are used instead")
+    t.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                   help="torch.distributed backend (default: nccl on GPUs, gloo on CPU)")
+    t.add_argument("--store", help="detector: simulate the training maps once into this zarr "
+                                   "store (on the Dask cluster of --client) and train from it")
+    t.add_argument("--client", default=None,
+                   help="detector with --store: Dask scheduler address ('sync': no Dask)")
+    t.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a training process waits for the others before failing")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_cmd_train)
@@ -143,12 +156,31 @@ def _add_train(sub):
 def _cmd_train(args):
     (out,) = _check_outputs([args.out], args.overwrite,
                             inputs=[args.detector] if args.detector else ())
+    if args.resume and not args.checkpoint_dir:
+        msg = "--resume needs --checkpoint-dir (where the checkpoint is)"
+        raise ValueError(msg)
+    from .nre._ddp import env_rank
     from .simulation import PointSourceModel
 
     model = PointSourceModel.paper()
     trainer = dict(max_epochs=args.epochs, batch_size=args.batch_size,
                    learning_rate=args.learning_rate, checkpoint_dir=args.checkpoint_dir,
-                   progress=not args.quiet)
+                   progress=not args.quiet, nproc=args.nproc, backend=args.backend,
+                   timeout=args.timeout, resume=args.resume)
+    try:
+        est = _train(args, model, trainer)
+    except RuntimeError as err:  # a training process died or the group could not form
+        print(f"astrotrunc train: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    if env_rank() != 0:  # one rank of a torchrun group: rank 0 writes the file
+        return
+    est.save(out, overwrite=args.overwrite)
+    world = est.history.meta.get("trainer", {}).get("world_size", 1)
+    print(f"wrote {args.what} to {out}" + (f" (trained by {world} processes)" if world > 1
+                                           else ""))
+
+
+def _train(args, model, trainer):
     if args.what == "detector":
         from .detection import PAPER_FLUX_THRESHOLDS, SourceDetector
 
@@ -156,8 +188,12 @@ def _cmd_train(args):
                                     n_val=args.n_val, seed=args.seed,
                                     base_channels=args.channels, depth=args.depth,
                                     domain_maps=args.domain_maps, name=args.name,
-                                    default_flux_threshold=args.default_flux_threshold, **trainer)
+                                    default_flux_threshold=args.default_flux_threshold,
+                                    store=args.store, client=args.client, **trainer)
     else:
+        if args.store is not None:
+            msg = "--store is for the detector; the completeness labels its own simulations"
+            raise ValueError(msg)
         from .completeness import CompletenessFunction, ConditionalCompleteness
         from .detection import NeuralSourceFinder, SourceDetector
 
@@ -166,8 +202,7 @@ def _cmd_train(args):
         kind = ConditionalCompleteness if args.conditional else CompletenessFunction
         est = kind.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
                           seed=args.seed, **trainer)
-    est.save(out, overwrite=args.overwrite)
-    print(f"wrote {args.what} to {out}")
+    return est
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .detection.finder import as_finder
 from .diagnostics import binomial_interval
 from .exceptions import AstrotruncWarning
 from .nre import RatioEstimator, Trainer
+from .nre._ddp import RankView, shard_indices
 
 __all__ = ["CompletenessFunction", "ConditionalCompleteness", "CompletenessLabels",
            "injection_recovery", "match_sources", "default_completeness", "detect_batch"]
@@ -609,19 +610,31 @@ class CompletenessLabels:
             j = idx[i:i + batch_size]
             yield {k: v[j] for k, v in data.items()}
 
-    def train_batches(self, batch_size, epoch):
-        """Shuffled batches of the training sources (the order depends on seed and epoch)."""
+    def train_batches(self, batch_size, epoch, rank=0, world_size=1):
+        """Shuffled batches of the training sources (the order depends on seed and epoch).
+
+        With ``world_size`` processes, ``rank`` takes every ``world_size``-th source of that
+        order (padded by wrapping around so that every rank has as many).
+        """
         gen = torch.Generator().manual_seed(self.seed * 100003 + int(epoch))
-        return self._take(self.train, torch.randperm(len(self.train["d"]), generator=gen),
-                          batch_size)
+        order = shard_indices(torch.randperm(len(self.train["d"]), generator=gen), rank,
+                              world_size)
+        return self._take(self.train, order, batch_size)
 
-    def val_batches(self, batch_size):
-        """Batches of the validation sources."""
-        return self._take(self.val, torch.arange(len(self.val["d"])), batch_size)
+    def val_batches(self, batch_size, rank=0, world_size=1):
+        """Batches of the validation sources (``rank``'s share of ``world_size``)."""
+        order = shard_indices(torch.arange(len(self.val["d"])), rank, world_size, pad=False)
+        return self._take(self.val, order, batch_size)
 
-    def n_batches(self, batch_size):
+    def n_batches(self, batch_size, rank=0, world_size=1):
         """Training batches per epoch."""
-        return -(-len(self.train["d"]) // batch_size)
+        n = len(shard_indices(torch.arange(len(self.train["d"])), rank, world_size))
+        return -(-n // batch_size)
+
+    def shard(self, rank, world_size):
+        """Process ``rank``'s share of ``world_size`` (a batch source, for data-parallel training).
+        """
+        return RankView(self, rank, world_size)
 
 
 # ----------------------------------------------------------------------------------------------

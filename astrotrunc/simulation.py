@@ -578,12 +578,13 @@ class PointSourceModel:
                                self.param_names, self.flux_unit.to_string())
 
     def iter_simulate(self, n: int, seed=None, *, theta=None, chunk_size=256, device=None,
-                      noise=True):
+                      noise=True, chunks=None):
         """Simulate ``n`` maps in chunks, yielding one `SimulationBatch` per chunk.
 
         Memory stays bounded by ``chunk_size`` whatever ``n``. Chunk ``k`` draws from a generator
         seeded by ``(seed, k)``, so the output depends only on ``seed`` and ``chunk_size``.
-        ``seed`` is an integer or a sequence of integers (e.g. ``(seed, index)``).
+        ``seed`` is an integer or a sequence of integers (e.g. ``(seed, index)``). ``chunks``
+        (indices of chunks, in the order wanted) simulates only those, e.g. one process's share.
         """
         n = int(n)
         if n < 0:
@@ -596,8 +597,11 @@ class PointSourceModel:
                     f"got {tuple(theta.shape)}"
                 )
         root = np.random.SeedSequence(seed)
-        for k, start in enumerate(range(0, n, chunk_size)):
-            stop = min(start + chunk_size, n)
+        n_chunks = -(-n // chunk_size)
+        for k in range(n_chunks) if chunks is None else (int(c) for c in chunks):
+            if not 0 <= k < n_chunks:
+                raise ValueError(f"chunk {k} is not one of the {n_chunks} chunks")
+            start, stop = k * chunk_size, min((k + 1) * chunk_size, n)
             state = np.random.SeedSequence(root.entropy, spawn_key=(k,))
             gen = torch.Generator(device=device or "cpu").manual_seed(
                 int(state.generate_state(1, np.uint64)[0] >> 1)

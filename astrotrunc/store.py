@@ -7,6 +7,7 @@ same `SimulationStore.fill` simulates only the missing chunks.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -18,6 +19,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ._utils import spawn_seed
+from .nre._ddp import RankView, shard_indices
 
 __all__ = ["SimulationStore", "StoreDataset", "chunk_seed"]
 
@@ -543,15 +545,33 @@ class _StoreSource:
         self.generator, self.keys, self.prefetch = generator, keys, prefetch
         self.last = None
 
-    def train_batches(self, batch_size, epoch):
-        self.last = StoreDataset(self.store, self.train_chunks, batch_size, keys=self.keys,
-                                 shuffle=True, seed=self.generator, prefetch=self.prefetch)
-        return iter(self.last)
+    def train_batches(self, batch_size, epoch, rank=0, world_size=1):
+        if world_size == 1:
+            self.last = StoreDataset(self.store, self.train_chunks, batch_size, keys=self.keys,
+                                     shuffle=True, seed=self.generator, prefetch=self.prefetch)
+            return iter(self.last)
+        # every rank draws the same chunk order from the shared generator, takes its share and
+        # shuffles it with a generator of its own; all ranks stop after the same number of steps
+        order = torch.as_tensor(self.train_chunks)[
+            torch.randperm(len(self.train_chunks), generator=self.generator)]
+        base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        mine = shard_indices(order, rank, world_size).numpy()
+        self.last = StoreDataset(self.store, mine, batch_size, keys=self.keys, shuffle=True,
+                                 seed=torch.Generator().manual_seed(spawn_seed(base, rank)),
+                                 prefetch=self.prefetch)
+        return itertools.islice(iter(self.last), self.n_batches(batch_size, rank, world_size))
 
-    def val_batches(self, batch_size):
-        return iter(StoreDataset(self.store, self.val_chunks, batch_size, keys=self.keys,
+    def val_batches(self, batch_size, rank=0, world_size=1):
+        mine = shard_indices(torch.as_tensor(self.val_chunks), rank, world_size, pad=False)
+        return iter(StoreDataset(self.store, mine.numpy(), batch_size, keys=self.keys,
                                  shuffle=False, prefetch=self.prefetch))
 
-    def n_batches(self, batch_size):
-        rows = sum(self.store._expected_rows(int(i)) for i in self.train_chunks)
-        return max(1, math.ceil(rows / batch_size))
+    def n_batches(self, batch_size, rank=0, world_size=1):
+        """Training batches per epoch: with several ranks, the fewest any rank has."""
+        chunks = torch.as_tensor(self.train_chunks)
+        return min(max(1, math.ceil(sum(self.store._expected_rows(int(i)) for i in
+                                        shard_indices(chunks, r, world_size)) / batch_size))
+                   for r in range(world_size))
+
+    def shard(self, rank, world_size):
+        return RankView(self, rank, world_size)

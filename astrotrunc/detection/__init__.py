@@ -16,12 +16,13 @@ from .catalog import CATALOG_COLUMNS, RegionCatalog, empty_catalog, peak_centroi
 from .domain import instrument_domain, map_statistics
 from .estimator import PAPER_FLUX_THRESHOLDS, SourceDetector, default_detector
 from .finder import NeuralSourceFinder, detection_regions, find_sources
-from .labels import DetectionSimulations, detection_labels
+from .labels import DetectionSimulations, StoredDetectionSimulations, detection_labels
 from .regions import catalog_to_regions
 from .tiling import tiled as _tiled  # noqa: F401 - the name used before 0.2
 from .unet import UNet
 
 __all__ = ["SourceDetector", "NeuralSourceFinder", "find_sources", "DetectionSimulations",
+           "StoredDetectionSimulations",
            "detection_labels", "detection_regions", "default_detector", "catalog_to_regions",
            "peak_centroids", "RegionCatalog", "empty_catalog", "instrument_domain",
            "map_statistics", "UNet", "PAPER_FLUX_THRESHOLDS", "CATALOG_COLUMNS"]

@@ -27,7 +27,7 @@ from .._utils import evaluating, nearest_pixel, validate_map
 from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
 from .domain import instrument_domain
-from .labels import DetectionSimulations
+from .labels import DetectionSimulations, StoredDetectionSimulations
 from .tiling import tiled
 from .unet import UNet
 
@@ -152,7 +152,8 @@ class SourceDetector(RatioEstimator):
     @classmethod
     def fit_to(cls, model, flux_thresholds=PAPER_FLUX_THRESHOLDS, *, n_train=20000, n_val=1000,
                seed=0, domain_maps=1000, base_channels=16, depth=3, name="r1",
-               default_flux_threshold=None, resume=False, **trainer_kwargs):
+               default_flux_threshold=None, resume=False, store=None, client=None,
+               **trainer_kwargs):
         """A detector trained on fresh simulations of ``model`` (the one-liner).
 
         Equivalent to ``det = SourceDetector.from_model(model, ...)`` then
@@ -174,9 +175,18 @@ class SourceDetector(RatioEstimator):
             See `SourceDetector`.
         resume : bool
             Continue from the trainer's checkpoint (``checkpoint_dir``).
+        store : str, path-like or `~astrotrunc.store.SimulationStore`, optional
+            Survey scale: simulate ``n_train + n_val`` maps once into this store, in parallel on
+            the Dask ``client`` (`~astrotrunc.detection.StoredDetectionSimulations`; a filled
+            store is reused, a killed fill resumes), and train from it, ``n_val`` maps' worth of
+            chunks (of ``min(64, n_val)`` maps) held out. With ``torchrun``, rank 0 fills it
+            and the other ranks wait.
+        client : `distributed.Client`, str or None
+            Where the store is filled (see `~astrotrunc.store.SimulationStore.fill`).
         **trainer_kwargs
             Passed to `~astrotrunc.nre.Trainer` (``max_epochs``, ``batch_size``,
-            ``learning_rate``, ``checkpoint_dir``, ``progress``, ...).
+            ``learning_rate``, ``checkpoint_dir``, ``progress``, ``nproc``...; with
+            ``nproc=K`` the training is data-parallel over K processes).
 
         Returns
         -------
@@ -197,7 +207,12 @@ class SourceDetector(RatioEstimator):
             det = cls.from_model(model, flux_thresholds, domain_maps=domain_maps,
                                  base_channels=base_channels, depth=depth, name=name,
                                  default_flux_threshold=default_flux_threshold)
-        data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed)
+        if store is None:
+            data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed)
+        else:
+            data = _stored(model, store, det.flux_thresholds, n_train + n_val, min(64, n_val),
+                           seed, client, trainer_kwargs)
+            trainer_kwargs.setdefault("val_fraction", n_val / (n_train + n_val))
         trainer_kwargs.setdefault("seed", seed)
         det.history = Trainer(**trainer_kwargs).fit(det, data, resume=resume)
         return det
@@ -423,6 +438,19 @@ def fill_bad_pixels(data, bad):
         local = np.divide(total, weight, out=np.zeros_like(total), where=weight > 1e-9)
         out = np.where(bad, local, out)
     return out
+
+
+def _stored(model, store, flux_thresholds, n, chunk_size, seed, client, trainer_kwargs):
+    """The store-backed batch source; in a torchrun group only rank 0 fills, the others wait."""
+    from ..nre._ddp import env_rank, launched
+
+    if launched() and env_rank() != 0:
+        return StoredDetectionSimulations.wait(getattr(store, "path", store), n,
+                                               flux_thresholds,
+                                               trainer_kwargs.get("timeout", 1800.0))
+    return StoredDetectionSimulations.fill(model, store, n, flux_thresholds,
+                                           chunk_size=chunk_size, seed=seed, client=client,
+                                           progress=trainer_kwargs.get("progress", True))
 
 
 def _domain(model, n_maps):

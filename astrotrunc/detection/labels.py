@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import torch
 
 from .._utils import nearest_pixel
 
-__all__ = ["detection_labels", "DetectionSimulations"]
+__all__ = ["detection_labels", "DetectionSimulations", "StoredDetectionSimulations"]
+
+_STORED = ("maps", "flux", "x", "y", "in_map")
 
 
 def detection_labels(sims, flux_thresholds) -> torch.Tensor:
@@ -76,18 +81,178 @@ class DetectionSimulations:
         return (f"DetectionSimulations(n_train={self.n_train}, n_val={self.n_val}, "
                 f"flux_thresholds={self.flux_thresholds}, seed={self.seed})")
 
-    def _batches(self, n, seed, batch_size):
-        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size):
+    def _batches(self, n, seed, batch_size, chunks=None):
+        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size, chunks=chunks):
             yield {"x": sims.maps, "labels": detection_labels(sims, self.flux_thresholds)}
 
+    def _chunks(self, n, batch_size, rank, world_size, pad):
+        """The batches (chunks of the simulation stream) of ``rank``: dealt out in turn."""
+        from ..nre._ddp import shard_indices
+
+        if world_size == 1:
+            return None
+        return shard_indices(torch.arange(-(-n // batch_size)), rank, world_size, pad).tolist()
+
+    def train_batches(self, batch_size, epoch, rank=0, world_size=1):
+        """Batches ``{"x": maps, "labels": labels}`` of epoch ``epoch``.
+
+        With ``world_size`` processes, ``rank`` simulates batches ``rank``, ``rank +
+        world_size``, ... of the single-process stream (the last round wraps around, so that
+        every rank takes as many steps).
+        """
+        return self._batches(self.n_train, (self.seed, 1, epoch), batch_size,
+                             self._chunks(self.n_train, batch_size, rank, world_size, True))
+
+    def val_batches(self, batch_size, rank=0, world_size=1):
+        """The validation batches (the same maps every epoch; ``rank``'s share)."""
+        return self._batches(self.n_val, (self.seed, 0), batch_size,
+                             self._chunks(self.n_val, batch_size, rank, world_size, False))
+
+    def n_batches(self, batch_size, rank=0, world_size=1):
+        """Training batches per epoch (of ``rank``)."""
+        chunks = self._chunks(self.n_train, batch_size, rank, world_size, True)
+        return -(-self.n_train // batch_size) if chunks is None else len(chunks)
+
+    def shard(self, rank, world_size):
+        """Process ``rank``'s share of ``world_size`` as a batch source (data-parallel training).
+        """
+        from ..nre._ddp import RankView
+
+        return RankView(self, rank, world_size)
+
+
+class StoredDetectionSimulations:
+    """r1 training data streamed from a `~astrotrunc.store.SimulationStore` (survey scale).
+
+    The store holds rows of `~astrotrunc.PointSourceModel.simulate_arrays` (maps and padded true
+    sources), simulated once and in parallel by a Dask cluster (`fill`); the trainer streams
+    them chunk by chunk, each process of a data-parallel run reading its own chunks, and the
+    labels are made batch by batch. Unlike `DetectionSimulations`, every epoch sees the same
+    maps; validation holds out whole chunks (the trainer's ``val_fraction``).
+
+    Parameters
+    ----------
+    store : `~astrotrunc.store.SimulationStore`
+        Rows with at least ``maps, flux, x, y, in_map``.
+    flux_thresholds : sequence of float
+        F_th of the label channels (those of the detector to train).
+
+    Examples
+    --------
+    >>> from astrotrunc import PointSourceModel, SourceDetector, Trainer
+    >>> from astrotrunc.detection import StoredDetectionSimulations
+    >>> model = PointSourceModel.paper()
+    >>> det = SourceDetector.from_model(model, [10.0], base_channels=4, depth=1)
+    >>> data = StoredDetectionSimulations.fill(model, None, 12, det.flux_thresholds,
+    ...                                        chunk_size=4, client="sync", progress=False)
+    >>> history = Trainer(max_epochs=1, batch_size=4, progress=False, seed=0).fit(det, data)
+    >>> len(data.store), len(history)
+    (12, 1)
+    """
+
+    def __init__(self, store, flux_thresholds):
+        missing = set(_STORED) - set(store.keys())
+        if missing:
+            msg = (f"the simulation store lacks {sorted(missing)}: fill it with "
+                   "PointSourceModel.simulate_arrays (StoredDetectionSimulations.fill)")
+            raise ValueError(msg)
+        self.store, self.flux_thresholds = store, tuple(float(f) for f in flux_thresholds)
+
+    def __repr__(self):
+        return (f"StoredDetectionSimulations({len(self.store)} maps, "
+                f"flux_thresholds={self.flux_thresholds})")
+
+    @classmethod
+    def fill(cls, model, store, n, flux_thresholds, *, chunk_size=64, seed=0, client=None,
+             progress=True):
+        """Simulate ``n`` maps of ``model`` into ``store`` (only the missing chunks) and wrap it.
+
+        Parameters
+        ----------
+        model : `~astrotrunc.PointSourceModel`
+            The simulator.
+        store : `~astrotrunc.store.SimulationStore`, path or None
+            The store (a directory is opened or created; `None`: in memory).
+        n : int
+            Maps wanted.
+        flux_thresholds : sequence of float
+            F_th of the label channels.
+        chunk_size : int
+            Maps per chunk (per Dask task, and the unit of the validation split).
+        seed : int
+            Seed of the fill.
+        client : `distributed.Client`, str or None
+            Where to simulate (see `~astrotrunc.store.SimulationStore.fill`).
+        progress : bool
+            Progress bar.
+
+        Returns
+        -------
+        `StoredDetectionSimulations`
+        """
+        from ..store import SimulationStore
+
+        if not isinstance(store, SimulationStore):
+            store = SimulationStore(store)
+        store.fill(model.simulate_arrays, n, chunk_size=chunk_size, seed=seed, client=client,
+                   progress=progress)
+        return cls(store, flux_thresholds)
+
+    @classmethod
+    def wait(cls, path, n, flux_thresholds, timeout=1800.0):
+        """The store at ``path`` once it holds ``n`` complete rows (another process fills it).
+
+        Raises
+        ------
+        TimeoutError
+            Not filled within ``timeout`` seconds.
+        """
+        from ..store import SimulationStore
+
+        deadline = time.monotonic() + float(timeout)
+        while True:
+            try:
+                store = SimulationStore(path, mode="r")
+                if store.capacity >= n and len(store.complete_chunks) == store.n_chunks \
+                        and set(_STORED) <= set(store.keys()):
+                    return cls(store, flux_thresholds)
+            except OSError:
+                pass  # not created yet
+            if time.monotonic() > deadline:
+                msg = f"the simulation store {path} was not filled with {n} maps in {timeout} s"
+                raise TimeoutError(msg)
+            time.sleep(1.0)
+
+    def batch_source(self, val_fraction=0.1, generator=None):
+        """The trainer's view (chunk-level validation split; see `Trainer`)."""
+        inner = self.store.batch_source(val_fraction, generator, keys=list(_STORED))
+        return _LabelledSource(inner, self.flux_thresholds)
+
+
+class _LabelledSource:
+    """Store batches of maps and true sources turned into ``{"x": maps, "labels": labels}``."""
+
+    checked = False
+
+    def __init__(self, inner, flux_thresholds):
+        self.inner, self.flux_thresholds = inner, flux_thresholds
+
+    def _label(self, batches):
+        for b in batches:
+            sims = SimpleNamespace(maps=b["maps"], flux=b["flux"], x=b["x"], y=b["y"],
+                                   in_map=b["in_map"].bool())
+            yield {"x": b["maps"], "labels": detection_labels(sims, self.flux_thresholds)}
+
     def train_batches(self, batch_size, epoch):
-        """Batches ``{"x": maps, "labels": labels}`` of epoch ``epoch``."""
-        return self._batches(self.n_train, (self.seed, 1, epoch), batch_size)
+        return self._label(self.inner.train_batches(batch_size, epoch))
 
     def val_batches(self, batch_size):
-        """The validation batches (the same maps every epoch)."""
-        return self._batches(self.n_val, (self.seed, 0), batch_size)
+        return self._label(self.inner.val_batches(batch_size))
 
     def n_batches(self, batch_size):
-        """Training batches per epoch."""
-        return -(-self.n_train // batch_size)
+        return self.inner.n_batches(batch_size)
+
+    def shard(self, rank, world_size):
+        from ..nre._ddp import shard
+
+        return _LabelledSource(shard(self.inner, rank, world_size), self.flux_thresholds)

@@ -135,12 +135,17 @@ class RatioEstimator(nn.Module):
             Replace an existing file; otherwise an existing ``path`` raises `OSError`.
         metadata : dict, optional
             JSON-serialisable user metadata (e.g. a detector's flux threshold), returned as the
-            ``metadata`` attribute of the loaded estimator.
+            ``metadata`` attribute of the loaded estimator. An estimator trained by
+            `~astrotrunc.nre.Trainer` also records the trainer's settings (``world_size``
+            included) under ``"training"``.
         """
         from .. import __version__
         from .._utils import check_writable
 
         path = check_writable(path, overwrite)
+        trained = getattr(getattr(self, "history", None), "meta", {}).get("trainer")
+        if trained is not None:
+            metadata = {"training": trained, **(metadata or {})}
 
         try:
             meta = {"format": _FORMAT, "class": type(self).__name__, "astrotrunc": __version__,

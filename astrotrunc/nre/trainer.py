@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .._utils import spawn_seed
+from ..exceptions import AstrotruncWarning
+from . import _ddp
 from .estimator import _atomic
 
 __all__ = ["Trainer"]
@@ -57,15 +61,19 @@ class _TensorSource:
             j = idx[i:i + batch_size]
             yield {k: v[j] for k, v in self.tensors.items()}
 
-    def train_batches(self, batch_size, epoch):
+    def train_batches(self, batch_size, epoch, rank=0, world_size=1):
         perm = self.train_idx[torch.randperm(len(self.train_idx), generator=self.generator)]
-        return self._take(perm, batch_size)
+        return self._take(_ddp.shard_indices(perm, rank, world_size), batch_size)
 
-    def val_batches(self, batch_size):
-        return self._take(self.val_idx, batch_size)
+    def val_batches(self, batch_size, rank=0, world_size=1):
+        return self._take(_ddp.shard_indices(self.val_idx, rank, world_size, pad=False),
+                          batch_size)
 
-    def n_batches(self, batch_size):
-        return -(-len(self.train_idx) // batch_size)
+    def n_batches(self, batch_size, rank=0, world_size=1):
+        return -(-len(_ddp.shard_indices(self.train_idx, rank, world_size)) // batch_size)
+
+    def shard(self, rank, world_size):
+        return _ddp.RankView(self, rank, world_size)
 
 
 class _DatasetSource:
@@ -88,14 +96,23 @@ class _DatasetSource:
         return DataLoader(Subset(self.dataset, idx), batch_size=batch_size, shuffle=shuffle,
                           generator=self.generator if shuffle else None)
 
-    def train_batches(self, batch_size, epoch):
-        return iter(self._loader(self.train_idx, batch_size, True))
+    def train_batches(self, batch_size, epoch, rank=0, world_size=1):
+        if world_size == 1:
+            return iter(self._loader(self.train_idx, batch_size, True))
+        perm = torch.as_tensor(self.train_idx)[
+            torch.randperm(len(self.train_idx), generator=self.generator)]
+        mine = _ddp.shard_indices(perm, rank, world_size).tolist()
+        return iter(self._loader(mine, batch_size, False))
 
-    def val_batches(self, batch_size):
-        return iter(self._loader(self.val_idx, batch_size, False))
+    def val_batches(self, batch_size, rank=0, world_size=1):
+        mine = _ddp.shard_indices(self.val_idx, rank, world_size, pad=False).tolist()
+        return iter(self._loader(mine, batch_size, False))
 
-    def n_batches(self, batch_size):
-        return -(-len(self.train_idx) // batch_size)
+    def n_batches(self, batch_size, rank=0, world_size=1):
+        return -(-len(_ddp.shard_indices(self.train_idx, rank, world_size)) // batch_size)
+
+    def shard(self, rank, world_size):
+        return _ddp.RankView(self, rank, world_size)
 
 
 def _as_source(data, val_fraction, generator):
@@ -168,6 +185,16 @@ class Trainer:
         CPU runs are then reproducible. The global RNG state is left untouched.
     grad_clip : float, optional
         Clip the gradient norm to this value.
+    nproc : int
+        Data-parallel processes on this machine (`torch.nn.parallel.DistributedDataParallel`;
+        gloo on CPUs, nccl on GPUs, one GPU per process). ``fit`` starts them itself unless
+        this process was launched as one rank of a group by ``torchrun`` (``RANK`` and
+        ``WORLD_SIZE`` in the environment) or a process group is initialised already: it then
+        trains as that rank, whatever ``nproc``. ``batch_size`` is per process.
+    backend : {'gloo', 'nccl'}, optional
+        ``torch.distributed`` backend (gloo on CPU, nccl on CUDA by default).
+    timeout : float
+        Seconds a process waits for the others (a rank that died or hangs) before failing.
 
     Notes
     -----
@@ -176,6 +203,13 @@ class Trainer:
     (streamed chunk by chunk); or a *batch source*: an object with
     ``train_batches(batch_size, epoch)`` and ``val_batches(batch_size)`` returning iterables of
     dict batches (and optionally ``n_batches(batch_size)``), e.g. an on-the-fly simulator.
+
+    With several processes each rank trains on a disjoint shard of the data: a source's own
+    ``shard(rank, world_size)`` method (that of arrays, datasets, stores, `DetectionSimulations`
+    and `CompletenessLabels`) or, failing that, every ``world_size``-th batch. Gradients are
+    averaged over the ranks, the validation loss is summed over them, and only rank 0 writes
+    the checkpoint; every rank resumes from it. The history's ``meta["trainer"]`` records the
+    settings, ``world_size`` included (a saved estimator keeps them in its file).
 
     Examples
     --------
@@ -191,7 +225,8 @@ class Trainer:
 
     def __init__(self, max_epochs=50, batch_size=128, learning_rate=1e-3, weight_decay=1e-4,
                  val_fraction=0.1, patience=5, scheduler="cosine", device=None,
-                 checkpoint_dir=None, progress=True, seed=None, grad_clip=None):
+                 checkpoint_dir=None, progress=True, seed=None, grad_clip=None, nproc=1,
+                 backend=None, timeout=1800.0):
         if scheduler not in ("cosine", "plateau", None):
             raise ValueError(f"scheduler must be 'cosine', 'plateau' or None, got {scheduler!r}")
         if not 0 < val_fraction < 1:
@@ -211,6 +246,20 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
         self.progress, self.seed = progress, seed
         self.grad_clip = None if grad_clip is None else float(grad_clip)
+        if backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo', 'nccl' or None, got {backend!r}")
+        if not float(timeout) > 0:
+            raise ValueError(f"timeout must be positive (seconds), got {timeout}")
+        self.nproc = _ddp.check_nproc(nproc, self.device)
+        self.backend, self.timeout = backend, float(timeout)
+
+    def settings(self, world_size=1, backend=None) -> dict:
+        """The trainer's settings as a JSON-serialisable dict (recorded in what it trains)."""
+        return dict(max_epochs=self.max_epochs, batch_size=self.batch_size,
+                    learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                    val_fraction=self.val_fraction, patience=self.patience,
+                    scheduler=self.scheduler, seed=self.seed, grad_clip=self.grad_clip,
+                    world_size=int(world_size), backend=backend or self.backend)
 
     def fit(self, estimator, data, resume=False):
         """Train ``estimator`` on ``data``.
@@ -231,19 +280,36 @@ class Trainer:
             ``time`` (s). The estimator holds the best weights (lowest validation loss), in
             evaluation mode.
         """
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / _CKPT).exists():
-            seed = self._read_meta().get("seed", seed)  # the same validation split as before
-        gen = torch.Generator().manual_seed(seed)
-        source = _as_source(data, self.val_fraction, gen)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
-            return self._fit(estimator, source, gen, resume, seed)
+        if self.nproc > 1 and not _ddp.launched():
+            rows, settings = _ddp.spawn_fit(self, estimator, data, resume, self.nproc)
+            estimator.eval()
+            return _history(rows, settings)
+        if self.nproc > 1 and self.nproc != _ddp.local_world_size():
+            warnings.warn(f"nproc={self.nproc} is ignored: this process is one rank of a group "
+                          f"launched with {_ddp.local_world_size()} process(es) on this machine",
+                          AstrotruncWarning, stacklevel=2)
+        group = _ddp.Group(self.device, self.backend, self.timeout)
+        try:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            if resume and self.checkpoint_dir is not None \
+                    and (self.checkpoint_dir / _CKPT).exists():
+                seed = self._read_meta().get("seed", seed)  # the same validation split as before
+            seed = group.broadcast_int(seed)  # every rank splits and shuffles alike
+            gen = torch.Generator().manual_seed(seed)
+            source = _ddp.shard(_as_source(data, self.val_fraction, gen), group.rank,
+                                group.world_size)
+            devices = [group.device.index or 0] if group.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                if self.seed is not None:
+                    torch.manual_seed(spawn_seed(self.seed, group.rank) if group.rank
+                                      else self.seed)
+                return self._fit(estimator, source, gen, resume, seed, group)
+        finally:
+            group.close()
 
-    def _fit(self, estimator, source, gen, resume, seed):
-        estimator.to(self.device)
+    def _fit(self, estimator, source, gen, resume, seed, group):
+        device = group.device
+        estimator.to(device)
         opt = torch.optim.AdamW(estimator.parameters(), lr=self.learning_rate,
                                 weight_decay=self.weight_decay)
         n_batches = source.n_batches(self.batch_size) if hasattr(source, "n_batches") else None
@@ -265,8 +331,9 @@ class Trainer:
         }
         best_state = None
         if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / _CKPT).exists():
-            state, best_state = self._restore(estimator, opt, sched, gen)
-        show = bool(self.progress) and sys.stderr.isatty()
+            state, best_state = self._restore(estimator, opt, sched, gen, group)
+        loss_fn = _ddp.wrap(estimator, group)
+        show = bool(self.progress) and sys.stderr.isatty() and group.rank == 0
         check = not getattr(source, "checked", False)
         history = state["history"]
         for epoch in range(state["epoch"], self.max_epochs):
@@ -280,8 +347,8 @@ class Trainer:
             for batch in bar:
                 if check:
                     _check_batch(batch)
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                loss = estimator.loss(batch)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = loss_fn(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 value = loss.item()
@@ -298,9 +365,11 @@ class Trainer:
                 count += 1
                 if show:
                     bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            group.sync_buffers(estimator)
+            total, count = group.sum(total, count)
             if count == 0:
                 raise ValueError("no training batches: the data are empty")
-            val = self._validate(estimator, source, check)
+            val = self._validate(estimator, source, check, group)
             if self.scheduler == "plateau":
                 sched.step(val)
             history.append((epoch + 1, total / count, val, opt.param_groups[0]["lr"],
@@ -315,35 +384,35 @@ class Trainer:
             state["epoch"] = epoch + 1
             state["done"] = state["stale"] >= self.patience
             if self.checkpoint_dir is not None:
-                self._checkpoint(estimator, opt, sched, gen, state, best_state)
+                rng = group.gather_rng()  # every rank's, for an exact resume
+                if group.rank == 0:
+                    self._checkpoint(estimator, opt, sched, gen, state, best_state, rng, group)
+                group.barrier()  # no rank starts the next epoch before its checkpoint exists
             if show:
                 tqdm.write(f"epoch {epoch + 1}: train {history[-1][1]:.5g}  val {val:.5g}")
         if best_state is not None:
             estimator.load_state_dict(best_state)
         estimator.eval()
-        if not history:
-            return QTable(names=_HISTORY_COLUMNS)
-        table = QTable(rows=history, names=_HISTORY_COLUMNS)
-        table["time"].unit = u.s
-        return table
+        return _history(history, self.settings(group.world_size, group.backend))
 
     @torch.no_grad()
-    def _validate(self, estimator, source, check):
+    def _validate(self, estimator, source, check, group):
         estimator.eval()
         total, n = 0.0, 0
         for batch in source.val_batches(self.batch_size):
             if check:
                 _check_batch(batch)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(group.device) for k, v in batch.items()}
             size = len(next(iter(batch.values())))
             total += estimator.loss(batch).item() * size
             n += size
+        total, n = group.sum(total, n)
         if n == 0:
             raise ValueError("no validation batches: the data are empty")
         return total / n
 
     # -- checkpoints: one safetensors file (tensors + JSON metadata), replaced atomically ------
-    def _checkpoint(self, estimator, opt, sched, gen, state, best_state):
+    def _checkpoint(self, estimator, opt, sched, gen, state, best_state, rng, group):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"model.{k}": v.detach().cpu().contiguous() for k, v in estimator.state_dict().items()
@@ -353,18 +422,20 @@ class Trainer:
         for pid, st in opt_state["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        tensors["rng.cpu"] = torch.get_rng_state()
+        tensors["rng.cpu"] = rng[0]
+        tensors.update({f"rng.cpu.{r}": st for r, st in enumerate(rng) if r})
         tensors["rng.batches"] = gen.get_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = dict(state, architecture=type(estimator).__name__,
+        if group.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(group.device)
+        meta = dict(state, architecture=type(estimator).__name__, world_size=group.world_size,
                     config=getattr(estimator, "config", None) if _jsonable(estimator) else None,
                     param_groups=opt_state["param_groups"],
                     scheduler=sched.state_dict() if sched is not None else None)
         text = json.dumps(meta, default=float)
         _atomic(self.checkpoint_dir / _CKPT,
                 lambda tmp: save_file(tensors, tmp, metadata={"astrotrunc-checkpoint": text}))
-        summary = {k: meta[k] for k in ("epoch", "best", "stale", "done", "architecture")}
+        summary = {k: meta[k] for k in ("epoch", "best", "stale", "done", "architecture",
+                                        "world_size")}
         _atomic(self.checkpoint_dir / _CKPT_SUMMARY,
                 lambda tmp: Path(tmp).write_text(json.dumps(summary, default=float)))
 
@@ -377,7 +448,7 @@ class Trainer:
             raise ValueError(f"{path} is not an astrotrunc checkpoint (pickled files are refused): "
                              f"{exc}") from None
 
-    def _restore(self, estimator, opt, sched, gen):
+    def _restore(self, estimator, opt, sched, gen, group):
         meta = self._read_meta()
         tensors = load_file(str(self.checkpoint_dir / _CKPT))
         if meta["architecture"] != type(estimator).__name__:
@@ -399,18 +470,38 @@ class Trainer:
             if k.startswith("opt."):
                 _, pid, name = k.split(".", 2)
                 opt_tensors.setdefault(int(pid), {})[name] = (
-                    v.to(self.device) if name != "step" else v
+                    v.to(group.device) if name != "step" else v
                 )
         opt.load_state_dict({"state": opt_tensors, "param_groups": meta["param_groups"]})
         if sched is not None and meta["scheduler"] is not None:
             sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.cpu"])
+        written = meta.get("world_size", 1)
+        if written != group.world_size:
+            warnings.warn(f"the checkpoint in {self.checkpoint_dir} was written by "
+                          f"{written} process(es) and is resumed by {group.world_size}: the "
+                          "batch order differs from an uninterrupted run", AstrotruncWarning,
+                          stacklevel=4)
+        key = f"rng.cpu.{group.rank}" if group.rank else "rng.cpu"
+        if key in tensors:
+            torch.set_rng_state(tensors[key])
+        else:
+            torch.manual_seed(spawn_seed(meta["seed"], group.rank, meta["epoch"]))
         gen.set_state(tensors["rng.batches"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if "rng.cuda" in tensors and group.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], group.device)
         state = {k: meta[k] for k in ("epoch", "best", "stale", "done", "seed")}
         state["history"] = [tuple(h) for h in meta["history"]]
         return state, best_state
+
+
+def _history(rows, settings) -> QTable:
+    """The history table of the epochs trained, with the trainer's settings in its meta."""
+    table = QTable(rows=[tuple(r) for r in rows], names=_HISTORY_COLUMNS) if len(rows) \
+        else QTable(names=_HISTORY_COLUMNS)
+    if len(rows):
+        table["time"].unit = u.s
+    table.meta["trainer"] = settings
+    return table
 
 
 def _jsonable(estimator) -> bool:
