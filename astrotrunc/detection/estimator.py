@@ -23,13 +23,13 @@ import torch
 from astropy import units as u
 from torch import nn
 
-from .._utils import evaluating, nearest_pixel, validate_map
+from .._utils import nearest_pixel, validate_map
 from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
 from .domain import instrument_domain
 from .labels import DetectionSimulations
 from .tiling import tiled
-from .unet import UNet
+from .unet import UNet, inference_copy
 
 __all__ = ["SourceDetector", "default_detector", "PAPER_FLUX_THRESHOLDS"]
 
@@ -220,14 +220,10 @@ class SourceDetector(RatioEstimator):
 
         The domain record is descriptive and not part of the identity.
         """
-        # hashing 2 MB of weights costs milliseconds: cache it until a tensor is modified in place
-        # (optimizer steps, load_state_dict) -- torch bumps every tensor's version counter then --
-        # or a scalar setting changes; the tensor list is rebuilt when the module is moved/cast
-        tensors = self.__dict__.get("_tensor_list")
-        if tensors is None:
-            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
-        key = (tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
-               self.flux_thresholds, self.shape, self.exposure, self.normalization,
+        # hashing 2 MB of weights costs milliseconds: cache it until the weights change (see
+        # _weights_key) or a scalar setting changes
+        key = (self._weights_key(), self.flux_thresholds, self.shape, self.exposure,
+               self.normalization,
                self.background, self.base_channels, self.depth, self.flux_unit, self.name,
                self.default_flux_threshold)
         cached = self.__dict__.get("_identity_cache")
@@ -240,6 +236,33 @@ class SourceDetector(RatioEstimator):
             h.update(t.detach().cpu().numpy().tobytes())
         self.__dict__["_identity_cache"] = (key, h.hexdigest()[:16])
         return self.__dict__["_identity_cache"][1]
+
+    def _weights_key(self):
+        """Changes whenever a weight does: a tensor modified in place (optimizer steps,
+        load_state_dict) -- torch bumps its version counter -- or replaced (the tensor list is
+        rebuilt when the module is moved or cast)."""
+        tensors = self.__dict__.get("_tensor_list")
+        if tensors is None:
+            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
+        return tuple(id(t) for t in tensors), tuple(t._version for t in tensors)
+
+    def _inference_logits(self, maps, channel=None):
+        """Evaluation-mode logits ``(n, n_channels or 1, H, W)`` of maps ``(n, H, W)``, fast.
+
+        The network's BatchNorm-fused, channels-last copy (`~astrotrunc.detection.unet.
+        inference_copy`, computing only ``channel`` when given) runs under
+        `torch.inference_mode`; it is rebuilt when the weights change. Equal to
+        ``self.eval()(maps)`` to float32 rounding; never used in training.
+        """
+        key = (self._weights_key(), channel)
+        cached = self.__dict__.get("_inference_net")
+        if cached is None or cached[0] != key:
+            net = inference_copy(self.net, None if channel is None else [channel])
+            cached = self.__dict__["_inference_net"] = (key, net)
+        device = self.psf_stamp.device
+        with torch.inference_mode():
+            x = self.preprocess(torch.as_tensor(maps, dtype=torch.float32, device=device))
+            return cached[1](x.contiguous(memory_format=torch.channels_last))
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_tensor_list", None)  # .to(), .float(), ... may replace tensors
@@ -333,8 +356,8 @@ class SourceDetector(RatioEstimator):
         # overlap overhead while memory stays bounded
         tile = (min(x.shape[0], 4 * self.shape[0]), min(x.shape[1], 4 * self.shape[1]))
         tile = tuple(max(t, s) for t, s in zip(tile, self.shape))
-        with evaluating(self):
-            out = tiled(lambda t: self(t)[:, k], x, tile, tile_overlap, batch_size)
+        out = tiled(lambda t: self._inference_logits(t, k)[:, 0], x, tile, tile_overlap,
+                    batch_size)
         logits = out.cpu().numpy().astype(np.float64)
         logits[bad] = -np.inf
         return logits

@@ -19,7 +19,7 @@ from photutils.segmentation import SegmentationImage, detect_sources
 from photutils.utils import NoDetectionsWarning
 from scipy import ndimage
 
-from .._utils import evaluating, validate_map
+from .._utils import validate_map
 from ..exceptions import AstrotruncWarning, OutOfDomainWarning
 from .catalog import RegionCatalog
 from .domain import domain_differences, nonphysical_limit
@@ -410,19 +410,17 @@ class NeuralSourceFinder:
         """Yield the log-odds map of every map, computed in batches."""
         det, k = self.detector, self.channel
         large = maps.shape[1] > 4 * det.shape[0] or maps.shape[2] > 4 * det.shape[1]
-        device = next(det.parameters()).device
         step = 1 if large else self.batch_size
-        with evaluating(det):
-            for start in range(0, len(maps), step):
-                chunk = maps[start:start + step]
-                if large:
-                    logits = det.log_odds(chunk[0], bad[start].numpy(),
-                                          flux_threshold=self.flux_threshold,
-                                          tile_overlap=self.tile_overlap)[None]
-                else:
-                    logits = det(chunk.to(device))[:, k].double().cpu().numpy()
-                    logits[bad[start:start + step].numpy()] = -np.inf
-                yield from logits
+        for start in range(0, len(maps), step):
+            chunk = maps[start:start + step]
+            if large:
+                logits = det.log_odds(chunk[0], bad[start].numpy(),
+                                      flux_threshold=self.flux_threshold,
+                                      tile_overlap=self.tile_overlap)[None]
+            else:
+                logits = det._inference_logits(chunk, k)[:, 0].cpu().numpy().astype(np.float64)
+                logits[bad[start:start + step].numpy()] = -np.inf
+            yield from logits
 
 
 def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):

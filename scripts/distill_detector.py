@@ -1,0 +1,82 @@
+"""Distil a slimmer r1 detector from the shipped one (issue 11: r1 at survey speed).
+
+The student is a `~astrotrunc.SourceDetector` with the teacher's instrument, flux thresholds and
+domain but a narrower U-Net (``--base-channels``); it is trained through the engine's
+``Trainer.fit`` on a batch source of fresh ``PointSourceModel.paper()`` maps whose labels are the
+teacher's per-pixel probabilities ``sigmoid(log r1)`` (the detector's own binary cross-entropy
+with soft targets). The candidate is written OUTSIDE ``astrotrunc/data/``: it replaces the shipped
+detector only if every figure of the issue holds (``benchmarks/detection.py --detector ...``, a
+retrained completeness and the r2 benchmark).
+
+Run: ``OMP_NUM_THREADS=1 python scripts/distill_detector.py --out /tmp/student.safetensors``
+"""
+
+import argparse
+import time
+
+import torch
+
+from astrotrunc import PointSourceModel, SourceDetector, Trainer
+from astrotrunc.detection import default_detector
+
+
+class TeacherSimulations:
+    """Batch source: fresh maps labelled with the teacher's per-pixel probabilities."""
+
+    def __init__(self, model, teacher, n_train, n_val, seed):
+        self.model, self.teacher = model, teacher
+        self.n_train, self.n_val, self.seed = n_train, n_val, seed
+
+    def _batches(self, n, seed, batch_size):
+        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size):
+            with torch.inference_mode():
+                probs = torch.sigmoid(self.teacher._inference_logits(sims.maps))
+            yield {"x": sims.maps, "labels": probs.clone()}
+
+    def train_batches(self, batch_size, epoch):
+        return self._batches(self.n_train, (self.seed, 1, epoch), batch_size)
+
+    def val_batches(self, batch_size):
+        return self._batches(self.n_val, (self.seed, 0), batch_size)
+
+    def n_batches(self, batch_size):
+        return -(-self.n_train // batch_size)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-channels", type=int, default=4)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args()
+
+    model = PointSourceModel.paper()
+    teacher = default_detector()
+    cfg = teacher.config
+    cfg.update(base_channels=args.base_channels, depth=args.depth,
+               name=f"r1 distilled (base {args.base_channels}) from {teacher.identity}")
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        student = SourceDetector(**cfg)
+    data = TeacherSimulations(model, teacher, args.n_train, args.n_val, args.seed)
+    t0 = time.perf_counter()
+    history = Trainer(max_epochs=args.epochs, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, seed=args.seed, progress=False,
+                      checkpoint_dir=args.checkpoint_dir, patience=args.epochs).fit(student, data)
+    print(history, flush=True)
+    print(f"trained in {time.perf_counter() - t0:.0f} s; student {student.identity}, "
+          f"{sum(q.numel() for q in student.parameters())} parameters", flush=True)
+    student.save(args.out, overwrite=args.overwrite,
+                 metadata={"distilled_from": teacher.identity, "settings": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
