@@ -352,12 +352,11 @@ class SourceDetector(RatioEstimator):
         k = self.channel(flux_threshold)
         device = next(self.parameters()).device
         x = torch.as_tensor(fill_bad_pixels(data, bad), dtype=torch.float32, device=device)
-        # the U-Net is fully convolutional: on large maps, tiles of 4x the training size cut the
-        # overlap overhead while memory stays bounded
-        tile = (min(x.shape[0], 4 * self.shape[0]), min(x.shape[1], 4 * self.shape[1]))
-        tile = tuple(max(t, s) for t, s in zip(tile, self.shape))
+        tile = _tile_shape(x.shape, self.shape, tile_overlap, 2**self.depth)
+        # at most ~0.5 Mpixel per network call: memory stays bounded on large maps
+        per_call = max(1, min(batch_size, _PIXELS_PER_CALL // (tile[0] * tile[1])))
         out = tiled(lambda t: self._inference_logits(t, k)[:, 0], x, tile, tile_overlap,
-                    batch_size)
+                    per_call)
         logits = out.cpu().numpy().astype(np.float64)
         logits[bad] = -np.inf
         return logits
@@ -429,6 +428,25 @@ def default_detector() -> SourceDetector:
     `SourceDetector`
     """
     return SourceDetector.load_default()
+
+
+_PIXELS_PER_CALL = 2**19
+
+
+def _tile_shape(shape, train_shape, overlap, multiple):
+    """Tiles of at most 4x the training shape that cover a map evenly (the U-Net is fully
+    convolutional: the fewest, evenly sized tiles cut the overlap overhead; sides are rounded up
+    to a multiple of the network's ``2**depth`` so that it pads nothing)."""
+    tile = []
+    for n, t in zip(shape, train_shape):
+        largest = max(4 * t, overlap + 1)
+        if n <= largest:
+            tile.append(n)
+            continue
+        count = -(-(n - overlap) // (largest - overlap))
+        side = -(-(n - overlap) // count) + overlap
+        tile.append(min(n, -(-side // multiple) * multiple))
+    return tuple(tile)
 
 
 def fill_bad_pixels(data, bad):
