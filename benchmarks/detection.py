@@ -150,7 +150,7 @@ def main():
     p.add_argument("--speed-only", action="store_true", help="skip the depth figures")
     p.add_argument("--no-photutils-depth", action="store_true",
                    help="depth figures of r1 only (the photutils finders do not change)")
-    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--speed-repeats", type=int, default=3, help="0: no speed figures")
     p.add_argument("--output", help="JSON file name in benchmarks/output (detection.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,7 +161,8 @@ def main():
     sims = model.simulate(max(n_sims, 64), seed=args.seed)
     maps = sims.maps.numpy().astype(np.float64)
     figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings}
-    figures["speed"] = speed(det, maps, args.speed_repeats, args.threads)
+    if args.speed_repeats > 0:
+        figures["speed"] = speed(det, maps, args.speed_repeats, args.threads)
     if not args.speed_only:
         figures.update(depth(args, det, sims, maps))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")

@@ -337,9 +337,10 @@ class SourceDetector(RatioEstimator):
         flux_threshold : float, optional
             The F_th channel (default channel when `None`).
         tile_overlap : int
-            Overlap of the tiles on maps larger than 4 times the training shape.
+            Overlap of the tiles on maps larger than 4 times the training shape (the fewest
+            evenly sized tiles of at most that shape).
         batch_size : int
-            Tiles per network call.
+            Tiles per network call, at most (and at most about half a megapixel per call).
 
         Returns
         -------

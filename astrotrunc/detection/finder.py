@@ -83,6 +83,9 @@ def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=Tr
     if log_odds.ndim != 2:
         msg = f"log_odds must be a 2-D array, got shape {log_odds.shape}"
         raise ValueError(msg)
+    if mask is not None and np.shape(mask) != log_odds.shape:
+        msg = f"mask shape {np.shape(mask)} does not match the log_odds shape {log_odds.shape}"
+        raise ValueError(msg)
     segments = _segments(log_odds, math.log(threshold), n_pixels, mask)
     if segments is None:
         return None

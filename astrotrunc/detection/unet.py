@@ -113,6 +113,10 @@ def inference_copy(net, channels=None):
             blocks[i] = nn.Sequential(*fused)
     if channels is not None:
         keep = torch.as_tensor(list(channels), dtype=torch.long)
+        if keep.numel() == 0 or keep.min() < 0 or keep.max() >= fast.head.out_channels:
+            msg = (f"channels must be indices of the {fast.head.out_channels} output channels, "
+                   f"got {list(channels)}")
+            raise ValueError(msg)
         head = nn.Conv2d(fast.head.in_channels, len(keep), 1).to(fast.head.weight)
         head.weight.data.copy_(fast.head.weight.data[keep])
         head.bias.data.copy_(fast.head.bias.data[keep])
