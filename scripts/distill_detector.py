@@ -15,8 +15,13 @@ the shipped U-Net) was made by::
         --n-train 1500 --n-val 150 --epochs 6 --batch-size 16 --checkpoint-dir ckpt
 
 (1561 s on the shared 2-core machine, load average 6-11; final validation BCE against the
-teacher's probabilities 0.01408). It is a candidate, not the shipped detector: see the figures of
-``benchmarks/detection.py --detector benchmarks/candidates/detector_distilled_b4.safetensors``.
+teacher's probabilities 0.01408). It is a candidate, not the shipped detector, and it FAILS the
+depth requirement: ``benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth
+--detector benchmarks/candidates/detector_distilled_b4.safetensors`` gave, on the 200 held-out
+maps at purity >= 0.95, completeness 0.514 and F50 = 2.62 against 0.609 and 1.29 for the shipped
+detector (the faintest bin 0.064 +- 0.005 against 0.232 +- 0.009), while it ran at about 3-6 ms
+per map in ``find_batch(64)`` and 2.1-3.0 s on a 2048 x 2048 map (2 threads, load 1.5-2.2).
+A wider student or a longer distillation is the next thing to try.
 """
 
 import argparse
