@@ -24,6 +24,7 @@ Run: ``python benchmarks/detection.py [--n-maps 200] [--n-tune 60] [--purity 0.9
 import argparse
 import json
 import os
+import resource
 import time
 import warnings
 
@@ -146,33 +147,56 @@ def main():
     p.add_argument("--seed", type=int, default=2024, help="held-out seed (training used others)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--detector", help="detector file (default: the shipped one)")
+    p.add_argument("--speed-only", action="store_true", help="skip the depth figures")
+    p.add_argument("--no-photutils-depth", action="store_true",
+                   help="depth figures of r1 only (the photutils finders do not change)")
+    p.add_argument("--speed-repeats", type=int, default=3, help="0: no speed figures")
+    p.add_argument("--output", help="JSON file name in benchmarks/output (detection.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     model = PointSourceModel.paper()
     det = SourceDetector.load(args.detector) if args.detector else default_detector()
-    sims = model.simulate(args.n_maps + args.n_tune, seed=args.seed)
+    n_sims = 64 if args.speed_only else args.n_maps + args.n_tune
+    sims = model.simulate(max(n_sims, 64), seed=args.seed)
     maps = sims.maps.numpy().astype(np.float64)
+    figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings}
+    if args.speed_repeats > 0:
+        figures["speed"] = speed(det, maps, args.speed_repeats, args.threads)
+    if not args.speed_only:
+        figures.update(depth(args, det, sims, maps))
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
+    os.makedirs(out, exist_ok=True)
+    name = args.output or "detection.json"
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(figures, f, indent=1)
+    print(f"figures: {os.path.join(out, name)}")
+
+
+def depth(args, det, sims, maps):
+    """Tune every finder to the purity target on the tuning maps; print and return completeness
+    per flux bin (with its binomial error) and F50 on the held-out maps."""
     truth = []
-    for i in range(len(maps)):
+    for i in range(args.n_maps + args.n_tune):
         keep = sims.in_map[i].numpy()
         truth.append((np.column_stack([sims.x[i].numpy()[keep], sims.y[i].numpy()[keep]]),
                       sims.flux[i].numpy()[keep]))
     tune_maps, tune_truth = maps[:args.n_tune], truth[:args.n_tune]
-    test_maps, test_truth = maps[args.n_tune:], truth[args.n_tune:]
+    test_maps, test_truth = maps[args.n_tune:args.n_tune + args.n_maps], truth[args.n_tune:]
 
     bins = np.geomspace(0.1, 1000, 13)
     results = {}
     figures = {"n_maps": args.n_maps, "n_tune": args.n_tune, "purity_target": args.purity,
-               "seed": args.seed, "detector_id": det.identity, "flux_bins": bins.tolist(),
-               "finders": {}}
+               "seed": args.seed, "flux_bins": bins.tolist(), "finders": {}}
 
     def report(name, fn, thr):
         t_ok, flux, purity, n_det = evaluate(fn, range(len(test_maps)), test_truth, thr)
         idx = np.digitize(flux, bins) - 1
+        count = np.array([(idx == k).sum() for k in range(len(bins) - 1)])
         comp = np.array([t_ok[idx == k].mean() if (idx == k).any() else np.nan
                          for k in range(len(bins) - 1)])
-        results[name] = comp
+        err = np.sqrt(comp * (1 - comp) / np.maximum(count, 1))
+        results[name] = (comp, err)
         f50 = _f50(flux, t_ok)
         print(f"{name:24s} threshold {thr:9.4g}: purity {purity:.3f} on {n_det} detections, "
               f"completeness {t_ok.mean():.3f} of {len(t_ok)} true sources, F50 = {f50:.3g}",
@@ -181,7 +205,10 @@ def main():
                                     "n_detections": int(n_det),
                                     "completeness": float(t_ok.mean()), "F50": float(f50),
                                     "completeness_per_bin": [None if np.isnan(c) else float(c)
-                                                             for c in comp]}
+                                                             for c in comp],
+                                    "completeness_error_per_bin": [None if np.isnan(e) else
+                                                                   float(e) for e in err],
+                                    "sources_per_bin": count.tolist()}
         return t_ok.mean()
 
     # r1: tune the odds threshold of every F_th channel on the tuning maps, keep the best channel
@@ -207,55 +234,69 @@ def main():
     idx_tune = range(len(tune_maps))
     dao = lambda maps: (lambda i, t: dao_positions(maps[i], t))  # noqa: E731
     seg = lambda maps: (lambda i, t: seg_positions(maps[i], t))  # noqa: E731
-    thr = tune(dao(tune_maps), idx_tune, tune_truth, 1e-3, 1e3, args.purity, n_grid=13)
-    report("DAOStarFinder", dao(test_maps), thr)
-    thr = tune(seg(tune_maps), idx_tune, tune_truth, 1e-3, 1e3, args.purity, n_grid=13, n_iter=4)
-    report("segmentation+deblend", seg(test_maps), thr)
+    if not args.no_photutils_depth:
+        thr = tune(dao(tune_maps), idx_tune, tune_truth, 1e-3, 1e3, args.purity, n_grid=13)
+        report("DAOStarFinder", dao(test_maps), thr)
+        thr = tune(seg(tune_maps), idx_tune, tune_truth, 1e-3, 1e3, args.purity, n_grid=13,
+                   n_iter=4)
+        report("segmentation+deblend", seg(test_maps), thr)
 
     print("\ncompleteness per flux bin (held-out maps)")
     header = "flux bin".ljust(18) + "".join(f"{n[:20]:>22s}" for n in results)
     print(header)
     for k in range(len(bins) - 1):
         row = f"[{bins[k]:7.3g},{bins[k + 1]:7.3g})".ljust(18)
-        row += "".join(f"{results[n][k]:22.3f}" for n in results)
+        row += "".join(f"{results[n][0][k]:15.3f} ± {results[n][1][k]:.3f}" for n in results)
         print(row)
+    return figures
 
-    # speed: 128x128 maps and one 2048x2048 map, with the finder at its default settings
-    finder = NeuralSourceFinder(det)
-    data = maps[0]
-    finder(data)
-    t0 = time.perf_counter()
-    for m in maps[:50]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            finder(m)
-    t_r1 = (time.perf_counter() - t0) / 50
-    t0 = time.perf_counter()
-    for m in maps[:50]:
-        dao_positions(m, 1.0)
-    t_dao = (time.perf_counter() - t0) / 50
-    print(f"\nspeed 128x128: find_sources {1e3 * t_r1:.1f} ms/map, DAOStarFinder "
-          f"{1e3 * t_dao:.1f} ms/map (ratio DAO/r1 = {t_dao / t_r1:.2f})")
-    big = np.tile(maps[0], (16, 16))
-    t0 = time.perf_counter()
+
+
+def _timed(fn):
+    """Wall and CPU (this process, all threads) seconds of ``fn()``, and its result."""
+    w0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a tiled map: its statistics differ from 128 x 128 maps
-        cat = finder(big)
-    t_big = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dao_positions(big, 1.0)
-    t_dao_big = time.perf_counter() - t0
-    print(f"speed 2048x2048: find_sources {t_big:.2f} s ({len(cat)} sources), DAOStarFinder "
-          f"{t_dao_big:.2f} s (ratio DAO/r1 = {t_dao_big / t_big:.2f})")
-    figures["speed"] = {"threads": args.threads, "find_sources_ms_per_128_map": 1e3 * t_r1,
-                        "dao_ms_per_128_map": 1e3 * t_dao, "find_sources_s_2048": t_big,
-                        "dao_s_2048": t_dao_big, "n_sources_2048": len(cat)}
-    figures["finder_settings"] = finder.settings
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "detection.json"), "w") as f:
-        json.dump(figures, f, indent=1)
-    print(f"figures: {os.path.join(out, 'detection.json')}")
+        warnings.simplefilter("ignore")  # tiled maps are outside the domain of 128 x 128 maps
+        res = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, res
+
+
+def speed(det, maps, repeats, threads):
+    """find_sources on 128x128 maps (one by one and find_batch of 64) and on one 2048x2048 map,
+    beside DAOStarFinder, ``repeats`` times (medians printed); peak RSS of the process."""
+    finder = NeuralSourceFinder(det)
+    _timed(lambda: finder(maps[0]))  # warm-up (builds the inference network)
+    _timed(lambda: finder.find_batch(maps[:64]))
+    big = np.tile(maps[0], (16, 16))
+    rows = []
+    for _ in range(repeats):
+        r = {}
+        w, c, _ = _timed(lambda: [finder(m) for m in maps[:50]])
+        r["r1_128_ms"], r["r1_128_cpu_ms"] = 1e3 * w / 50, 1e3 * c / 50
+        w, c, _ = _timed(lambda: finder.find_batch(maps[:64]))
+        r["r1_batch64_ms"], r["r1_batch64_cpu_ms"] = 1e3 * w / 64, 1e3 * c / 64
+        w, c, _ = _timed(lambda: [dao_positions(m, 1.0) for m in maps[:50]])
+        r["dao_128_ms"], r["dao_128_cpu_ms"] = 1e3 * w / 50, 1e3 * c / 50
+        w, c, cat = _timed(lambda: finder(big))
+        r["r1_2048_s"], r["r1_2048_cpu_s"], r["n_sources_2048"] = w, c, len(cat)
+        w, c, _ = _timed(lambda: dao_positions(big, 1.0))
+        r["dao_2048_s"], r["dao_2048_cpu_s"] = w, c
+        rows.append(r)
+    med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"\nspeed ({threads} torch threads, median of {repeats}; wall / CPU of the process; "
+          f"load average {os.getloadavg()[0]:.1f})")
+    print(f"  128x128 find_sources   {med['r1_128_ms']:7.1f} ms/map  (CPU "
+          f"{med['r1_128_cpu_ms']:.1f})   DAOStarFinder {med['dao_128_ms']:6.1f} ms/map  (CPU "
+          f"{med['dao_128_cpu_ms']:.1f})")
+    print(f"  128x128 find_batch(64) {med['r1_batch64_ms']:7.1f} ms/map  (CPU "
+          f"{med['r1_batch64_cpu_ms']:.1f})")
+    print(f"  2048x2048 find_sources {med['r1_2048_s']:7.2f} s       (CPU "
+          f"{med['r1_2048_cpu_s']:.2f}; {med['n_sources_2048']:.0f} sources)   DAOStarFinder "
+          f"{med['dao_2048_s']:5.2f} s  (CPU {med['dao_2048_cpu_s']:.2f})")
+    print(f"  peak RSS of the process {rss:.0f} MB")
+    return dict(med, threads=threads, repeats=repeats, peak_rss_mb=rss,
+                load_average=os.getloadavg()[0], detector_id=det.identity)
 
 
 def _f50(flux, ok):

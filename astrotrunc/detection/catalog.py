@@ -13,7 +13,6 @@ import numpy as np
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import QTable
-from scipy import ndimage
 
 __all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS"]
 
@@ -40,12 +39,37 @@ def peak_centroids(odds, segm):
     x, y : arrays
         Pixel coordinates (0-based), in the order of ``segm.labels``.
     """
-    ny, nx = odds.shape
-    peaks = np.array(ndimage.maximum_position(odds, segm.data, segm.labels)).reshape(-1, 2)
+    index, region = _region_pixels(segm)
+    peaks = _peak_index(np.asarray(odds).ravel()[index], index, region, len(segm.labels))
+    return _centroids_at(odds, segm.data, peaks)
+
+
+def _region_pixels(segm):
+    """Flat indices (raster order) of the pixels of all regions, and each one's region number
+    (the position of its label in ``segm.labels``)."""
+    flat = segm.data.ravel()
+    index = np.flatnonzero(flat)
+    labels = np.asarray(segm.labels)
+    if labels.size and labels[-1] == labels.size:  # labels 1..n: no search needed
+        return index, flat[index] - 1
+    return index, np.searchsorted(labels, flat[index])
+
+
+def _peak_index(values, index, region, n):
+    """Flat index of the largest value of every region (the first in raster order on ties)."""
+    order = np.lexsort((-index, values, region))
+    last = np.flatnonzero(np.diff(region[order], append=n))
+    return index[order[last]]
+
+
+def _centroids_at(odds, labels, peaks):
+    """The odds-weighted centroids of the same-label pixels of the 3×3 boxes around ``peaks``."""
+    ny, nx = labels.shape
+    py, px = np.divmod(peaks, nx)
     dy, dx = np.mgrid[-1:2, -1:2]
-    yy = np.clip(peaks[:, 0, None, None] + dy, 0, ny - 1)
-    xx = np.clip(peaks[:, 1, None, None] + dx, 0, nx - 1)
-    same = segm.data[yy, xx] == segm.data[peaks[:, 0], peaks[:, 1]][:, None, None]
+    yy = np.clip(py[:, None, None] + dy, 0, ny - 1)
+    xx = np.clip(px[:, None, None] + dx, 0, nx - 1)
+    same = labels[yy, xx] == labels[py, px][:, None, None]
     w = np.where(same, odds[yy, xx], 0.0)
     w_sum = w.sum((1, 2))
     return (w * xx).sum((1, 2)) / w_sum, (w * yy).sum((1, 2)) / w_sum
@@ -91,8 +115,27 @@ class RegionCatalog:
         return odds
 
     @functools.cached_property
+    def _pixels(self):
+        """The region pixels: flat indices, region numbers and odds (0 at bad pixels)."""
+        index, region = _region_pixels(self.segm)
+        with np.errstate(over="ignore"):
+            odds = np.exp(np.clip(self.log_odds.ravel()[index], -700, 700))
+        odds[self.bad.ravel()[index]] = 0.0
+        return index, region, odds
+
+    @functools.cached_property
+    def _peaks(self):
+        index, region, odds = self._pixels
+        return _peak_index(odds, index, region, len(self))
+
+    @functools.cached_property
     def _centroids(self):
-        return peak_centroids(self.odds, self.segm)
+        # the odds of the region pixels suffice: the centroid weighs same-region pixels only
+        index, _, odds = self._pixels
+        region_odds = np.zeros(self.segm.data.size)
+        region_odds[index] = odds
+        return _centroids_at(region_odds.reshape(self.segm.data.shape), self.segm.data,
+                             self._peaks)
 
     @property
     def x_centroid(self):
@@ -102,21 +145,28 @@ class RegionCatalog:
     def y_centroid(self):
         return self._centroids[1] * u.pix
 
+    @property
+    def _has_sky(self):
+        return self.wcs is not None and self.wcs.has_celestial
+
     @functools.cached_property
     def sky_centroid(self):
-        n = len(self)
-        if self.wcs is not None and self.wcs.has_celestial:
+        if self._has_sky:
             sky = self.wcs.celestial.pixel_to_world(*self._centroids)
             return sky.galactic if hasattr(sky, "galactic") else sky
-        nan = np.full(n, np.nan) * u.deg
+        nan = np.full(len(self), np.nan) * u.deg
         return SkyCoord(nan, nan, frame="galactic")
 
     @property
     def l(self):  # noqa: E743
+        if not self._has_sky:  # NaN: no need to go through the coordinates
+            return np.full(len(self), np.nan) * u.deg
         return self.sky_centroid.l.wrap_at(180 * u.deg).to(u.deg)
 
     @property
     def b(self):
+        if not self._has_sky:
+            return np.full(len(self), np.nan) * u.deg
         return self.sky_centroid.b.to(u.deg)
 
     @functools.cached_property
@@ -135,18 +185,20 @@ class RegionCatalog:
 
     @property
     def peak_odds(self):
-        return np.asarray(ndimage.maximum(self.odds, self.segm.data, self.segm.labels)).reshape(-1)
+        index, _, odds = self._pixels
+        return odds[np.searchsorted(index, self._peaks)]
 
     @property
     def detection_probability(self):
         """``1 - prod(1 - p)`` over the region's pixels, ``p = odds / (1 + odds)``."""
-        log_miss = -np.logaddexp(0, np.where(self.bad, -np.inf, self.log_odds))
-        s = ndimage.sum_labels(log_miss, self.segm.data, self.segm.labels)
-        return -np.expm1(np.asarray(s).reshape(-1))
+        index, region, _ = self._pixels
+        log_odds = np.where(self.bad.ravel()[index], -np.inf, self.log_odds.ravel()[index])
+        s = np.bincount(region, weights=-np.logaddexp(0, log_odds), minlength=len(self))
+        return -np.expm1(s)
 
     @property
     def n_pixels(self):
-        return np.asarray(self.segm.areas, dtype=int).reshape(-1)
+        return np.bincount(self._pixels[1], minlength=len(self))
 
     @property
     def label(self):

@@ -23,13 +23,13 @@ import torch
 from astropy import units as u
 from torch import nn
 
-from .._utils import evaluating, nearest_pixel, validate_map
+from .._utils import nearest_pixel, validate_map
 from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
 from .domain import instrument_domain
 from .labels import DetectionSimulations, StoredDetectionSimulations
 from .tiling import tiled
-from .unet import UNet
+from .unet import UNet, inference_copy
 
 __all__ = ["SourceDetector", "default_detector", "PAPER_FLUX_THRESHOLDS"]
 
@@ -235,14 +235,10 @@ class SourceDetector(RatioEstimator):
 
         The domain record is descriptive and not part of the identity.
         """
-        # hashing 2 MB of weights costs milliseconds: cache it until a tensor is modified in place
-        # (optimizer steps, load_state_dict) -- torch bumps every tensor's version counter then --
-        # or a scalar setting changes; the tensor list is rebuilt when the module is moved/cast
-        tensors = self.__dict__.get("_tensor_list")
-        if tensors is None:
-            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
-        key = (tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
-               self.flux_thresholds, self.shape, self.exposure, self.normalization,
+        # hashing 2 MB of weights costs milliseconds: cache it until the weights change (see
+        # _weights_key) or a scalar setting changes
+        key = (self._weights_key(), self.flux_thresholds, self.shape, self.exposure,
+               self.normalization,
                self.background, self.base_channels, self.depth, self.flux_unit, self.name,
                self.default_flux_threshold)
         cached = self.__dict__.get("_identity_cache")
@@ -255,6 +251,33 @@ class SourceDetector(RatioEstimator):
             h.update(t.detach().cpu().numpy().tobytes())
         self.__dict__["_identity_cache"] = (key, h.hexdigest()[:16])
         return self.__dict__["_identity_cache"][1]
+
+    def _weights_key(self):
+        """Changes whenever a weight does: a tensor modified in place (optimizer steps,
+        load_state_dict) -- torch bumps its version counter -- or replaced (the tensor list is
+        rebuilt when the module is moved or cast)."""
+        tensors = self.__dict__.get("_tensor_list")
+        if tensors is None:
+            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
+        return tuple(id(t) for t in tensors), tuple(t._version for t in tensors)
+
+    def _inference_logits(self, maps, channel=None):
+        """Evaluation-mode logits ``(n, n_channels or 1, H, W)`` of maps ``(n, H, W)``, fast.
+
+        The network's BatchNorm-fused, channels-last copy (`~astrotrunc.detection.unet.
+        inference_copy`, computing only ``channel`` when given) runs under
+        `torch.inference_mode`; it is rebuilt when the weights change. Equal to
+        ``self.eval()(maps)`` to float32 rounding; never used in training.
+        """
+        key = (self._weights_key(), channel)
+        cached = self.__dict__.get("_inference_net")
+        if cached is None or cached[0] != key:
+            net = inference_copy(self.net, None if channel is None else [channel])
+            cached = self.__dict__["_inference_net"] = (key, net)
+        device = self.psf_stamp.device
+        with torch.inference_mode():
+            x = self.preprocess(torch.as_tensor(maps, dtype=torch.float32, device=device))
+            return cached[1](x.contiguous(memory_format=torch.channels_last))
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_tensor_list", None)  # .to(), .float(), ... may replace tensors
@@ -329,9 +352,10 @@ class SourceDetector(RatioEstimator):
         flux_threshold : float, optional
             The F_th channel (default channel when `None`).
         tile_overlap : int
-            Overlap of the tiles on maps larger than 4 times the training shape.
+            Overlap of the tiles on maps larger than 4 times the training shape (the fewest
+            evenly sized tiles of at most that shape).
         batch_size : int
-            Tiles per network call.
+            Tiles per network call, at most (and at most about half a megapixel per call).
 
         Returns
         -------
@@ -344,12 +368,11 @@ class SourceDetector(RatioEstimator):
         k = self.channel(flux_threshold)
         device = next(self.parameters()).device
         x = torch.as_tensor(fill_bad_pixels(data, bad), dtype=torch.float32, device=device)
-        # the U-Net is fully convolutional: on large maps, tiles of 4x the training size cut the
-        # overlap overhead while memory stays bounded
-        tile = (min(x.shape[0], 4 * self.shape[0]), min(x.shape[1], 4 * self.shape[1]))
-        tile = tuple(max(t, s) for t, s in zip(tile, self.shape))
-        with evaluating(self):
-            out = tiled(lambda t: self(t)[:, k], x, tile, tile_overlap, batch_size)
+        tile = _tile_shape(x.shape, self.shape, tile_overlap, 2**self.depth)
+        # at most ~0.5 Mpixel per network call: memory stays bounded on large maps
+        per_call = max(1, min(batch_size, _PIXELS_PER_CALL // (tile[0] * tile[1])))
+        out = tiled(lambda t: self._inference_logits(t, k)[:, 0], x, tile, tile_overlap,
+                    per_call)
         logits = out.cpu().numpy().astype(np.float64)
         logits[bad] = -np.inf
         return logits
@@ -421,6 +444,25 @@ def default_detector() -> SourceDetector:
     `SourceDetector`
     """
     return SourceDetector.load_default()
+
+
+_PIXELS_PER_CALL = 2**19
+
+
+def _tile_shape(shape, train_shape, overlap, multiple):
+    """Tiles of at most 4x the training shape that cover a map evenly (the U-Net is fully
+    convolutional: the fewest, evenly sized tiles cut the overlap overhead; sides are rounded up
+    to a multiple of the network's ``2**depth`` so that it pads nothing)."""
+    tile = []
+    for n, t in zip(shape, train_shape):
+        largest = max(4 * t, overlap + 1)
+        if n <= largest:
+            tile.append(n)
+            continue
+        count = -(-(n - overlap) // (largest - overlap))
+        side = -(-(n - overlap) // count) + overlap
+        tile.append(min(n, -(-side // multiple) * multiple))
+    return tuple(tile)
 
 
 def fill_bad_pixels(data, bad):

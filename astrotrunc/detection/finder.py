@@ -15,11 +15,11 @@ import warnings
 import numpy as np
 from astropy import units as u
 from astropy.wcs import WCS
-from photutils.segmentation import SegmentationImage, detect_sources
+from photutils.segmentation import SegmentationImage
 from photutils.utils import NoDetectionsWarning
 from scipy import ndimage
 
-from .._utils import evaluating, validate_map
+from .._utils import validate_map
 from ..exceptions import AstrotruncWarning, OutOfDomainWarning
 from .catalog import RegionCatalog
 from .domain import domain_differences, nonphysical_limit
@@ -79,38 +79,84 @@ def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=Tr
     """
     threshold = _check_threshold(threshold)
     n_pixels = _check_n_pixels(n_pixels)
-    with warnings.catch_warnings():  # "nothing found" is reported by the caller
-        warnings.simplefilter("ignore", NoDetectionsWarning)
-        segm = detect_sources(log_odds, math.log(threshold), n_pixels=n_pixels, mask=mask)
-    if segm is None or not deblend:
-        return segm
-    inside = segm.data > 0
-    peaks = inside & (log_odds == ndimage.maximum_filter(log_odds, size=3, mode="nearest"))
-    markers, _ = ndimage.label(peaks, structure=np.ones((3, 3)))
-    # steepest ascent within the segment, by pointer jumping (scipy's watershed_ift let distant
-    # markers flood across the background and take pixels of other segments)
-    ny, nx = log_odds.shape
-    value = np.where(inside, log_odds, -np.inf)
-    padded = np.pad(value, 1, constant_values=-np.inf)
-    seg_padded = np.pad(segm.data, 1)
-    index = np.arange(ny * nx).reshape(ny, nx)
-    idx_padded = np.pad(index, 1)
-    best, parent = value.copy(), index.copy()
+    log_odds = np.asarray(log_odds)
+    if log_odds.ndim != 2:
+        msg = f"log_odds must be a 2-D array, got shape {log_odds.shape}"
+        raise ValueError(msg)
+    if mask is not None and np.shape(mask) != log_odds.shape:
+        msg = f"mask shape {np.shape(mask)} does not match the log_odds shape {log_odds.shape}"
+        raise ValueError(msg)
+    segments = _segments(log_odds, math.log(threshold), n_pixels, mask)
+    if segments is None:
+        return None
+    return SegmentationImage(_deblend(log_odds, segments) if deblend else segments)
+
+
+_EIGHT = np.ones((3, 3), dtype=int)
+
+
+def _segments(log_odds, level, n_pixels, mask):
+    """`photutils.segmentation.detect_sources` (8-connected pixels > ``level``, at least
+    ``n_pixels`` of them, labels 1..n in raster order) without its per-segment Python loop."""
+    with np.errstate(invalid="ignore"):
+        above = log_odds > level
+    if mask is not None:
+        above &= ~np.asarray(mask, dtype=bool)
+    segments, n = ndimage.label(above, structure=_EIGHT)
+    if n == 0:
+        return None
+    if n_pixels > 1:
+        keep = np.bincount(segments.ravel(), minlength=n + 1) >= n_pixels
+        keep[0] = False
+        if not keep.any():
+            return None
+        relabel = np.zeros(n + 1, dtype=segments.dtype)
+        relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=segments.dtype)
+        segments = relabel[segments]
+    return segments
+
+
+def _deblend(log_odds, segments):
+    """Split every segment into the basins of its local maxima, working on its pixels only.
+
+    A pixel is a maximum when no 3×3 neighbour is higher (any neighbour: the map is clamped at
+    its edges); 8-connected maxima are one marker, numbered in raster order. Every pixel points
+    to its highest neighbour in the same segment when that one is higher than itself (the first
+    in raster order on ties), and pointer jumping follows the steepest ascent to its end.
+    (scipy's watershed_ift let distant markers flood across the background and take pixels of
+    other segments.)
+    """
+    ny, nx = segments.shape
+    flat_seg, flat_val = segments.ravel(), log_odds.ravel()
+    index = np.flatnonzero(flat_seg)  # the segment pixels, raster order
+    seg, value = flat_seg[index], flat_val[index]
+    y, x = np.divmod(index, nx)
+    position = np.empty(ny * nx, dtype=np.intp)  # flat index -> position in `index`
+    position[index] = np.arange(index.size)
+    best, parent = value.copy(), np.arange(index.size)
+    peak = np.ones(index.size, dtype=bool)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            window = (slice(1 + dy, 1 + dy + ny), slice(1 + dx, 1 + dx + nx))
-            higher = (padded[window] > best) & (seg_padded[window] == segm.data)
-            best = np.where(higher, padded[window], best)
-            parent = np.where(higher, idx_padded[window], parent)
-    parent = parent.ravel()
+            if dy == dx == 0:
+                continue
+            ok = (y + dy >= 0) & (y + dy < ny) & (x + dx >= 0) & (x + dx < nx)
+            nb = np.where(ok, index + dy * nx + dx, index)
+            nb_value = flat_val[nb]
+            peak &= ~(nb_value > value)
+            higher = ok & (flat_seg[nb] == seg) & (nb_value > best)
+            best = np.where(higher, nb_value, best)
+            parent = np.where(higher, position[nb], parent)
     while True:
         jumped = parent[parent]
         if np.array_equal(jumped, parent):
             break
         parent = jumped
-    basins = markers.ravel()[parent].reshape(ny, nx)
-    basins[~inside] = 0
-    return SegmentationImage(basins)
+    peaks = np.zeros(ny * nx, dtype=bool)
+    peaks[index[peak]] = True
+    markers, _ = ndimage.label(peaks.reshape(ny, nx), structure=_EIGHT)
+    basins = np.zeros_like(markers)
+    basins.ravel()[index] = markers.ravel()[index[parent]]
+    return basins
 
 
 class NeuralSourceFinder:
@@ -410,19 +456,17 @@ class NeuralSourceFinder:
         """Yield the log-odds map of every map, computed in batches."""
         det, k = self.detector, self.channel
         large = maps.shape[1] > 4 * det.shape[0] or maps.shape[2] > 4 * det.shape[1]
-        device = next(det.parameters()).device
         step = 1 if large else self.batch_size
-        with evaluating(det):
-            for start in range(0, len(maps), step):
-                chunk = maps[start:start + step]
-                if large:
-                    logits = det.log_odds(chunk[0], bad[start].numpy(),
-                                          flux_threshold=self.flux_threshold,
-                                          tile_overlap=self.tile_overlap)[None]
-                else:
-                    logits = det(chunk.to(device))[:, k].double().cpu().numpy()
-                    logits[bad[start:start + step].numpy()] = -np.inf
-                yield from logits
+        for start in range(0, len(maps), step):
+            chunk = maps[start:start + step]
+            if large:
+                logits = det.log_odds(chunk[0], bad[start].numpy(),
+                                      flux_threshold=self.flux_threshold,
+                                      tile_overlap=self.tile_overlap)[None]
+            else:
+                logits = det._inference_logits(chunk, k)[:, 0].cpu().numpy().astype(np.float64)
+                logits[bad[start:start + step].numpy()] = -np.inf
+            yield from logits
 
 
 def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):

@@ -1,0 +1,174 @@
+"""The optimised r1 path (fused network, region-pixel segmentation and catalog) against the
+reference path it replaced: the same regions and catalog rows, to float tolerance."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from photutils.segmentation import SegmentationImage, detect_sources
+from scipy import ndimage
+
+from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector
+from astrotrunc.detection import default_detector, detection_regions, peak_centroids
+from astrotrunc.detection.estimator import _tile_shape
+from astrotrunc.detection.unet import inference_copy
+
+
+def _reference_regions(log_odds, threshold, n_pixels, mask, deblend):
+    """The segmentation of astrotrunc 0.2: photutils' detect_sources, then steepest ascent over
+    the whole map by pointer jumping, maxima by a 3×3 maximum filter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        segm = detect_sources(log_odds, math.log(threshold), n_pixels=n_pixels, mask=mask)
+    if segm is None or not deblend:
+        return segm
+    inside = segm.data > 0
+    peaks = inside & (log_odds == ndimage.maximum_filter(log_odds, size=3, mode="nearest"))
+    markers, _ = ndimage.label(peaks, structure=np.ones((3, 3)))
+    ny, nx = log_odds.shape
+    value = np.where(inside, log_odds, -np.inf)
+    padded = np.pad(value, 1, constant_values=-np.inf)
+    seg_padded = np.pad(segm.data, 1)
+    index = np.arange(ny * nx).reshape(ny, nx)
+    idx_padded = np.pad(index, 1)
+    best, parent = value.copy(), index.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            window = (slice(1 + dy, 1 + dy + ny), slice(1 + dx, 1 + dx + nx))
+            higher = (padded[window] > best) & (seg_padded[window] == segm.data)
+            best = np.where(higher, padded[window], best)
+            parent = np.where(higher, idx_padded[window], parent)
+    parent = parent.ravel()
+    while not np.array_equal(parent[parent], parent):
+        parent = parent[parent]
+    basins = markers.ravel()[parent].reshape(ny, nx)
+    basins[~inside] = 0
+    return SegmentationImage(basins)
+
+
+def _reference_logits(self, maps, channel=None):
+    """The plain evaluation-mode network (BatchNorm unfused, channels-first, all channels)."""
+    was = self.training
+    self.eval()
+    try:
+        with torch.no_grad():
+            out = self(torch.as_tensor(maps, dtype=torch.float32))
+    finally:
+        self.train(was)
+    return out if channel is None else out[:, channel:channel + 1]
+
+
+def _tiny_detector(seed=0):
+    torch.manual_seed(seed)
+    det = SourceDetector.from_model(PointSourceModel.paper(), [1.0, 10.0], base_channels=4,
+                                    depth=2)
+    for m in det.modules():  # non-trivial BatchNorm statistics: the fusion has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return det
+
+
+def test_inference_copy_matches_the_network_and_leaves_it_alone():
+    det = _tiny_detector()
+    x = det.preprocess(PointSourceModel.paper().simulate(3, seed=2).maps)
+    before = {k: v.clone() for k, v in det.net.state_dict().items()}
+    with torch.no_grad():
+        ref = det.net.eval()(x)
+    fast = inference_copy(det.net, channels=[1])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert torch.allclose(fast(x), ref[:, 1:2], atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in det.net.state_dict().items())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in det.net.modules())
+
+
+def test_fast_logits_follow_weight_changes():
+    det = _tiny_detector()
+    maps = PointSourceModel.paper().simulate(2, seed=4).maps
+    first = det._inference_logits(maps, 0).clone()
+    assert torch.allclose(first, _reference_logits(det, maps, 0), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        det.net.head.bias += 1.0  # an in-place change (as an optimiser step makes)
+    assert torch.allclose(det._inference_logits(maps, 0), first + 1.0, atol=1e-4, rtol=1e-4)
+    det.load_state_dict(_tiny_detector(seed=1).state_dict())
+    assert torch.allclose(det._inference_logits(maps, 0), _reference_logits(det, maps, 0),
+                          atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("deblend", [True, False])
+@pytest.mark.parametrize("n_pixels", [1, 3])
+def test_regions_equal_the_reference(deblend, n_pixels):
+    rng = np.random.default_rng(3)
+    # smooth maps with many maxima, plateaus (quantised values), masks and border regions
+    for i in range(6):
+        lo = ndimage.gaussian_filter(rng.normal(size=(61, 47)), 1.5) * 12
+        if i % 2:
+            lo = np.round(lo)
+        mask = rng.random(lo.shape) < 0.03 if i % 3 else None
+        for threshold in (0.5, 3.0):
+            ref = _reference_regions(lo, threshold, n_pixels, mask, deblend)
+            got = detection_regions(lo, threshold, n_pixels, mask, deblend)
+            assert (ref is None) == (got is None)
+            if ref is not None:
+                np.testing.assert_array_equal(got.data, ref.data)
+                np.testing.assert_array_equal(got.labels, ref.labels)
+
+
+def test_shipped_detector_catalogs_equal_the_reference_path(monkeypatch, one_thread):
+    """Optimised against reference (unfused network, photutils segmentation, scipy region
+    statistics) on a few paper maps and one tiled map: same rows, columns to float tolerance."""
+    maps = PointSourceModel.paper().simulate(3, seed=21).maps.numpy()
+    finder = NeuralSourceFinder(default_detector())
+    fast = [finder(m) for m in maps]
+    fast_batch = finder.find_batch(maps)
+    with monkeypatch.context() as mp:
+        mp.setattr(SourceDetector, "_inference_logits", _reference_logits)
+        mp.setattr(NeuralSourceFinder, "segment", lambda self, lo, bad=None: _reference_regions(
+            lo, self.threshold, self.n_pixels, bad, self.deblend))
+        ref_lo = finder.log_odds_batch(maps)
+        ref = [finder(m) for m in maps]
+    for i, (cat, want) in enumerate(zip(fast, ref)):
+        assert len(cat) == len(want) > 10
+        for name in ("id", "n_pixels", "label"):
+            np.testing.assert_array_equal(cat[name], want[name])
+        for name in ("x_centroid", "y_centroid", "flux", "flux_err", "peak_odds",
+                     "detection_probability"):
+            np.testing.assert_allclose(np.asarray(cat[name]), np.asarray(want[name]),
+                                       rtol=1e-3, atol=1e-6, err_msg=name)
+        assert np.isnan(cat["l"]).all() and cat["l"].unit == want["l"].unit
+        # the batch path makes the same regions
+        segm = _reference_regions(ref_lo[i], finder.threshold, 1, None, True)
+        np.testing.assert_array_equal(fast_batch[i], segm.data)
+        # and the region statistics equal scipy's on the same odds map
+        odds = np.exp(ref_lo[i])
+        x, y = peak_centroids(odds, segm)
+        peaks = ndimage.maximum_position(odds, segm.data, segm.labels)
+        np.testing.assert_allclose(y, [p[0] for p in peaks], atol=1.0)
+        np.testing.assert_allclose(x, [p[1] for p in peaks], atol=1.0)
+
+
+def test_large_maps_use_even_tiles_and_bounded_calls(monkeypatch):
+    assert _tile_shape((128, 128), (128, 128), 32, 8) == (128, 128)
+    assert _tile_shape((512, 300), (128, 128), 32, 8) == (512, 300)
+    for n in (513, 700, 2048, 5000):
+        th, tw = _tile_shape((n, n), (128, 128), 32, 8)
+        assert th == tw and th % 8 == 0 and 128 < th <= 512
+        count = -(-(n - 32) // (th - 32))
+        assert count * (th - 32) + 32 >= n  # the tiles cover the map
+    det = _tiny_detector()
+    calls = []
+    real = SourceDetector._inference_logits
+
+    def spy(self, maps, channel=None):
+        calls.append(tuple(maps.shape))
+        return real(self, maps, channel)
+
+    monkeypatch.setattr(SourceDetector, "_inference_logits", spy)
+    big = np.tile(PointSourceModel.paper().simulate(1, seed=5).maps.numpy()[0], (5, 4))
+    lo = det.log_odds(big, batch_size=64)
+    assert lo.shape == big.shape and np.isfinite(lo).all()
+    assert all(n * h * w <= 2**19 for n, h, w in calls)
