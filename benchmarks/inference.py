@@ -188,7 +188,10 @@ def end_to_end(args):
         widths.append([[float(w[n][k]) for n in NAMES] for k in range(len(w))])
         times.append(post.meta["times_s"])
         print(f"  obs {j}: truth {np.round(truth, 2).tolist()}, N_det {post.meta['n_detected']}, "
-              f"{time.perf_counter() - t0:.0f} s, combined 68% hit {hits[-1][-1].tolist()}")
+              f"{time.perf_counter() - t0:.0f} s, combined 68% hit {hits[-1][-1].tolist()}, "
+              "68% widths (sub-threshold / detected / combined) "
+              + "; ".join(f"{n} " + "/".join(f"{widths[-1][k][i]:.3g}" for k in range(3))
+                          for i, n in enumerate(NAMES)), flush=True)
     hits, widths = np.array(hits), np.array(widths)  # (obs, branch, param)
     out = {"n_obs": args.n_obs, "quick": bool(args.quick), "settings": str(cfg)}
     for b, branch in enumerate(("sub-threshold", "detected", "combined")):
