@@ -18,6 +18,7 @@ from sphinx_astropy.conf.v2 import *  # noqa: F401,F403
 from sphinx_astropy.conf.v2 import intersphinx_mapping as _astropy_intersphinx
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))  # _gallery.py
 import astrotrunc  # noqa: E402
 
 # sphinx-astropy lists a few optional extensions (sphinx-copybutton, ...): use those installed
@@ -78,7 +79,8 @@ sphinx_gallery_conf = {
     "abort_on_example_error": True,      # a failing tutorial fails the build
     "only_warn_on_example_error": False,
     "capture_repr": ("_repr_html_", "__repr__"),
-    "image_scrapers": ("matplotlib",),
+    "ignore_repr_types": r"matplotlib[\w.]*\.(Legend|Text|Figure|Axes|AxesImage)\b|numpy\.ndarray",
+    "image_scrapers": ("_gallery.tight_matplotlib_scraper",),
     "reset_modules": ("matplotlib",),
     "download_all_examples": False,
     "remove_config_comments": True,

@@ -20,28 +20,26 @@ equations behind each step.
 # %%
 # The observation
 # ---------------
-# `~astrotrunc.PointSourceModel.paper` is the paper's simulator: N point sources with log-normal
-# fluxes, Gaussian in Galactic longitude (20°) and latitude (h), a Gaussian PSF and Poisson noise
-# on a 128 × 128 plate carrée map of l, b ∈ [−40°, 40°]. We simulate one map at the population of
-# the paper's own observation, θ = (147, 1.52, 16.4°).
+# `PointSourceModel.paper() <astrotrunc.PointSourceModel.paper>` is the paper's simulator: N point
+# sources with log-normal fluxes, Gaussian in Galactic longitude (20°) and latitude (h), a Gaussian
+# PSF and Poisson noise on a 128 × 128 plate carrée map of l, b ∈ [−40°, 40°]. We simulate one map
+# at the population of the paper's own observation, θ = (147, 1.52, 16.4°).
 
 import time
 import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 from astrotrunc import PointSourceModel, find_sources
 
-torch.set_num_threads(2)
 model = PointSourceModel.paper()
 theta_true = [147.0, 1.52, 16.4]
 obs = model.simulate(1, seed=2022, theta=[theta_true])
 data = obs.maps[0].numpy()
 truth = obs.sources(0)
-print(f"{len(truth)} sources, {int(truth['in_map'].sum())} of them in the map; "
-      f"brightest F = {truth['flux'].max():.1f}")
+print(f"{len(truth)} sources, {int(truth['in_map'].sum())} of them in the map")
+print(f"brightest: F = {truth['flux'].max():.1f}")
 
 # %%
 # Detecting the sources (r1)
@@ -58,8 +56,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")   # NoDetectionsWarning, if any
     catalog = find_sources(data, wcs=model.wcs, threshold=S.threshold,
                            flux_threshold=S.flux_threshold)
-print(f"{len(catalog)} detections (odds > {S.threshold:g}, F_th = {S.flux_threshold:g})")
-catalog["id", "l", "b", "flux", "peak_odds"][:8]
+print(f"{len(catalog)} detections: odds > {S.threshold:g}, "
+      f"F_th = {S.flux_threshold:g}")
+first = catalog["id", "l", "b", "flux", "flux_err", "peak_odds"][:8]
+first.round(2)
+first
 
 # %%
 # The map on its WCS axes, the true sources (dots) and the detections (circles):
@@ -100,22 +101,25 @@ flux = np.geomspace(0.3, 300, 120)
 fig, ax = plt.subplots(figsize=(5.5, 3.6))
 for b in (0.0, 5.0, 20.0):
     ax.plot(flux, S(flux, 0.0, b), color="0.6", lw=1)
-    ax.plot(flux, S_theta(flux, 0.0, b, theta=theta_true), label=f"l = 0°, b = {b:g}°")
-ax.set(xscale="log", xlabel="flux F", ylabel="S(F, l, b | θ)", ylim=(0, 1.02),
-       title="conditional (colour) and θ-averaged (grey) completeness")
+    ax.plot(flux, S_theta(flux, 0.0, b, theta=theta_true),
+            label=f"l = 0°, b = {b:g}°")
+ax.set(xscale="log", xlabel="flux F", ylabel="S(F, l, b | θ)",
+       ylim=(0, 1.02),
+       title="conditional (colour) and θ-averaged (grey) S")
 ax.legend()
 
 # %%
 # The population posterior (r3 × the catalog likelihood)
 # ------------------------------------------------------
-# `~astrotrunc.PopulationInference.run` detects the sources again with the same settings, builds
-# the truncated model of this catalog (detected sources pinned in their regions, sub-threshold
-# sources weighted by 1 − S), trains r3 over TMNRE rounds on its simulations, and weights prior
-# draws by r3 (sub-threshold), by p(I=1 | θ) (detected) and by both (combined).
+# `PopulationInference.run <astrotrunc.PopulationInference.run>` detects the sources again with the
+# same settings, builds the truncated model of this catalog (detected sources pinned in their
+# regions, sub-threshold sources weighted by 1 − S), trains r3 over TMNRE rounds on its
+# simulations, and weights prior draws by r3 (sub-threshold), by p(I=1 | θ) (detected) and by both
+# (combined).
 #
-# ``quick=True`` selects `~astrotrunc.inference.InferenceSettings.quick`: 2 TMNRE rounds of 2048
-# simulations, a few minutes on a laptop CPU, which is what the documentation build runs. At
-# this budget r3 is somewhat over-confident; the defaults (3 rounds of 8192 simulations,
+# ``quick=True`` selects `InferenceSettings.quick() <astrotrunc.InferenceSettings.quick>`: 2 TMNRE
+# rounds of 2048 simulations, a few minutes on a laptop CPU, which is what the documentation build
+# runs. At this budget r3 is somewhat over-confident; the defaults (3 rounds of 8192 simulations,
 # ``quick=False``) are calibrated. ``client="sync"`` fills the simulation stores in this process
 # (the default starts a local Dask cluster).
 
@@ -125,29 +129,35 @@ inference = PopulationInference(model)
 t0 = time.perf_counter()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    post = inference.run(data, quick=True, truth=theta_true, seed=0, client="sync",
-                         progress=False)
-print(f"inference: {time.perf_counter() - t0:.0f} s; {post}")
+    post = inference.run(data, quick=True, truth=theta_true, seed=0,
+                         client="sync", progress=False)
+print(f"inference: {time.perf_counter() - t0:.0f} s")
+print(post)
 
 # %%
 # The summary: medians, 68 % and 95 % equal-tailed intervals and effective sample sizes of each
 # posterior (a `~astropy.table.QTable`).
 
-post.summary()
+summary = post.summary()
+summary.round(3)
+summary
 
 # %%
 # TMNRE shrank the prior box of θ round by round (r3's rounds):
 
-post.truncation
+rounds = post.truncation["round", "n_simulations", "N_low", "N_high",
+                         "sigma_F_low", "sigma_F_high", "h_low", "h_high"]
+rounds.round(2)
+rounds
 
 # %%
 # The truncated model (fig. 2)
 # ----------------------------
-# Maps of the full model look nothing like the observation; maps of the truncated model, at θ
-# drawn from the combined posterior, reproduce its detected sources (cyan outlines: the detection
+# A map of the full model looks nothing like the observation; a map of the truncated model, at θ
+# drawn from the combined posterior, reproduces its detected sources (cyan outlines: the detection
 # regions) and differ only below the detection threshold.
 
-fig = post.plot_truncated_samples(n=2)
+fig = post.plot_truncated_samples(n=1)
 
 # %%
 # The three posteriors (fig. 3)
@@ -160,7 +170,9 @@ fig = post.plot_corner()
 # %%
 # The narrowing from each branch to the combined posterior, as widths of the 68 % intervals:
 
-post.widths()
+widths = post.widths()
+widths.round(3)
+widths
 
 # %%
 # The samples and how they were made (settings, detector identity, stage times) go to ECSV or
