@@ -68,6 +68,10 @@ html_theme_options = {
 }
 html_last_updated_fmt = "%d %b %Y"
 
+# -- CLI reference (sphinx-argparse) ------------------------------------------------------------
+# argparse wraps usage lines to $COLUMNS: keep them inside the page's code blocks
+os.environ["COLUMNS"] = "72"
+
 # -- Tutorials (sphinx-gallery) ----------------------------------------------------------------
 # docs/tutorials/plot_*.py run at build time; their figures and printed values are the page.
 # The output (docs/generated/) is not under version control.

@@ -74,10 +74,11 @@ im = ax.imshow(data, origin="lower", cmap="magma",
                norm=AsinhNorm(linear_width=vmax / 30, vmin=0, vmax=vmax))
 fig.colorbar(im, ax=ax, shrink=0.8, label="data [flux units]")
 inside = truth[truth["in_map"]]
-ax.scatter(inside["x"].value, inside["y"].value, s=5, color="deepskyblue", alpha=0.6,
-           label=f"true sources ({len(inside)})")
-ax.scatter(catalog["x_centroid"].value, catalog["y_centroid"].value, s=70, facecolors="none",
-           edgecolors="lime", label=f"detected ({len(catalog)})")
+ax.scatter(inside["x"].value, inside["y"].value, s=5, color="deepskyblue",
+           alpha=0.6, label=f"true sources ({len(inside)})")
+ax.scatter(catalog["x_centroid"].value, catalog["y_centroid"].value, s=70,
+           facecolors="none", edgecolors="lime",
+           label=f"detected ({len(catalog)})")
 ax.coords[0].set_axislabel("Galactic longitude")
 ax.coords[1].set_axislabel("Galactic latitude")
 ax.legend(loc="upper right", fontsize=8)
@@ -132,7 +133,6 @@ with warnings.catch_warnings():
     post = inference.run(data, quick=True, truth=theta_true, seed=0,
                          client="sync", progress=False)
 print(f"inference: {time.perf_counter() - t0:.0f} s")
-print(post)
 
 # %%
 # The summary: medians, 68 % and 95 % equal-tailed intervals and effective sample sizes of each
@@ -140,6 +140,7 @@ print(post)
 
 summary = post.summary()
 summary.round(3)
+summary["ess"].info.format = ".0f"
 summary
 
 # %%
