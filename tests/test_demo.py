@@ -52,29 +52,31 @@ def test_demo_writes_every_file(demo_outputs):
         demo.run_demo(paths["report.html"].parent, settings=TINY, progress=False)
 
 
-def _chromium():
-    """Path of a Chromium-family browser: $ASTROTRUNC_CHROMIUM, the PATH, or Playwright's own."""
-    given = os.environ.get("ASTROTRUNC_CHROMIUM")
-    if given:
-        return given if Path(given).exists() else None
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+@pytest.fixture(scope="module")
+def chromium():
+    """``(playwright.sync_api, executable)``: a Chromium-family browser for Playwright, or a skip.
 
-
-def test_report_renders_in_a_browser(demo_outputs):
-    """report.html loads in headless Chromium, every image decodes, no console errors."""
+    The browser: $ASTROTRUNC_CHROMIUM, else ``chromium`` / ``google-chrome`` on the PATH, else
+    the one ``playwright install chromium`` downloads.
+    """
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="Playwright is not installed (pip install playwright)")
-    executable = _chromium()
+    given = os.environ.get("ASTROTRUNC_CHROMIUM")
+    candidates = [given] if given else [
+        shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome",
+                                  "google-chrome-stable")]
     with sync_api.sync_playwright() as p:
-        if executable is None:
-            bundled = p.chromium.executable_path  # a browser from `playwright install chromium`
-            if not Path(bundled).exists():
-                pytest.skip("no Chromium browser installed (set ASTROTRUNC_CHROMIUM to one)")
-            executable = bundled
+        candidates.append(p.chromium.executable_path)
+    for exe in candidates:
+        if exe and Path(exe).exists():
+            return sync_api, exe
+    pytest.skip("no Chromium browser installed (set ASTROTRUNC_CHROMIUM to one)")
+
+
+def test_report_renders_in_a_browser(chromium, demo_outputs):
+    """report.html loads in headless Chromium, every image decodes, no console errors."""
+    sync_api, executable = chromium
+    with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
