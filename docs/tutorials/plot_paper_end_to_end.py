@@ -155,8 +155,9 @@ rounds
 # The truncated model (fig. 2)
 # ----------------------------
 # A map of the full model looks nothing like the observation; a map of the truncated model, at θ
-# drawn from the combined posterior, reproduces its detected sources (cyan outlines: the detection
-# regions) and differ only below the detection threshold.
+# drawn from the combined posterior, has a source in each detection region (cyan outlines, a few
+# pixels each: visible where no bright source covers them) and differs from the observation in
+# the fluxes it draws there and below the detection threshold.
 
 fig = post.plot_truncated_samples(n=1)
 
