@@ -190,7 +190,9 @@ def _img(path):
 
 
 def _table_html(table, floatfmt="{:.4g}"):
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.colnames)
+    units = {c: str(getattr(table[c], "unit", None) or "") for c in table.colnames}
+    head = "".join(f"<th>{html.escape(c)}{f' [{html.escape(units[c])}]' if units[c] else ''}</th>"
+                   for c in table.colnames)
     rows = []
     for row in table:
         cells = []
@@ -211,9 +213,13 @@ def _write_report(paths, source, cmd, catalog, summary, post, truth, times):
     truth_html = ("" if truth is None else "<p>True population: " + ", ".join(
         f"{n} = {t:.3g}" for n, t in zip(names, truth)) + "</p>")
     widths = post.widths()
-    stage = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>"
-                    for k, v in {**times, **{f"  {k}": v for k, v in
-                                             post.meta["times_s"].items()}}.items())
+    rows = []
+    for k, v in times.items():
+        rows.append((k, v))
+        if k == "population inference":  # then the inference's own stages (its total is this)
+            rows += [(f"population inference: {k2}", v2)
+                     for k2, v2 in post.meta["times_s"].items() if k2 != "total"]
+    stage = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in rows)
     cat_rows = catalog[["id", "l", "b", "flux", "peak_odds"]][:15] if catalog is not None else None
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>astrotrunc demo report</title>
@@ -243,7 +249,7 @@ detected sources (cyan outlines: the regions) and differ only below threshold.</
 {_img(paths['truncated_samples.png'])}
 <h2>4. Population posterior (fig. 3 of the paper)</h2>
 <p>Sub-threshold (r3 on the map), detected (the catalog likelihood with the completeness) and
-combined posteriors of θ = (N, σ<sub>F</sub>, h).</p>
+combined posteriors of θ = (N, σ<sub>F</sub>, h), h in degrees.</p>
 {_img(paths['posterior_corner.png'])}
 {_table_html(summary)}
 <p>Widths of the 68 % intervals:</p>

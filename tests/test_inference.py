@@ -294,12 +294,9 @@ def test_population_inference_detected_branch_masks_and_no_detections(model):
     assert (post.catalog["y_centroid"].value >= 9.5).all()
 
 
-def test_cli_infer_and_demo(tmp_path, monkeypatch):
-    """The infer and demo commands write every promised file (tiny settings)."""
-    from astropy.io import fits
-    from astropy.table import QTable as T
-
-    from astrotrunc import cli, demo
+def test_cli_infer(tmp_path, monkeypatch):
+    """The infer command writes every promised file (tiny settings; the demo: test_demo.py)."""
+    from astrotrunc import cli
     from astrotrunc.inference import population
 
     monkeypatch.setattr(population, "InferenceSettings", _tiny_settings)
@@ -315,20 +312,6 @@ def test_cli_infer_and_demo(tmp_path, monkeypatch):
     assert not (tmp_path / "post.ecsv.work").exists()  # the work directory is cleaned up
     assert cli.main(args) == 2  # no clobber without --overwrite
     assert cli.main(["infer", str(obs), "--out", str(obs), "--overwrite"]) == 2
-    # the demo, at its smallest size
-    paths = demo.run_demo(tmp_path / "demo", settings=TINY, progress=False, command="test")
-    assert set(paths) == set(demo.DEMO_FILES)
-    with fits.open(paths["observation.fits"]) as hdul:
-        assert hdul[0].header["CTYPE1"].startswith("GLON") and hdul[0].data.shape == (128, 128)
-    summary = T.read(paths["posterior_summary.ecsv"])
-    assert len(summary) == 9 and summary.colnames[0] == "posterior"
-    for name in ("detections.png", "completeness.png", "truncated_samples.png",
-                 "posterior_corner.png"):
-        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = paths["report.html"].read_text()
-    assert page.count("data:image/png;base64,") == 4 and "test" in page
-    with pytest.raises(OSError, match="exist already"):
-        demo.run_demo(tmp_path / "demo", settings=TINY, progress=False)
 
 
 class _tiny_settings(InferenceSettings):
