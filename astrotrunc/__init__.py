@@ -36,6 +36,7 @@ _PUBLIC = {
     "SourceDetector": "detection", "NeuralSourceFinder": "detection",
     "find_sources": "detection", "DetectionSimulations": "detection",
     "catalog_to_regions": "detection", "default_detector": "detection",
+    "FluxEstimator": "detection",
     # r2: completeness
     "CompletenessFunction": "completeness", "CompletenessLabels": "completeness",
     "ConditionalCompleteness": "completeness",

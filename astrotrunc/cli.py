@@ -169,7 +169,9 @@ def _cmd_train(args):
         from .detection import FluxEstimator, NeuralSourceFinder, SourceDetector
 
         det = SourceDetector.load(args.detector) if args.detector else None
-        finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
+        # detections only: the finder needs no flux estimator to train one
+        finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold,
+                                    flux_method="matched")
         est = FluxEstimator.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
                                    seed=args.seed, half_size=args.half_size,
                                    channels=args.channels, hidden=args.hidden, **trainer)

@@ -281,9 +281,7 @@ class FluxEstimator(RatioEstimator):
         `FluxEstimator`
             Trained; ``history`` holds the trainer's history.
         """
-        from .finder import as_finder
-
-        finder = as_finder(finder)
+        finder = _detection_finder(finder)
         net_args = {k: kwargs.pop(k) for k in ("half_size", "channels", "hidden", "levels")
                     if k in kwargs}
         data = PhotometrySimulations(model, finder, n_maps, n_val_maps, seed=seed,
@@ -409,6 +407,13 @@ def default_photometry() -> FluxEstimator:
 # ----------------------------------------------------------------------------------------------
 # Training data
 # ----------------------------------------------------------------------------------------------
+def _detection_finder(finder):
+    """The finder whose detections are matched (the default one, without photometry, if None)."""
+    from .finder import NeuralSourceFinder, as_finder
+
+    return NeuralSourceFinder(flux_method="matched") if finder is None else as_finder(finder)
+
+
 def _rows_of_sources(segm, detected, x, y):
     """Catalog rows and the true sources they stand for, from `match_sources`' labels of one map.
 
@@ -530,12 +535,10 @@ class PhotometrySimulations:
 
     def __init__(self, model, finder=None, n_maps=1500, n_val_maps=150, *, seed=0, half_size=7,
                  chunk_size=128, progress=True):
-        from .finder import as_finder
-
         if int(n_maps) < 1 or int(n_val_maps) < 1:
             msg = f"n_maps and n_val_maps must be at least 1, got {n_maps}, {n_val_maps}"
             raise ValueError(msg)
-        self.finder = as_finder(finder)
+        self.finder = _detection_finder(finder)
         self.seed = int(seed)
         rows = _matched_detections(model, self.finder, int(n_maps) + int(n_val_maps), seed,
                                    int(half_size), chunk_size, progress)
