@@ -35,9 +35,10 @@ FLUX_DESCRIPTIONS = {
         "flux_hi": "84 % quantile of the learned flux distribution"},
     "psf": {
         "flux": "photutils PSFPhotometry flux at the r1 position (grouped sources)",
-        "flux_err": "PSF fit error and the learned confusion scatter, in quadrature",
-        "flux_lo": "flux minus its lower 68 % error (fit and learned confusion in quadrature)",
-        "flux_hi": "flux plus its upper 68 % error (fit and learned confusion in quadrature)"},
+        "flux_err": "PSF fit error and learned confusion scatter in quadrature, plus the "
+                    "offset from the learned median flux",
+        "flux_lo": "flux minus its lower 68 % error (as flux_err, with the learned 16 % quantile)",
+        "flux_hi": "flux plus its upper 68 % error (as flux_err, with the learned 84 % quantile)"},
     "matched": {
         "flux": "PSF-matched-filter flux at the r1 position (includes blended neighbours)",
         "flux_err": "Poisson error only: confusion is not included",

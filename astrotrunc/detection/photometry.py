@@ -32,8 +32,9 @@ call (`FluxEstimator.fit_to`) or ``astrotrunc train photometry``.
 the 68 % interval, which is asymmetric where the distribution is.
 
 `psf_photometry` is the photutils-compatible path (``flux_method="psf"``): photutils'
-`~photutils.psf.PSFPhotometry` with grouped sources at r1's positions, its fit error combined in
-quadrature with the learned scatter.
+`~photutils.psf.PSFPhotometry` with grouped sources at r1's positions; its errors get the learned
+confusion term: the learned relative scatter (in quadrature with the fit error) plus the PSF
+flux's offset from the learned median, so that its 68 % interval holds the learned one.
 """
 
 from __future__ import annotations
@@ -125,19 +126,21 @@ def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
     levels = list(levels)
     med = np.exp(q[:, levels.index(0.5)])
     lo, hi = np.exp(q[:, levels.index(0.16)]), np.exp(q[:, levels.index(0.84)])
-    # solve P(|F - med| <= 2 e) = 0.95 for e (F = exp(ln F)) by bisection in log e
+    # solve P(|F - med| <= 2 e) = 0.95 for e (F = exp(ln F)) by bisection in log e, within a
+    # factor 20 of a quarter of the outer quantiles' range (which brackets it)
     z_levels = special.ndtri(np.asarray(levels, dtype=np.float64))
-    log_e_lo, log_e_hi = np.full(len(q), -12.0), np.full(len(q), 12.0)
-    for _ in range(26):
+    log_e0 = np.log(np.maximum(np.exp(q[:, -1]) - np.exp(q[:, 0]), 1e-300) / 4)
+    log_e_lo, log_e_hi = log_e0 - 3.0, log_e0 + 3.0
+    for _ in range(16):
         log_e = 0.5 * (log_e_lo + log_e_hi)
-        two_e = 2 * med * np.exp(log_e)
+        two_e = 2 * np.exp(log_e)
         upper = _quantile_cdf(q, z_levels, np.log(med + two_e))
         lower = np.where(two_e < med, _quantile_cdf(
             q, z_levels, np.log(np.maximum(med - two_e, 1e-300))), 0.0)
         enough = upper - lower >= 0.95
         log_e_hi = np.where(enough, log_e, log_e_hi)
         log_e_lo = np.where(enough, log_e_lo, log_e)
-    e_hi = med * np.exp(log_e_hi)
+    e_hi = np.exp(log_e_hi)
     return med, e_hi, lo, hi
 
 
@@ -641,7 +644,8 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
     method : {'neural', 'psf', 'matched'}
         ``'neural'``: the `FluxEstimator`'s median, 95 %-symmetric error and 68 % interval;
         ``'psf'``: `psf_photometry`, its fit error combined in quadrature with the learned
-        relative scatter (when ``photometry`` is given); ``'matched'``: the matched-filter flux
+        relative scatter, plus its offset from the learned median (when ``photometry`` is
+        given); ``'matched'``: the matched-filter flux
         and its Poisson error (no confusion).
     data, bad : 2-D arrays
         The map (detector units) and its bad pixels.
@@ -675,11 +679,14 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
     flux, fit_err = psf_photometry(data, bad, x, y, detector)
     if learned is None:
         return flux, fit_err, flux - fit_err, flux + fit_err
+    # the learned confusion term: the learned relative spread of the true flux (in quadrature
+    # with the fit error) plus the PSF flux's offset from the learned median, so that the PSF
+    # interval holds the learned one (its coverage is at least the learned one's)
     med, err, lo, hi = learned
-    scale = np.abs(flux)
-    flux_err = np.hypot(fit_err, scale * err / med)
-    return (flux, flux_err, flux - np.hypot(fit_err, scale * (1 - lo / med)),
-            flux + np.hypot(fit_err, scale * (hi / med - 1)))
+    scale, shift = np.maximum(np.abs(flux), med), np.abs(flux - med)
+    return (flux, shift + np.hypot(fit_err, scale * err / med),
+            flux - shift - np.hypot(fit_err, scale * (1 - lo / med)),
+            flux + shift + np.hypot(fit_err, scale * (hi / med - 1)))
 
 
 # ----------------------------------------------------------------------------------------------
