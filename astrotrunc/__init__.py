@@ -37,6 +37,7 @@ _PUBLIC = {
     "find_sources": "detection", "DetectionSimulations": "detection",
     "StoredDetectionSimulations": "detection",
     "catalog_to_regions": "detection", "default_detector": "detection",
+    "FluxEstimator": "detection",
     # r2: completeness
     "CompletenessFunction": "completeness", "CompletenessLabels": "completeness",
     "ConditionalCompleteness": "completeness",

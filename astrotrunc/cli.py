@@ -112,24 +112,32 @@ def _cmd_simulate(args):
 # ----------------------------------------------------------------------------------------------
 def _add_train(sub):
     t = sub.add_parser("train", help="train an estimator on the paper's model")
-    t.add_argument("what", choices=["detector", "completeness"], help="which estimator")
+    t.add_argument("what", choices=["detector", "completeness", "photometry"],
+                   help="which estimator")
     t.add_argument("--out", required=True, help="output model file (.safetensors)")
     t.add_argument("--n-train", type=int, default=4000, help="detector: simulations per epoch")
     t.add_argument("--n-val", type=int, default=400, help="validation simulations (maps)")
-    t.add_argument("--n-maps", type=int, default=2000, help="completeness: labelled maps")
+    t.add_argument("--n-maps", type=int, default=2000,
+                   help="completeness, photometry: labelled maps")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--learning-rate", type=float, default=3e-3)
-    t.add_argument("--channels", type=int, default=16, help="detector: U-Net base channels")
+    t.add_argument("--channels", type=int, default=16,
+                   help="detector: U-Net base channels; photometry: conv channels")
     t.add_argument("--default-flux-threshold", type=float, default=None,
                    help="detector: F_th channel find_sources uses by default")
-    t.add_argument("--detector", help="completeness: detector file (default: the shipped one)")
-    t.add_argument("--flux-threshold", type=float, default=10.0, help="completeness: F_th channel")
+    t.add_argument("--detector", help="completeness, photometry: detector file (default: the "
+                                      "shipped one)")
+    t.add_argument("--flux-threshold", type=float, default=None,
+                   help="completeness (default 10), photometry (default: the detector's): F_th "
+                        "channel")
     t.add_argument("--threshold", type=float, default=5.0, help="completeness: odds threshold")
     t.add_argument("--n-pixels", type=int, default=1, help="completeness: minimum region size")
     t.add_argument("--conditional", action="store_true",
                    help="completeness: S(F, l, b | θ), conditional on the population (crowding)")
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
+    t.add_argument("--half-size", type=int, default=7, help="photometry: cutout half size")
+    t.add_argument("--hidden", type=int, default=64, help="photometry: hidden units")
     t.add_argument("--domain-maps", type=int, default=1000,
                    help="detector: simulations whose statistics record its domain")
     t.add_argument("--name", default="astrotrunc-paper-r1")
@@ -190,6 +198,19 @@ def _train(args, model, trainer):
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold,
                                     store=args.store, client=args.client, **trainer)
+    elif args.what == "photometry":
+        if args.store is not None:
+            raise ValueError("--store is for the detector; the photometry labels its own "
+                             "simulations")
+        from .detection import FluxEstimator, NeuralSourceFinder, SourceDetector
+
+        det = SourceDetector.load(args.detector) if args.detector else None
+        # detections only: the finder needs no flux estimator to train one
+        finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold,
+                                    flux_method="matched")
+        est = FluxEstimator.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
+                                   seed=args.seed, half_size=args.half_size,
+                                   channels=args.channels, hidden=args.hidden, **trainer)
     else:
         if args.store is not None:
             msg = "--store is for the detector; the completeness labels its own simulations"
@@ -198,7 +219,8 @@ def _train(args, model, trainer):
         from .detection import NeuralSourceFinder, SourceDetector
 
         det = SourceDetector.load(args.detector) if args.detector else None
-        finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
+        f_th = 10.0 if args.flux_threshold is None else args.flux_threshold
+        finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, f_th)
         kind = ConditionalCompleteness if args.conditional else CompletenessFunction
         est = kind.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
                           seed=args.seed, **trainer)
@@ -268,7 +290,7 @@ def _cmd_detect(args):
             cat = finder(nd)
     if cat is None:
         unit = nd.unit if nd.unit is not None else u.Unit(finder.detector.flux_unit)
-        cat = empty_catalog(unit, finder.settings)
+        cat = empty_catalog(unit, finder.settings, finder.flux_method)
     fmt = "fits" if out.suffix.lower() in (".fits", ".fit") else "ascii.ecsv"
     writers = [(out, lambda tmp: cat.write(tmp, format=fmt, overwrite=True))]
     if regions:

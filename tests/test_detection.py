@@ -85,7 +85,9 @@ def test_find_sources_catalog(model):
     cat, segm = find_sources(data, det, wcs=model.wcs, return_segmentation=True)
     assert isinstance(cat, QTable) and len(cat) == 2
     assert cat.colnames == ["id", "x_centroid", "y_centroid", "sky_centroid", "l", "b", "flux",
-                            "flux_err", "peak_odds", "detection_probability", "n_pixels", "label"]
+                            "flux_err", "flux_lo", "flux_hi", "flux_matched", "peak_odds",
+                            "detection_probability", "n_pixels", "label"]
+    assert cat.meta["flux_method"] == "matched"  # a detector with no flux estimator
     assert cat["x_centroid"].unit == u.pix and cat["l"].unit == u.deg
     np.testing.assert_allclose(cat["x_centroid"].value, [20.0, 100.3], atol=0.05)
     np.testing.assert_allclose(cat["y_centroid"].value, [30.0, 64.0], atol=0.05)

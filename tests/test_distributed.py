@@ -23,6 +23,12 @@ pytestmark = pytest.mark.skipif(
     or "fork" not in mp.get_all_start_methods(),
     reason="needs torch.distributed with gloo and fork")
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_rank(monkeypatch):
+    """One thread per rank: the ranks are then forked (see `_ddp._start_method`)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 _SETTINGS = dict(max_epochs=2, batch_size=2, progress=False, seed=0, nproc=2)
 
 
@@ -79,6 +85,7 @@ def uninterrupted(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("ddp")
     _paper()  # made once, inherited by the forked ranks
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once
+    # forked with one thread per rank, as Trainer(nproc=K) does then (see _ddp._start_method)
     mp.start_processes(_rank, args=(_ddp.free_port(), outdir), nprocs=2, start_method="fork")
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in (0, 1)]
 

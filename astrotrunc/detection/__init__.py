@@ -9,6 +9,7 @@ One concern per module:
 * `~astrotrunc.detection.tiling` -- large maps in overlapping tiles;
 * `~astrotrunc.detection.finder` -- `NeuralSourceFinder`, `find_sources`, `detection_regions`;
 * `~astrotrunc.detection.catalog` -- the catalog columns;
+* `~astrotrunc.detection.photometry` -- learned fluxes with honest errors (`FluxEstimator`);
 * `~astrotrunc.detection.regions` -- DS9 region files.
 """
 
@@ -17,6 +18,7 @@ from .domain import instrument_domain, map_statistics
 from .estimator import PAPER_FLUX_THRESHOLDS, SourceDetector, default_detector
 from .finder import NeuralSourceFinder, detection_regions, find_sources
 from .labels import DetectionSimulations, StoredDetectionSimulations, detection_labels
+from .photometry import FluxEstimator, PhotometrySimulations, default_photometry, psf_photometry
 from .regions import catalog_to_regions
 from .tiling import tiled as _tiled  # noqa: F401 - the name used before 0.2
 from .unet import UNet
@@ -25,4 +27,5 @@ __all__ = ["SourceDetector", "NeuralSourceFinder", "find_sources", "DetectionSim
            "StoredDetectionSimulations",
            "detection_labels", "detection_regions", "default_detector", "catalog_to_regions",
            "peak_centroids", "RegionCatalog", "empty_catalog", "instrument_domain",
-           "map_statistics", "UNet", "PAPER_FLUX_THRESHOLDS", "CATALOG_COLUMNS"]
+           "map_statistics", "UNet", "PAPER_FLUX_THRESHOLDS", "CATALOG_COLUMNS",
+           "FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry"]

@@ -14,11 +14,49 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import QTable
 
-__all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS"]
+__all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS",
+           "COLUMN_DESCRIPTIONS", "FLUX_DESCRIPTIONS"]
 
 #: The columns of a `~astrotrunc.find_sources` catalog, in order.
 CATALOG_COLUMNS = ("id", "x_centroid", "y_centroid", "sky_centroid", "l", "b", "flux", "flux_err",
-                   "peak_odds", "detection_probability", "n_pixels", "label")
+                   "flux_lo", "flux_hi", "flux_matched", "peak_odds", "detection_probability",
+                   "n_pixels", "label")
+
+_FLUX_DEFINITION = ("of the source the detection stands for (the brightest true source centred "
+                    "in its region; blended neighbours are part of the uncertainty)")
+#: Descriptions of the flux columns for each ``flux_method`` (the others are fixed).
+FLUX_DESCRIPTIONS = {
+    "neural": {
+        "flux": "median flux " + _FLUX_DEFINITION + ", learned (FluxEstimator)",
+        "flux_err": "symmetric error: flux +- 2 flux_err holds 95 % of the learned distribution, "
+                    "confusion included",
+        "flux_lo": "16 % quantile of the learned flux distribution",
+        "flux_hi": "84 % quantile of the learned flux distribution"},
+    "psf": {
+        "flux": "photutils PSFPhotometry flux at the r1 position (grouped sources)",
+        "flux_err": "PSF fit error and learned confusion scatter in quadrature, plus the "
+                    "offset from the learned median flux",
+        "flux_lo": "flux minus its lower 68 % error (as flux_err, with the learned 16 % quantile)",
+        "flux_hi": "flux plus its upper 68 % error (as flux_err, with the learned 84 % quantile)"},
+    "matched": {
+        "flux": "PSF-matched-filter flux at the r1 position (includes blended neighbours)",
+        "flux_err": "Poisson error only: confusion is not included",
+        "flux_lo": "flux - flux_err (Poisson only)",
+        "flux_hi": "flux + flux_err (Poisson only)"},
+}
+#: Descriptions of the other catalog columns.
+COLUMN_DESCRIPTIONS = {
+    "id": "row number (1-based)",
+    "x_centroid": "source position: odds peak refined by the 3x3 odds-weighted centroid",
+    "y_centroid": "source position: odds peak refined by the 3x3 odds-weighted centroid",
+    "sky_centroid": "sky position of (x_centroid, y_centroid)",
+    "l": "Galactic longitude", "b": "Galactic latitude",
+    "flux_matched": "PSF-matched-filter flux at the r1 position (all light under the PSF, "
+                    "neighbours included; the estimate before v0.3)",
+    "peak_odds": "largest r1 odds in the region",
+    "detection_probability": "1 - prod(1 - p) over the region's pixels, p = odds / (1 + odds)",
+    "n_pixels": "pixels in the region", "label": "region label in the segmentation image",
+}
 
 
 def peak_centroids(odds, segm):
@@ -96,13 +134,24 @@ class RegionCatalog:
         Unit of the flux columns (the map's own unit); the detector's when `None`.
     meta : dict, optional
         The table's metadata (the finder's settings).
+    flux_method : {'matched', 'neural', 'psf'}
+        How ``flux``, ``flux_err``, ``flux_lo``, ``flux_hi`` are measured (see
+        `~astrotrunc.detection.photometry`).
+    photometry : `~astrotrunc.detection.photometry.FluxEstimator`, optional
+        The learned estimator (``'neural'``; the confusion term of ``'psf'``).
     """
 
-    def __init__(self, data, log_odds, segm, bad, detector, wcs=None, flux_unit=None, meta=None):
+    def __init__(self, data, log_odds, segm, bad, detector, wcs=None, flux_unit=None, meta=None,
+                 *, flux_method="matched", photometry=None):
         self.data, self.log_odds, self.segm, self.bad = data, log_odds, segm, bad
         self.detector, self.wcs = detector, wcs
         self.flux_unit = u.Unit(flux_unit if flux_unit is not None else detector.flux_unit)
         self.meta = dict(meta or {})
+        if flux_method not in FLUX_DESCRIPTIONS or (flux_method == "neural" and photometry is None):
+            msg = (f"flux_method must be one of {sorted(FLUX_DESCRIPTIONS)} ('neural' needs a "
+                   f"FluxEstimator), got {flux_method!r}")
+            raise ValueError(msg)
+        self.flux_method, self.photometry = flux_method, photometry
 
     def __len__(self):
         return len(self.segm.labels)
@@ -170,10 +219,18 @@ class RegionCatalog:
         return self.sky_centroid.b.to(u.deg)
 
     @functools.cached_property
+    def _matched(self):
+        """Matched-filter flux and its Poisson error (detector units)."""
+        return self.detector.estimate_flux(self.data, *self._centroids, self.bad)
+
+    @functools.cached_property
     def _flux(self):
-        flux, err = self.detector.estimate_flux(self.data, *self._centroids, self.bad)
-        scale = u.Unit(self.detector.flux_unit).to(self.flux_unit)
-        return flux * scale * self.flux_unit, err * scale * self.flux_unit
+        from .photometry import measure_fluxes
+
+        columns = measure_fluxes(self.flux_method, self.data, self.bad, *self._centroids,
+                                 self.detector, self.photometry, matched=self._matched)
+        scale = u.Unit(self.detector.flux_unit).to(self.flux_unit) * self.flux_unit
+        return tuple(c * scale for c in columns)
 
     @property
     def flux(self):
@@ -182,6 +239,19 @@ class RegionCatalog:
     @property
     def flux_err(self):
         return self._flux[1]
+
+    @property
+    def flux_lo(self):
+        return self._flux[2]
+
+    @property
+    def flux_hi(self):
+        return self._flux[3]
+
+    @property
+    def flux_matched(self):
+        return self._matched[0] * u.Unit(self.detector.flux_unit).to(self.flux_unit) \
+            * self.flux_unit
 
     @property
     def peak_odds(self):
@@ -228,7 +298,9 @@ class RegionCatalog:
         table = QTable()
         for name in columns:
             table[name] = getattr(self, name)
+        _describe(table, self.flux_method)
         table.meta.update(self.meta)
+        table.meta["flux_method"] = self.flux_method
         if self.wcs is not None and self.wcs.has_celestial:
             table.meta["pixel_scale_deg"] = float(np.mean(
                 [abs(p.to_value(u.deg)) for p in self.wcs.celestial.proj_plane_pixel_scales()]))
@@ -236,7 +308,7 @@ class RegionCatalog:
         return table
 
 
-def empty_catalog(flux_unit="", meta=None) -> QTable:
+def empty_catalog(flux_unit="", meta=None, flux_method="neural") -> QTable:
     """A catalog with the `CATALOG_COLUMNS` (and their units) and no rows.
 
     Parameters
@@ -245,6 +317,8 @@ def empty_catalog(flux_unit="", meta=None) -> QTable:
         Unit of the flux columns.
     meta : dict, optional
         Table metadata.
+    flux_method : {'neural', 'psf', 'matched'}
+        Which flux column descriptions to use.
 
     Returns
     -------
@@ -259,12 +333,22 @@ def empty_catalog(flux_unit="", meta=None) -> QTable:
     table["sky_centroid"] = SkyCoord(empty * u.deg, empty * u.deg, frame="galactic")
     table["l"] = empty * u.deg
     table["b"] = empty * u.deg
-    table["flux"] = empty * funit
-    table["flux_err"] = empty * funit
+    for name in ("flux", "flux_err", "flux_lo", "flux_hi", "flux_matched"):
+        table[name] = empty * funit
     table["peak_odds"] = empty
     table["detection_probability"] = empty
     table["n_pixels"] = np.zeros(0, dtype=int)
     table["label"] = np.zeros(0, dtype=int)
+    _describe(table, flux_method)
     table.meta.update(meta or {})
     table.meta["flux_unit"] = funit.to_string()
+    table.meta["flux_method"] = flux_method
     return table
+
+
+def _describe(table, flux_method):
+    """Set the column descriptions of a catalog."""
+    descriptions = dict(COLUMN_DESCRIPTIONS, **FLUX_DESCRIPTIONS[flux_method])
+    for name in table.colnames:
+        if name in descriptions:
+            table[name].info.description = descriptions[name]

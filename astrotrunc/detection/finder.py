@@ -182,6 +182,16 @@ class NeuralSourceFinder:
         Overlap (pixels) of the tiles on maps larger than four times the training shape.
     batch_size : int
         Maps (or tiles) per network call.
+    flux_method : {'neural', 'psf', 'matched'}, optional
+        How the flux columns are measured (`~astrotrunc.detection.photometry`): ``'neural'``
+        (the learned `~astrotrunc.detection.FluxEstimator`: median flux of the source the
+        detection stands for, uncertainties that include confusion), ``'psf'`` (photutils
+        `~photutils.psf.PSFPhotometry` at r1's positions, errors inflated by the learned
+        confusion term) or ``'matched'`` (matched-filter flux, Poisson error only). By default
+        ``'neural'`` when a flux estimator for this detector is given or shipped (the default
+        detector's), ``'matched'`` otherwise.
+    photometry : `~astrotrunc.detection.FluxEstimator`, optional
+        The learned flux estimator (the shipped one when it was trained for ``detector``).
 
     Raises
     ------
@@ -201,7 +211,8 @@ class NeuralSourceFinder:
     """
 
     def __init__(self, detector=None, threshold=5.0, n_pixels=1, flux_threshold=None, *,
-                 deblend=True, tile_overlap=32, batch_size=16):
+                 deblend=True, tile_overlap=32, batch_size=16, flux_method=None,
+                 photometry=None):
         if detector is None:
             detector = default_detector()
         elif not isinstance(detector, SourceDetector):
@@ -227,6 +238,9 @@ class NeuralSourceFinder:
             msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
             raise ValueError(msg)
         self.batch_size = int(batch_size)
+        from .photometry import resolve_photometry
+
+        self.flux_method, self.photometry = resolve_photometry(detector, flux_method, photometry)
 
     def __repr__(self):
         return (f"NeuralSourceFinder(detector={self.detector.name!r}, threshold={self.threshold}, "
@@ -329,11 +343,14 @@ class NeuralSourceFinder:
         Returns
         -------
         catalog : `~astropy.table.QTable` or `None`
-            Columns ``id, x_centroid, y_centroid, sky_centroid, l, b, flux, flux_err, peak_odds,
-            detection_probability, n_pixels, label`` (photutils 3.x names); `None` (with a
-            `~photutils.utils.NoDetectionsWarning`) if nothing is detected. The flux columns are
-            in the map's unit (the detector's when the map has none); ``meta`` holds the
-            finder's `settings`.
+            Columns `~astrotrunc.detection.CATALOG_COLUMNS` (photutils 3.x names, with
+            descriptions): ``flux`` is the median flux of the source the detection stands for,
+            ``flux_lo``/``flux_hi`` its 68 % interval and ``flux ± 2 flux_err`` its 95 % one
+            (with the default ``flux_method``; see `~astrotrunc.detection.photometry`);
+            ``flux_matched`` is the matched-filter flux (all light under the PSF). `None` (with
+            a `~photutils.utils.NoDetectionsWarning`) if nothing is detected. The flux columns
+            are in the map's unit (the detector's when the map has none); ``meta`` holds the
+            finder's `settings` and ``flux_method``.
         segmentation : `~photutils.segmentation.SegmentationImage`
             Only with ``return_segmentation=True``.
         """
@@ -392,7 +409,8 @@ class NeuralSourceFinder:
         """
         bad = np.zeros(np.shape(data), bool) if bad is None else np.asarray(bad, bool)
         return RegionCatalog(data, log_odds, segm, bad, self.detector, wcs, flux_unit=unit,
-                             meta=self.settings)
+                             meta=self.settings, flux_method=self.flux_method,
+                             photometry=self.photometry)
 
     # -- many maps -----------------------------------------------------------------------------
     def find_batch(self, maps, mask=None):
@@ -499,12 +517,14 @@ def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):
 
 
 def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_pixels=1,
-                 flux_threshold=None, deblend=True, return_segmentation=False):
+                 flux_threshold=None, deblend=True, return_segmentation=False, flux_method=None,
+                 photometry=None):
     """Detect point sources with the r1 detector: one catalog row per region with odds > threshold.
 
     A thin wrapper: ``NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold,
-    deblend=deblend)(data, mask, wcs)``; see `NeuralSourceFinder` for the settings and
-    `NeuralSourceFinder.__call__` for the map and the catalog.
+    deblend=deblend, flux_method=flux_method, photometry=photometry)(data, mask, wcs)``; see
+    `NeuralSourceFinder` for the settings and `NeuralSourceFinder.__call__` for the map and the
+    catalog.
 
     Parameters
     ----------
@@ -526,6 +546,10 @@ def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_p
         Split regions at their local odds maxima.
     return_segmentation : bool
         Also return the regions' `~photutils.segmentation.SegmentationImage`.
+    flux_method : {'neural', 'psf', 'matched'}, optional
+        How fluxes are measured (see `NeuralSourceFinder`).
+    photometry : `~astrotrunc.detection.FluxEstimator`, optional
+        The learned flux estimator (the shipped one for the default detector).
 
     Returns
     -------
@@ -543,6 +567,7 @@ def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_p
     >>> cat.colnames[:4]
     ['id', 'x_centroid', 'y_centroid', 'sky_centroid']
     """
-    finder = NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold, deblend=deblend)
+    finder = NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold, deblend=deblend,
+                                flux_method=flux_method, photometry=photometry)
     # warnings point at the caller of find_sources
     return finder(data, mask, wcs, return_segmentation=return_segmentation, _stacklevel=4)

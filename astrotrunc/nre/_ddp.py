@@ -299,11 +299,18 @@ def _worker(local_rank, nproc, addr, port, threads, trainer, estimator, data, re
         save_file(state, str(Path(outdir, "result.safetensors")), metadata=meta)
 
 
-def _start_method() -> str:
-    """'fork' where it is safe (POSIX, CUDA untouched): no re-import, no pickling; else 'spawn'."""
+def _start_method(threads) -> str:
+    """'fork' where it is safe, else 'spawn'.
+
+    Forking needs no re-import and no pickling, but a forked child of a process that has run a
+    parallel torch operation inherits OpenMP's thread-pool state without its threads and hangs
+    in its first parallel operation when it uses more than one thread (seen in the test suite);
+    CUDA cannot be forked at all. So: fork for one thread per process on the CPU only.
+    """
     import multiprocessing
 
-    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+    if (threads == 1 and "fork" in multiprocessing.get_all_start_methods()
+            and not torch.cuda.is_initialized()):
         return "fork"
     return "spawn"
 
@@ -312,7 +319,8 @@ def spawn_fit(trainer, estimator, data, resume, nproc):
     """Train in ``nproc`` new local processes; the estimator gets rank 0's weights.
 
     Returns the history rows and the trainer settings recorded by rank 0. The processes are
-    forked where that is safe (the estimator and data are then inherited, not pickled).
+    forked where that is safe (`_start_method`: the estimator and data are then inherited),
+    spawned otherwise (they are pickled).
     """
     import torch.multiprocessing as mp
     from safetensors import safe_open
@@ -326,7 +334,7 @@ def spawn_fit(trainer, estimator, data, resume, nproc):
     else:
         port = free_port(addr)
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // nproc)
-    method = _start_method()
+    method = _start_method(threads)
     if method == "fork":
         # the first optimiser imports torch._dynamo (seconds): once here, not in every child
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)])

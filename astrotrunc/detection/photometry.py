@@ -1,0 +1,752 @@
+"""Photometry of detected sources: fluxes whose uncertainties include confusion.
+
+What ``flux`` estimates
+-----------------------
+A catalog row stands for one region R_i of the odds map, and the source it stands for is the
+**brightest true source centred in R_i** -- the same one-to-one rule that defines "detected" for
+the completeness r2 (`~astrotrunc.completeness.match_sources`). ``flux`` is the median, and
+``flux_lo``/``flux_hi`` the 16 and 84 % quantiles, of the distribution of *that source's* flux
+given the map around the detection. Everything else in the PSF -- fainter neighbours centred in
+the same region, sources of the next region, sources sharing a pixel, the unresolved background
+of sub-threshold sources -- is not part of the estimate but part of its uncertainty. This is the
+quantity the population likelihood needs (one flux per detected source of the population), and
+it stays defined in crowded fields where "all the light in the region" would count neighbours
+twice.
+
+A detection that stands for no true source (a false detection) has no true flux; its estimate
+is what the network infers as if it were real.
+
+How it is estimated
+-------------------
+`FluxEstimator` is a small convolutional network that reads a cutout of the map around each
+detection (the map minus the background, a validity channel for masked pixels, the sub-pixel
+offset of the r1 position and the PSF-matched-filter flux) and predicts quantiles of ``ln F``
+(0.5, 2.5, 16, 50, 84, 97.5, 99.5 %). It is trained with the pinball (quantile) loss, a proper
+scoring rule, through the engine's `~astrotrunc.nre.Trainer` on `PhotometrySimulations`: maps of
+a `~astrotrunc.PointSourceModel`, detected by the finder, with detections matched to their true
+sources by `~astrotrunc.completeness.match_sources`. Retraining for another instrument is one
+call (`FluxEstimator.fit_to`) or ``astrotrunc train photometry``.
+
+``flux_err`` is the symmetric error of the predicted distribution: ``flux ± 2 flux_err`` holds
+95 % of it (for a Gaussian, 0.98 of its standard deviation). Use ``flux_lo``/``flux_hi`` for
+the 68 % interval, which is asymmetric where the distribution is.
+
+`psf_photometry` is the photutils-compatible path (``flux_method="psf"``): photutils'
+`~photutils.psf.PSFPhotometry` with grouped sources at r1's positions; its errors get the learned
+confusion term: the learned relative scatter (in quadrature with the fit error) plus the PSF
+flux's offset from the learned median, so that its 68 % interval holds the learned one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy import special
+from torch import nn
+
+from .._utils import evaluating, nearest_pixel
+from ..nre import RatioEstimator, Trainer
+
+__all__ = ["FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry",
+           "flux_summary", "measure_fluxes", "QUANTILE_LEVELS", "FLUX_METHODS"]
+
+#: Quantile levels of ``ln F`` predicted by a `FluxEstimator`.
+QUANTILE_LEVELS = (0.005, 0.025, 0.16, 0.5, 0.84, 0.975, 0.995)
+#: Accepted ``flux_method`` values of `~astrotrunc.NeuralSourceFinder`.
+FLUX_METHODS = ("neural", "psf", "matched")
+
+_DEFAULT_PHOTOMETRY = "photometry_paper.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: cutouts around the detections
+# ----------------------------------------------------------------------------------------------
+def _cutouts(data, bad, x, y, half, background=0.0):
+    """Cutouts ``(n, 2, 2 half + 1, 2 half + 1)`` (map minus background, validity) and offsets.
+
+    Pixels outside the map or bad are 0 in the first channel and 0 in the validity channel.
+    """
+    data = np.asarray(data, dtype=np.float64)
+    bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
+    ny, nx = data.shape
+    ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
+    valid = np.pad(~bad, half)
+    values = np.pad(np.where(bad, 0.0, data - background), half)
+    dy, dx = np.mgrid[0:2 * half + 1, 0:2 * half + 1]
+    rows, cols = iy[:, None, None] + dy, ix[:, None, None] + dx
+    cut = np.stack([values[rows, cols], valid[rows, cols]], axis=1).astype(np.float32)
+    offset = np.stack([np.asarray(x, float) - ix, np.asarray(y, float) - iy], axis=1)
+    return cut, offset.astype(np.float32)
+
+
+def _quantile_cdf(q, z_levels, value):
+    """P(ln F <= value) of quantile functions ``q (n, k)`` at ``value (n,)``.
+
+    Interpolated linearly in the normal score ``z = Phi^-1(level)`` between the quantiles (exact
+    for a Gaussian in ``ln F``) and extrapolated with the slope of the end segments.
+    """
+    n, k = q.shape
+    j = np.clip((value[:, None] >= q).sum(1), 1, k - 1)  # segment [q[j-1], q[j]]
+    rows = np.arange(n)
+    q0, q1 = q[rows, j - 1], q[rows, j]
+    t = (value - q0) / np.maximum(q1 - q0, 1e-12)
+    return special.ndtr(z_levels[j - 1] + t * (z_levels[j] - z_levels[j - 1]))
+
+
+def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
+    """Catalog columns from predicted quantiles of ``ln F``.
+
+    Parameters
+    ----------
+    log_quantiles : array ``(n, k)``
+        Increasing quantiles of ``ln F`` at ``levels``.
+    levels : sequence of float
+        Their levels; must include 0.16, 0.5 and 0.84.
+
+    Returns
+    -------
+    flux, flux_err, flux_lo, flux_hi : arrays ``(n,)``
+        Median; symmetric error such that ``flux ± 2 flux_err`` holds 95 % of the distribution;
+        16 and 84 % quantiles.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astrotrunc.detection.photometry import flux_summary
+    >>> q = np.log(100.0) + 0.01 * np.array([[-2.576, -1.96, -0.994, 0, 0.994, 1.96, 2.576]])
+    >>> flux, err, lo, hi = flux_summary(q)
+    >>> round(float(flux[0]), 3), round(float(err[0]), 2)  # 1 %: err = 1.96 / 2 sigma
+    (100.0, 0.98)
+    """
+    q = np.asarray(log_quantiles, dtype=np.float64).reshape(-1, len(levels))
+    levels = list(levels)
+    med = np.exp(q[:, levels.index(0.5)])
+    lo, hi = np.exp(q[:, levels.index(0.16)]), np.exp(q[:, levels.index(0.84)])
+    # solve P(|F - med| <= 2 e) = 0.95 for e (F = exp(ln F)) by bisection in log e, within a
+    # factor 20 of a quarter of the outer quantiles' range (which brackets it)
+    z_levels = special.ndtri(np.asarray(levels, dtype=np.float64))
+    log_e0 = np.log(np.maximum(np.exp(q[:, -1]) - np.exp(q[:, 0]), 1e-300) / 4)
+    log_e_lo, log_e_hi = log_e0 - 3.0, log_e0 + 3.0
+    for _ in range(12):  # to 0.15 % of flux_err
+        log_e = 0.5 * (log_e_lo + log_e_hi)
+        two_e = 2 * np.exp(log_e)
+        upper = _quantile_cdf(q, z_levels, np.log(med + two_e))
+        lower = np.where(two_e < med, _quantile_cdf(
+            q, z_levels, np.log(np.maximum(med - two_e, 1e-300))), 0.0)
+        enough = upper - lower >= 0.95
+        log_e_hi = np.where(enough, log_e, log_e_hi)
+        log_e_lo = np.where(enough, log_e_lo, log_e)
+    e_hi = np.exp(log_e_hi)
+    return med, e_hi, lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+class _CutoutNet(nn.Module):
+    """Conv features of a cutout + scalar features -> median and positive quantile gaps.
+
+    Two strided convolutions keep it cheap: the photometry must cost little next to r1.
+    """
+
+    def __init__(self, size, channels, hidden, n_scalars, n_out):
+        super().__init__()
+        c = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(2, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2))
+        self.centre = nn.Conv2d(2, c, 3)  # the 3x3 pixels around the position, unpooled
+        self.head = nn.Sequential(nn.Linear(8 * c + c + n_scalars, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, n_out))
+        self.size = size
+
+    def forward(self, image, scalars):
+        h = self.size // 2
+        centre = self.centre(image[:, :, h - 1:h + 2, h - 1:h + 2]).flatten(1)
+        feats = torch.cat([self.conv(image).flatten(1), centre, scalars], dim=1)
+        return self.head(feats)
+
+
+class FluxEstimator(RatioEstimator):
+    """Learned photometry: quantiles of ``ln F`` of the source a detection stands for.
+
+    A small network (about 20k parameters) reading a cutout of the map around each detection;
+    see the module documentation for what ``flux`` means. Train it with `fit_to` (or
+    ``Trainer().fit(est, PhotometrySimulations(model, finder, ...))``); the finder's settings
+    and detector identity are recorded in it.
+
+    Parameters
+    ----------
+    detector_id : str
+        `~astrotrunc.SourceDetector.identity` of the detector whose detections it was trained on.
+    finder_settings : dict, optional
+        The finder's `~astrotrunc.NeuralSourceFinder.settings` (recorded, not used).
+    exposure, background, normalization : float
+        The instrument (as in the detector): the input is ``asinh(exposure × (data - background)
+        / scale)``.
+    half_size : int
+        Cutouts are ``2 half_size + 1`` pixels on a side.
+    channels, hidden : int
+        Network width.
+    flux_floor : float
+        The matched-filter flux is clipped to at least this before its log is taken (the
+        network's baseline).
+    levels : sequence of float
+        Quantile levels (`QUANTILE_LEVELS`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astrotrunc.detection.photometry import FluxEstimator
+    >>> est = FluxEstimator(half_size=4, channels=4, hidden=8)
+    >>> q = est.log_quantiles(np.ones((32, 32)), None, [10.0, 20.0], [5.0, 7.0], [3.0, 1.0])
+    >>> q.shape, bool(np.all(np.diff(q, axis=1) > 0))
+    ((2, 7), True)
+    """
+
+    def __init__(self, detector_id="", finder_settings=None, exposure=100.0, background=0.0,
+                 normalization=1.0, half_size=7, channels=12, hidden=48, flux_floor=0.1,
+                 levels=QUANTILE_LEVELS):
+        super().__init__()
+        levels = tuple(float(v) for v in levels)
+        if not levels or any(b <= a for a, b in zip(levels, levels[1:])) or not 0 < levels[0] \
+                or not levels[-1] < 1 or not {0.16, 0.5, 0.84} <= set(levels):
+            msg = f"levels must increase in (0, 1) and include 0.16, 0.5 and 0.84, got {levels}"
+            raise ValueError(msg)
+        if int(half_size) < 1 or int(channels) < 1 or int(hidden) < 1:
+            msg = (f"half_size, channels and hidden must be >= 1, got {half_size}, {channels}, "
+                   f"{hidden}")
+            raise ValueError(msg)
+        if not (float(exposure) > 0 and float(flux_floor) > 0 and math.isfinite(exposure)):
+            msg = f"exposure and flux_floor must be positive, got {exposure}, {flux_floor}"
+            raise ValueError(msg)
+        self.detector_id = str(detector_id)
+        self.finder_settings = dict(finder_settings or {})
+        self.exposure, self.background = float(exposure), float(background)
+        self.normalization, self.flux_floor = float(normalization), float(flux_floor)
+        self.half_size, self.channels, self.hidden = int(half_size), int(channels), int(hidden)
+        self.levels = levels
+        self.net = _CutoutNet(2 * self.half_size + 1, self.channels, self.hidden, 3, len(levels))
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32))
+
+    @classmethod
+    def for_finder(cls, finder, **kwargs) -> "FluxEstimator":
+        """An untrained estimator matched to a finder's detector (instrument) and settings.
+
+        Parameters
+        ----------
+        finder : `~astrotrunc.NeuralSourceFinder`
+            The finder.
+        **kwargs
+            Other `FluxEstimator` arguments.
+
+        Returns
+        -------
+        `FluxEstimator`
+        """
+        det = finder.detector
+        kwargs.setdefault("flux_floor", float(det.flux_thresholds[0]))
+        return cls(detector_id=det.identity, finder_settings=finder.settings,
+                   exposure=det.exposure, background=det.background,
+                   normalization=det.normalization, **kwargs)
+
+    @classmethod
+    def fit_to(cls, model, finder=None, *, n_maps=1500, n_val_maps=150, seed=0, chunk_size=128,
+               progress=True, resume=False, **kwargs):
+        """An estimator trained on detections of fresh simulations of ``model`` (the one-liner).
+
+        Parameters
+        ----------
+        model : `~astrotrunc.PointSourceModel`
+            The simulator.
+        finder : `~astrotrunc.NeuralSourceFinder` or `~astrotrunc.SourceDetector`, optional
+            What "detected" means (the default finder when `None`).
+        n_maps, n_val_maps : int
+            Training and validation maps (`PhotometrySimulations`).
+        seed : int
+            Seed of the simulations, the network initialisation and the trainer.
+        chunk_size : int
+            Maps simulated and detected at once.
+        progress : bool
+            Progress bars.
+        **kwargs
+            `FluxEstimator` arguments (``half_size``, ``channels``, ``hidden``) and
+            `~astrotrunc.nre.Trainer` arguments (``max_epochs``, ``batch_size``, ``nproc``...).
+        resume : bool
+            Continue from the trainer's checkpoint (``checkpoint_dir``).
+
+        Returns
+        -------
+        `FluxEstimator`
+            Trained; ``history`` holds the trainer's history.
+        """
+        finder = _detection_finder(finder)
+        net_args = {k: kwargs.pop(k) for k in ("half_size", "channels", "hidden", "levels")
+                    if k in kwargs}
+        data = PhotometrySimulations(model, finder, n_maps, n_val_maps, seed=seed,
+                                     half_size=net_args.get("half_size", 7),
+                                     chunk_size=chunk_size, progress=progress)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            est = cls.for_finder(finder, **net_args)
+        kwargs.setdefault("seed", seed)
+        kwargs.setdefault("progress", progress)
+        est.history = Trainer(**kwargs).fit(est, data, resume=resume)
+        return est
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments (JSON-serialisable)."""
+        return dict(detector_id=self.detector_id, finder_settings=self.finder_settings,
+                    exposure=self.exposure, background=self.background,
+                    normalization=self.normalization, half_size=self.half_size,
+                    channels=self.channels, hidden=self.hidden, flux_floor=self.flux_floor,
+                    levels=list(self.levels))
+
+    # -- the network -------------------------------------------------------------------------
+    def _scale(self):
+        # counts of a source of flux ~ flux_floor in its brightest pixel: a natural asinh knee
+        return max(self.exposure * self.normalization * self.flux_floor * 0.1, 1e-6)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Increasing quantiles of ``ln F`` ``(n, len(levels))`` of a batch dict.
+
+        ``batch`` holds ``"cutout"`` ``(n, 2, s, s)`` (map minus background, validity),
+        ``"offset"`` ``(n, 2)`` (sub-pixel position) and ``"matched"`` ``(n,)`` (matched-filter
+        flux, detector units).
+        """
+        cut, offset, matched = batch["cutout"], batch["offset"], batch["matched"]
+        image = torch.cat([torch.asinh(cut[:, :1] * (self.exposure / self._scale())),
+                           cut[:, 1:]], dim=1)
+        base = torch.log(matched.clamp_min(self.flux_floor))
+        scalars = torch.cat([offset, (base - math.log(self.flux_floor))[:, None]], dim=1)
+        out = self.net(image, scalars)
+        k = self.levels.index(0.5)
+        median = base + out[:, k]
+        gaps = nn.functional.softplus(out) + 1e-4
+        below = median[:, None] - torch.flip(torch.cumsum(torch.flip(gaps[:, :k], [1]), 1), [1])
+        above = median[:, None] + torch.cumsum(gaps[:, k + 1:], 1)
+        return torch.cat([below, median[:, None], above], dim=1)
+
+    def loss(self, batch) -> torch.Tensor:
+        """Pinball (quantile) loss of ``batch["log_flux"]`` (true ``ln F``), mean over levels."""
+        q = self(batch)
+        diff = batch["log_flux"][:, None] - q
+        tau = self._levels.to(q.dtype)
+        return torch.maximum(tau * diff, (tau - 1) * diff).mean()
+
+    # -- inference -------------------------------------------------------------------------
+    def log_quantiles(self, data, bad, x, y, matched, *, batch_size=4096):
+        """Predicted quantiles of ``ln F`` (detector flux units) of detections at (x, y).
+
+        Parameters
+        ----------
+        data : 2-D array
+            The map (detector flux units).
+        bad : 2-D bool array or None
+            Bad pixels (NaN and infinite pixels are bad too).
+        x, y : arrays
+            Detection positions (pixels, 0-based).
+        matched : array
+            Matched-filter fluxes (`~astrotrunc.SourceDetector.estimate_flux`).
+        batch_size : int
+            Detections per network call.
+
+        Returns
+        -------
+        `numpy.ndarray` ``(n, len(levels))``
+        """
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        if len(x) == 0:
+            return np.zeros((0, len(self.levels)))
+        cut, offset = _cutouts(data, bad, x, y, self.half_size, self.background)
+        matched = np.nan_to_num(np.asarray(matched, np.float32), nan=0.0, posinf=0.0)
+        device = next(self.parameters()).device
+        out = []
+        with evaluating(self), torch.inference_mode():  # inference mode: a third faster
+            for i in range(0, len(x), batch_size):
+                batch = {"cutout": torch.from_numpy(cut[i:i + batch_size]).to(device),
+                         "offset": torch.from_numpy(offset[i:i + batch_size]).to(device),
+                         "matched": torch.from_numpy(matched[i:i + batch_size]).to(device)}
+                out.append(self(batch).double().cpu().numpy())
+        return np.concatenate(out)
+
+    def check_detector(self, detector):
+        """Warn (`~astrotrunc.AstrotruncWarning`) when ``detector`` is not the trained-for one."""
+        from ..exceptions import AstrotruncWarning
+
+        if self.detector_id and detector.identity != self.detector_id:
+            warnings.warn(f"this flux estimator was trained on detections of detector "
+                          f"{self.detector_id}, not {detector.identity}: its fluxes and errors "
+                          "are not calibrated for it; retrain it (FluxEstimator.fit_to)",
+                          AstrotruncWarning, stacklevel=3)
+
+    @classmethod
+    def load_default(cls) -> "FluxEstimator":
+        """The flux estimator shipped for the default detector and finder.
+
+        Returns
+        -------
+        `FluxEstimator`
+        """
+        return cls.load_shipped(_DEFAULT_PHOTOMETRY)
+
+
+@functools.lru_cache(maxsize=1)
+def default_photometry() -> FluxEstimator:
+    """The shipped `FluxEstimator` (loaded once per process).
+
+    Returns
+    -------
+    `FluxEstimator`
+    """
+    return FluxEstimator.load_default()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data
+# ----------------------------------------------------------------------------------------------
+def _detection_finder(finder):
+    """The finder whose detections are matched (the default one, without photometry, if None)."""
+    from .finder import NeuralSourceFinder, as_finder
+
+    return NeuralSourceFinder(flux_method="matched") if finder is None else as_finder(finder)
+
+
+def _rows_of_sources(segm, detected, x, y):
+    """Catalog rows and the true sources they stand for, from `match_sources`' labels of one map.
+
+    Parameters
+    ----------
+    segm : `~photutils.segmentation.SegmentationImage`
+        The map's regions (catalog row ``j`` is ``segm.labels[j]``).
+    detected : bool array ``(n_max,)``
+        `~astrotrunc.completeness.match_sources` of the map's true sources.
+    x, y : arrays ``(n_max,)``
+        True source positions (pixels).
+
+    Returns
+    -------
+    row, source : int arrays
+        Catalog row ``row[k]`` stands for true source ``source[k]``.
+    """
+    ny, nx = segm.data.shape
+    src = np.nonzero(detected)[0]
+    region = segm.data[nearest_pixel(y[src], ny), nearest_pixel(x[src], nx)]
+    return np.searchsorted(segm.labels, region), src
+
+
+def _matched_detections(model, finder, n_maps, seed, half_size, chunk_size=128, progress=True):
+    """Every detection of ``n_maps`` maps matched to its true source (dict of arrays).
+
+    Detection ``j`` of a map stands for the source `~astrotrunc.completeness.match_sources`
+    gives it (the brightest true source centred in its region); unmatched detections are left
+    out. Also returns the true ``l, b`` and the map index of each row.
+    """
+    from tqdm.auto import tqdm
+
+    from ..completeness import match_sources
+    from .catalog import peak_centroids
+
+    det = finder.detector
+    cols = {k: [] for k in ("cutout", "offset", "matched", "log_flux", "flux", "b", "map")}
+    n_det = n_matched = 0
+    bar = tqdm(total=int(n_maps), desc="matching detections", unit="map",
+               disable=None if progress else True)
+    start = 0
+    for sims in model.iter_simulate(int(n_maps), seed=seed, chunk_size=chunk_size):
+        maps = sims.maps.numpy().astype(np.float64)
+        log_odds = finder.log_odds_batch(sims.maps)
+        segm = np.zeros(maps.shape, np.int32)
+        segms = [finder.segment(lo) for lo in log_odds]
+        for i, s in enumerate(segms):
+            if s is not None:
+                segm[i] = s.data
+        flux, x, y, valid = (a.numpy() for a in (sims.flux, sims.x, sims.y, sims.in_map))
+        d = match_sources(segm, flux, x, y, valid)
+        for i, s in enumerate(segms):
+            if s is None:
+                continue
+            with np.errstate(over="ignore"):
+                odds = np.exp(np.clip(log_odds[i], -700, 700))
+            px, py = peak_centroids(odds, s)
+            n_det += len(px)
+            row, src = _rows_of_sources(s, d[i], x[i], y[i])
+            n_matched += len(row)
+            mflux, _ = det.estimate_flux(maps[i], px[row], py[row])
+            cut, off = _cutouts(maps[i], None, px[row], py[row], half_size, det.background)
+            cols["cutout"].append(cut)
+            cols["offset"].append(off)
+            cols["matched"].append(mflux.astype(np.float32))
+            cols["log_flux"].append(np.log(flux[i, src]).astype(np.float32))
+            cols["flux"].append(flux[i, src])
+            cols["b"].append(sims.b.numpy()[i, src])
+            cols["map"].append(np.full(len(src), start + i))
+        start += len(sims)
+        bar.update(len(sims))
+    bar.close()
+    out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+    out["n_detections"], out["n_matched"] = n_det, n_matched
+    return out
+
+
+class PhotometrySimulations:
+    """`FluxEstimator` training data as a batch source of `~astrotrunc.nre.Trainer.fit`.
+
+    Every detection of ``n_maps + n_val_maps`` simulated maps is matched to its true source
+    (`~astrotrunc.completeness.match_sources`: the brightest true source centred in its region),
+    once, at construction; detections of the last ``n_val_maps`` maps are the validation set.
+
+    Parameters
+    ----------
+    model : `~astrotrunc.PointSourceModel`
+        The simulator.
+    finder : `~astrotrunc.NeuralSourceFinder` or `~astrotrunc.SourceDetector`, optional
+        What "detected" means (`None`: the shipped detector with default settings).
+    n_maps, n_val_maps : int
+        Training and validation maps.
+    seed : int
+        Seed of the simulations and of the batch order.
+    half_size : int
+        Cutout half size (that of the `FluxEstimator`).
+    chunk_size : int
+        Maps simulated and detected at once.
+    progress : bool
+        Progress bar.
+
+    Attributes
+    ----------
+    train, val : dict of `torch.Tensor`
+        ``cutout, offset, matched, log_flux``.
+    matched_fraction : float
+        Fraction of the detections matched to a true source.
+
+    Examples
+    --------
+    >>> from astrotrunc import PointSourceModel
+    >>> from astrotrunc.detection.photometry import PhotometrySimulations
+    >>> data = PhotometrySimulations(PointSourceModel.paper(), None, 2, 1, progress=False)
+    >>> sorted(data.train)
+    ['cutout', 'log_flux', 'matched', 'offset']
+    """
+
+    checked = True  # finite by construction
+
+    def __init__(self, model, finder=None, n_maps=1500, n_val_maps=150, *, seed=0, half_size=7,
+                 chunk_size=128, progress=True):
+        if int(n_maps) < 1 or int(n_val_maps) < 1:
+            msg = f"n_maps and n_val_maps must be at least 1, got {n_maps}, {n_val_maps}"
+            raise ValueError(msg)
+        self.finder = _detection_finder(finder)
+        self.seed = int(seed)
+        rows = _matched_detections(model, self.finder, int(n_maps) + int(n_val_maps), seed,
+                                   int(half_size), chunk_size, progress)
+        self.matched_fraction = rows["n_matched"] / max(rows["n_detections"], 1)
+        is_val = rows["map"] >= int(n_maps)
+        keys = ("cutout", "offset", "matched", "log_flux")
+        self.train = {k: torch.as_tensor(rows[k][~is_val]) for k in keys}
+        self.val = {k: torch.as_tensor(rows[k][is_val]) for k in keys}
+        if len(self.train["log_flux"]) < 2 or len(self.val["log_flux"]) < 1:
+            msg = (f"too few matched detections ({len(rows['log_flux'])}) to train and validate; "
+                   "simulate more maps")
+            raise ValueError(msg)
+
+    def __repr__(self):
+        return (f"PhotometrySimulations({len(self.train['log_flux'])} training and "
+                f"{len(self.val['log_flux'])} validation detections, {self.finder!r})")
+
+    def _take(self, data, idx, batch_size):
+        for i in range(0, len(idx), batch_size):
+            j = idx[i:i + batch_size]
+            yield {k: v[j] for k, v in data.items()}
+
+    def train_batches(self, batch_size, epoch):
+        """Shuffled batches of the training detections (order set by seed and epoch)."""
+        gen = torch.Generator().manual_seed(self.seed * 100003 + int(epoch))
+        n = len(self.train["log_flux"])
+        return self._take(self.train, torch.randperm(n, generator=gen), batch_size)
+
+    def val_batches(self, batch_size):
+        """Batches of the validation detections."""
+        return self._take(self.val, torch.arange(len(self.val["log_flux"])), batch_size)
+
+    def n_batches(self, batch_size):
+        """Training batches per epoch."""
+        return -(-len(self.train["log_flux"]) // batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The catalog's flux columns
+# ----------------------------------------------------------------------------------------------
+def resolve_photometry(detector, flux_method=None, photometry=None):
+    """A finder's ``(flux_method, photometry)`` from its arguments (validated).
+
+    Parameters
+    ----------
+    detector : `~astrotrunc.SourceDetector`
+        The finder's detector.
+    flux_method : {'neural', 'psf', 'matched'}, optional
+        `None`: ``'neural'`` when a flux estimator for ``detector`` is available, ``'matched'``
+        otherwise.
+    photometry : `FluxEstimator`, optional
+        Given: used (with a warning if it was trained for another detector). `None`: the
+        shipped estimator when it was trained for ``detector``.
+
+    Returns
+    -------
+    flux_method : str
+    photometry : `FluxEstimator` or None
+
+    Raises
+    ------
+    ValueError
+        An unknown method, or ``'neural'`` with no estimator for this detector.
+    TypeError
+        ``photometry`` is not a `FluxEstimator`.
+    """
+    from ..exceptions import AstrotruncWarning
+
+    if flux_method is not None and flux_method not in FLUX_METHODS:
+        msg = f"flux_method must be one of {FLUX_METHODS} or None, got {flux_method!r}"
+        raise ValueError(msg)
+    if photometry is not None:
+        if not isinstance(photometry, FluxEstimator):
+            msg = f"photometry must be a FluxEstimator, got {type(photometry).__name__}"
+            raise TypeError(msg)
+        photometry.check_detector(detector)
+    elif flux_method != "matched":
+        shipped = default_photometry()
+        if shipped.detector_id == detector.identity:
+            photometry = shipped
+    if photometry is None:
+        if flux_method == "neural":
+            msg = (f"flux_method='neural' needs a FluxEstimator trained on detections of this "
+                   f"detector ({detector.identity}); train one (FluxEstimator.fit_to, astrotrunc "
+                   "train photometry) and pass it as photometry=, or use flux_method='matched'")
+            raise ValueError(msg)
+        if flux_method == "psf":
+            warnings.warn("no FluxEstimator for this detector: the 'psf' flux errors are "
+                          "photutils' fit errors alone and do not include confusion",
+                          AstrotruncWarning, stacklevel=4)
+    method = flux_method or ("neural" if photometry is not None else "matched")
+    return method, (photometry if method != "matched" else None)
+
+
+def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matched=None):
+    """The catalog's ``flux, flux_err, flux_lo, flux_hi`` (detector units) by one method.
+
+    Parameters
+    ----------
+    method : {'neural', 'psf', 'matched'}
+        ``'neural'``: the `FluxEstimator`'s median, 95 %-symmetric error and 68 % interval;
+        ``'psf'``: `psf_photometry`, its fit error combined in quadrature with the learned
+        relative scatter, plus its offset from the learned median (when ``photometry`` is
+        given); ``'matched'``: the matched-filter flux
+        and its Poisson error (no confusion).
+    data, bad : 2-D arrays
+        The map (detector units) and its bad pixels.
+    x, y : arrays
+        Positions (pixels).
+    detector : `~astrotrunc.SourceDetector`
+        The detector (instrument).
+    photometry : `FluxEstimator`, optional
+        Required by ``'neural'``.
+    matched : tuple of arrays, optional
+        Precomputed ``detector.estimate_flux(data, x, y, bad)``.
+
+    Returns
+    -------
+    flux, flux_err, flux_lo, flux_hi : arrays
+    """
+    if matched is None:
+        matched = detector.estimate_flux(data, x, y, bad)
+    m_flux, m_err = (np.asarray(a, dtype=np.float64) for a in matched)
+    if method == "matched":
+        return m_flux, m_err, m_flux - m_err, m_flux + m_err
+    learned = None
+    if photometry is not None:
+        learned = flux_summary(photometry.log_quantiles(data, bad, x, y, m_flux),
+                               photometry.levels)
+    if method == "neural":
+        return learned
+    if method != "psf":
+        msg = f"method must be one of {FLUX_METHODS}, got {method!r}"
+        raise ValueError(msg)
+    flux, fit_err = psf_photometry(data, bad, x, y, detector)
+    if learned is None:
+        return flux, fit_err, flux - fit_err, flux + fit_err
+    # the learned confusion term: the learned relative spread of the true flux (in quadrature
+    # with the fit error) plus the PSF flux's offset from the learned median, so that the PSF
+    # interval holds the learned one (its coverage is at least the learned one's)
+    med, err, lo, hi = learned
+    scale, shift = np.maximum(np.abs(flux), med), np.abs(flux - med)
+    return (flux, shift + np.hypot(fit_err, scale * err / med),
+            flux - shift - np.hypot(fit_err, scale * (1 - lo / med)),
+            flux + shift + np.hypot(fit_err, scale * (hi / med - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The photutils path
+# ----------------------------------------------------------------------------------------------
+def psf_photometry(data, bad, x, y, detector, *, fit_half_size=3, min_separation=None):
+    """photutils `~photutils.psf.PSFPhotometry` fluxes at fixed positions, grouped sources.
+
+    The PSF model is the detector's own PSF stamp (`~photutils.psf.ImagePSF`), so that it holds
+    for any instrument a detector is trained for; sources closer than ``min_separation`` are fit
+    simultaneously (`~photutils.psf.SourceGrouper`); positions are held fixed at r1's.
+
+    Parameters
+    ----------
+    data : 2-D array
+        The map (detector flux units).
+    bad : 2-D bool array or None
+        Bad pixels (masked in the fit).
+    x, y : arrays
+        Positions (pixels, 0-based).
+    detector : `~astrotrunc.SourceDetector`
+        Gives the PSF stamp, normalisation, background and exposure.
+    fit_half_size : int
+        The fit uses ``2 fit_half_size + 1`` pixels on a side around each source.
+    min_separation : float, optional
+        Grouping distance (pixels); ``2 fit_half_size + 1`` by default.
+
+    Returns
+    -------
+    flux, flux_err : arrays
+        Fitted fluxes and photutils' fit errors (Poisson pixel errors), detector units.
+    """
+    from astropy.table import QTable
+    from photutils.psf import ImagePSF, PSFPhotometry, SourceGrouper
+
+    x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+    if len(x) == 0:
+        return np.zeros(0), np.zeros(0)
+    data = np.asarray(data, dtype=np.float64)
+    bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
+    stamp = detector.psf_stamp.cpu().numpy().astype(np.float64)
+    stamp = stamp / stamp.sum()
+    psf = ImagePSF(stamp, flux=1.0, x_0=0.0, y_0=0.0)
+    psf.x_0.fixed = psf.y_0.fixed = True
+    fit_shape = 2 * int(fit_half_size) + 1
+    sep = float(min_separation) if min_separation is not None else float(fit_shape)
+    counts = np.clip(np.where(bad, 0.0, data), 0, None) * detector.exposure
+    # Poisson error of each pixel in data units (at least that of one count)
+    error = np.sqrt(np.maximum(counts, 1.0)) / detector.exposure
+    init = QTable({"x": x, "y": y,
+                   "flux": np.maximum(detector.estimate_flux(data, x, y, bad)[0], 1e-3)
+                   * detector.normalization})
+    phot = PSFPhotometry(psf, fit_shape, grouper=SourceGrouper(min_separation=sep),
+                         group_warning_threshold=10**6)
+    sub = np.where(bad, 0.0, data - detector.background)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fit-quality warnings are reported in the flags
+        table = phot(sub, mask=bad, error=error, init_params=init)
+    flux = np.asarray(table["flux_fit"], float) / detector.normalization
+    err = np.asarray(table["flux_err"], float) / detector.normalization
+    return flux, err

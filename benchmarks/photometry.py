@@ -1,0 +1,155 @@
+"""Honest photometry (issue 12): bias, scatter and interval coverage of the catalog fluxes.
+
+On held-out maps of ``PointSourceModel.paper()`` (a seed the shipped estimator was not trained
+on), every detection of the default finder is matched to the true source it stands for
+(`~astrotrunc.completeness.match_sources`: the brightest true source centred in its region) and,
+per true-flux decade (1-10, 10-100, >= 100) and latitude range (all, |b| < 2 deg, |b| > 10 deg),
+prints for each method:
+
+* ``med``: median of ln(flux / true flux) (target |med| <= 0.05 for F >= 10);
+* ``scat``: half the 16-84 % range of ln(flux / true);
+* ``cov68``: fraction of true fluxes inside [flux_lo, flux_hi] (target 68 +- 3 %);
+* ``cov2s``: fraction inside flux +- 2 flux_err (target 95 +- 2 %).
+
+Methods: ``neural`` (the shipped `FluxEstimator`, the catalog default), ``psf`` (photutils
+`PSFPhotometry`, grouped, at the same r1 positions, errors inflated by the learned confusion term)
+and ``matched`` (the matched-filter flux with its Poisson error: the catalog before issue 12).
+Also prints the time the photometry adds to ``find_sources`` (catalog with ``flux_method=
+"neural"`` against ``"matched"``, the best of ``--repeat`` alternating runs per map; target
+<= 20 %). Figures are written to
+``benchmarks/output/photometry.json``.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/photometry.py [--n-maps 100] [--n-psf-maps 30]``
+"""
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from astrotrunc import NeuralSourceFinder, PointSourceModel
+from astrotrunc.completeness import match_sources
+from astrotrunc.detection.photometry import _rows_of_sources, measure_fluxes
+
+DECADES = ((1.0, 10.0), (10.0, 100.0), (100.0, np.inf))
+LATITUDES = (("all", 0.0, np.inf), ("|b|<2", 0.0, 2.0), ("|b|>10", 10.0, np.inf))
+
+
+def _stats(true, flux, err, lo, hi):
+    ratio = np.log(np.clip(flux, 1e-6, None) / true)
+    q16, q50, q84 = np.percentile(ratio, [16, 50, 84])
+    return {"n": int(len(true)), "median_log_ratio": float(q50), "scatter": float((q84 - q16) / 2),
+            "coverage_68": float(np.mean((lo <= true) & (true <= hi))),
+            "coverage_2sigma": float(np.mean(np.abs(flux - true) <= 2 * err))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n-maps", type=int, default=100, help="held-out maps")
+    p.add_argument("--n-psf-maps", type=int, default=30,
+                   help="of which the first ones also get photutils PSF photometry (slow)")
+    p.add_argument("--seed", type=int, default=20261125, help="seed of the held-out maps")
+    p.add_argument("--flux-threshold", type=float, default=None,
+                   help="finder F_th channel (the detector's default when not given)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="time each finder this many times per map and keep the fastest")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = PointSourceModel.paper()
+    neural = NeuralSourceFinder(flux_threshold=args.flux_threshold)
+    matched_finder = NeuralSourceFinder(flux_threshold=args.flux_threshold,
+                                        flux_method="matched")
+    print(f"{neural!r}, flux_method={neural.flux_method!r}")
+    sims = model.simulate(args.n_maps, seed=args.seed)
+    rows = {m: {k: [] for k in ("true", "b", "flux", "err", "lo", "hi")}
+            for m in ("neural", "psf", "matched")}
+    t_neural, t_matched, n_det, n_matched = [], [], 0, 0
+    for i in range(args.n_maps):
+        data = sims.maps[i].numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NoDetectionsWarning on empty maps
+            cat, segm = neural(data, return_segmentation=True)
+            # time both finders on this map, alternating, best of --repeat (shared machine)
+            best = {0: np.inf, 1: np.inf}
+            for rep in range(args.repeat):
+                for which in ((0, 1) if (i + rep) % 2 else (1, 0)):
+                    t0 = time.perf_counter()
+                    (neural if which == 0 else matched_finder)(data)
+                    best[which] = min(best[which], time.perf_counter() - t0)
+            t_neural.append(best[0])
+            t_matched.append(best[1])
+        if cat is None:
+            continue
+        n_det += len(cat)
+        flux, x, y, valid = (a[i].numpy() for a in (sims.flux, sims.x, sims.y, sims.in_map))
+        d = match_sources(segm.data[None], flux[None], x[None], y[None], valid[None])[0]
+        row, src = _rows_of_sources(segm, d, x, y)
+        n_matched += len(row)
+        px, py = cat["x_centroid"].value[row], cat["y_centroid"].value[row]
+        results = {"neural": [cat[c].value[row] for c in ("flux", "flux_err", "flux_lo",
+                                                          "flux_hi")],
+                   "matched": measure_fluxes("matched", data, None, px, py, neural.detector)}
+        if i < args.n_psf_maps:
+            results["psf"] = measure_fluxes("psf", data, None, px, py, neural.detector,
+                                            neural.photometry)
+        for method, (f, e, lo, hi) in results.items():
+            r = rows[method]
+            r["true"].append(flux[src])
+            r["b"].append(sims.b[i].numpy()[src])
+            for k, v in zip(("flux", "err", "lo", "hi"), (f, e, lo, hi)):
+                r[k].append(np.asarray(v, float))
+        if (i + 1) % 10 == 0:
+            print(f"  {i + 1}/{args.n_maps} maps", flush=True)
+
+    print(f"{args.n_maps} held-out maps (seed {args.seed}); {n_det} detections, {n_matched} "
+          f"matched to a true source ({n_matched / max(n_det, 1):.1%}); PSF photometry on the "
+          f"first {min(args.n_psf_maps, args.n_maps)} maps")
+    figures = {"n_maps": args.n_maps, "seed": args.seed, "finder": neural.settings,
+               "n_detections": n_det, "n_matched": n_matched, "methods": {}}
+    header = (f"{'method':8s} {'region':7s} {'F_true':>9s} {'N':>6s} {'med':>7s} {'scat':>6s} "
+              f"{'cov68':>6s} {'cov2s':>6s}")
+    print(header)
+    print("-" * len(header))
+    for method in ("neural", "psf", "matched"):
+        r = {k: np.concatenate(v) if v else np.zeros(0) for k, v in rows[method].items()}
+        figures["methods"][method] = {}
+        for region, b_lo, b_hi in LATITUDES:
+            for f_lo, f_hi in DECADES:
+                sel = ((r["true"] >= f_lo) & (r["true"] < f_hi) & (np.abs(r["b"]) >= b_lo)
+                       & (np.abs(r["b"]) < b_hi))
+                label = f"{f_lo:g}-{f_hi:g}" if np.isfinite(f_hi) else f">={f_lo:g}"
+                if sel.sum() < 5:
+                    print(f"{method:8s} {region:7s} {label:>9s} {int(sel.sum()):6d}   (too few)")
+                    continue
+                s = _stats(r["true"][sel], r["flux"][sel], r["err"][sel], r["lo"][sel],
+                           r["hi"][sel])
+                figures["methods"][method][f"{region} {label}"] = s
+                print(f"{method:8s} {region:7s} {label:>9s} {s['n']:6d} "
+                      f"{s['median_log_ratio']:+7.3f} {s['scatter']:6.3f} "
+                      f"{s['coverage_68']:6.1%} {s['coverage_2sigma']:6.1%}")
+        print()
+    tn, tm = np.array(t_neural), np.array(t_matched)
+    added = (tn.sum() - tm.sum()) / tm.sum()
+    print(f"find_sources per map (best of {args.repeat}): {1e3 * np.median(tm):.1f} ms without "
+          f"the learned photometry (flux_method='matched'), {1e3 * np.median(tn):.1f} ms with "
+          f"it (medians); the photometry adds {added:+.1%} in total over {len(tn)} maps, median "
+          f"per map {np.median(tn / tm - 1):+.1%} (target <= 20 %)")
+    figures["time_matched_ms"] = float(1e3 * np.median(tm))
+    figures["time_neural_ms"] = float(1e3 * np.median(tn))
+    figures["photometry_time_fraction"] = float(added)
+    figures["photometry_time_fraction_median"] = float(np.median(tn / tm - 1))
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "photometry.json"), "w") as f:
+        json.dump(figures, f, indent=1)
+    print(f"figures: {os.path.join(out_dir, 'photometry.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Catalog photometry: the learned flux estimator, its file, the PSF path (issue 12)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from astropy import units as u
+
+from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector, find_sources
+from astrotrunc.detection import CATALOG_COLUMNS, FluxEstimator, empty_catalog
+from astrotrunc.detection.photometry import (
+    PhotometrySimulations,
+    default_photometry,
+    flux_summary,
+    measure_fluxes,
+    psf_photometry,
+)
+from astrotrunc.nre import Trainer
+
+FLUX_COLUMNS = ("flux", "flux_err", "flux_lo", "flux_hi", "flux_matched")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return PointSourceModel.paper()
+
+
+@pytest.fixture(scope="module")
+def paper_map(model):
+    return model.simulate(1, seed=3).maps[0].numpy()
+
+
+def test_default_catalog_has_honest_flux_columns(paper_map, one_thread):
+    cat = find_sources(paper_map * u.dimensionless_unscaled)
+    assert cat.meta["flux_method"] == "neural"
+    assert [c for c in cat.colnames if c.startswith("flux")] == list(FLUX_COLUMNS)
+    for name in FLUX_COLUMNS:
+        assert cat[name].unit == u.dimensionless_unscaled
+        assert cat[name].info.description
+        assert np.all(np.isfinite(cat[name]))
+    assert "brightest true source" in cat["flux"].info.description
+    assert np.all(cat["flux_lo"] < cat["flux"]) and np.all(cat["flux"] < cat["flux_hi"])
+    assert np.all(cat["flux_err"] > 0)
+
+
+def test_flux_methods_and_fallback(paper_map, model, one_thread):
+    tiny = SourceDetector.from_model(model, flux_thresholds=[10.0], base_channels=2, depth=1)
+    finder = NeuralSourceFinder(tiny)  # no estimator for this detector: matched filter
+    assert finder.flux_method == "matched" and finder.photometry is None
+    with pytest.raises(ValueError, match="needs a FluxEstimator"):
+        NeuralSourceFinder(tiny, flux_method="neural")
+    with pytest.raises(ValueError, match="flux_method must be one of"):
+        NeuralSourceFinder(flux_method="aperture")
+    with pytest.raises(TypeError, match="must be a FluxEstimator"):
+        NeuralSourceFinder(photometry="file.safetensors")
+    with pytest.warns(UserWarning, match="trained on detections of detector"):
+        NeuralSourceFinder(tiny, photometry=default_photometry())
+    with pytest.warns(UserWarning, match="do not include confusion"):
+        NeuralSourceFinder(tiny, flux_method="psf")
+    assert NeuralSourceFinder().photometry is default_photometry()
+
+
+def test_empty_inputs_give_empty_columns():
+    cat = empty_catalog("mJy")
+    assert list(cat.colnames) == list(CATALOG_COLUMNS)
+    for name in FLUX_COLUMNS:
+        assert len(cat[name]) == 0 and cat[name].unit == u.mJy
+    est = FluxEstimator(half_size=2, channels=2, hidden=4)
+    assert est.log_quantiles(np.zeros((8, 8)), None, [], [], []).shape == (0, 7)
+    flux, err, lo, hi = flux_summary(np.zeros((0, 7)))
+    assert flux.shape == err.shape == lo.shape == hi.shape == (0,)
+    det = SourceDetector(base_channels=1, depth=0)
+    for method in ("matched", "psf"):
+        assert all(len(c) == 0 for c in measure_fluxes(method, np.zeros((8, 8)), None, [], [],
+                                                       det))
+
+
+def test_nan_masked_pixels_are_handled(paper_map, one_thread):
+    data = paper_map.copy()
+    cat = find_sources(data)
+    x, y = int(cat["x_centroid"][0].value), int(cat["y_centroid"][0].value)
+    data[y - 2:y + 3, x + 1:x + 4] = np.nan  # next to a source
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        cat2 = find_sources(data)
+    for name in FLUX_COLUMNS:
+        assert np.all(np.isfinite(cat2[name]))
+    est = default_photometry()
+    q_nan = est.log_quantiles(data, None, [x], [y], [1.0])
+    q_mask = est.log_quantiles(np.nan_to_num(data), np.isnan(data), [x], [y], [1.0])
+    np.testing.assert_allclose(q_nan, q_mask)  # NaN pixels are masked pixels
+
+
+def test_quantiles_are_ordered_and_summary_is_right():
+    est = FluxEstimator(half_size=3, channels=3, hidden=8)
+    torch.manual_seed(1)
+    for p in est.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # random weights: still increasing quantiles
+    rng = np.random.default_rng(0)
+    q = est.log_quantiles(rng.normal(size=(20, 20)), None, rng.uniform(0, 19, 50),
+                          rng.uniform(0, 19, 50), rng.uniform(-1, 50, 50))
+    assert np.all(np.diff(q, axis=1) > 0)
+    # a lognormal: flux +- 2 flux_err holds 95 % of it
+    from scipy.stats import norm
+
+    levels = (0.005, 0.025, 0.16, 0.5, 0.84, 0.975, 0.995)
+    q = np.log(20.0) + 0.4 * norm.ppf(levels)[None]
+    flux, err, lo, hi = flux_summary(q, levels)
+    mass = norm.cdf(np.log(flux + 2 * err) - np.log(20.0), scale=0.4) \
+        - norm.cdf(np.log(np.clip(flux - 2 * err, 1e-300, None)) - np.log(20.0), scale=0.4)
+    np.testing.assert_allclose(mass, 0.95, atol=1e-3)
+    np.testing.assert_allclose([lo[0], hi[0]], 20.0 * np.exp([-0.4 * 0.9945, 0.4 * 0.9945]),
+                               rtol=1e-3)
+
+
+def test_shipped_file_loads_without_pickle_and_tampering_is_refused(tmp_path):
+    from importlib import resources
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = resources.files("astrotrunc") / "data" / "photometry_paper.safetensors"
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8:8 + header])  # safetensors, not a pickle
+    est = FluxEstimator.load(str(path))
+    assert est.detector_id == SourceDetector.load_default().identity
+    assert sum(p.numel() for p in est.parameters()) < 50_000
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(str(path))
+    cfg = json.loads(meta["config"])
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata=dict(meta, config=json.dumps(dict(cfg, channels=8))))
+    with pytest.raises(ValueError, match="do not fit"):
+        FluxEstimator.load(bad)
+    state["net.head.4.bias"][...] = float("nan")
+    save_file(state, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        FluxEstimator.load(bad)
+    evil = tmp_path / "evil.safetensors"
+    torch.save({"w": torch.zeros(2)}, evil)
+    with pytest.raises(ValueError, match="pickled files are refused"):
+        FluxEstimator.load(evil)
+
+
+def test_training_through_the_engine(model, tmp_path, one_thread):
+    data = PhotometrySimulations(model, None, 2, 1, progress=False)
+    assert 0.5 < data.matched_fraction <= 1
+    assert len(data.train["log_flux"]) > 10 and data.train["cutout"].shape[1:] == (2, 15, 15)
+    est = FluxEstimator.for_finder(data.finder, channels=2, hidden=8)
+    hist = Trainer(max_epochs=2, batch_size=64, progress=False, seed=0).fit(est, data)
+    assert len(hist) == 2 and np.isfinite(hist["val_loss"]).all()
+    est.save(tmp_path / "p.safetensors")
+    back = FluxEstimator.load(tmp_path / "p.safetensors")
+    assert back.config == est.config and back.finder_settings == data.finder.settings
+    with pytest.raises(OSError):
+        est.save(tmp_path / "p.safetensors")  # no clobbering
+
+
+def test_psf_path_on_a_tiny_map():
+    det = SourceDetector(base_channels=1, depth=0, normalization=4.0, exposure=100.0,
+                         psf_stamp=_gaussian_stamp(1.5))
+    data = np.zeros((24, 24))
+    truth = {(6, 8): 30.0, (15, 12): 80.0, (17, 13): 10.0}  # two blended sources
+    stamp = det.psf_stamp.numpy().astype(float)
+    r = stamp.shape[0] // 2
+    padded = np.pad(data, r)
+    for (x, y), f in truth.items():
+        padded[y:y + 2 * r + 1, x:x + 2 * r + 1] += 4.0 * f * stamp
+    data = padded[r:-r, r:-r]
+    x, y = np.array([k[0] for k in truth], float), np.array([k[1] for k in truth], float)
+    flux, err = psf_photometry(data, None, x, y, det)
+    np.testing.assert_allclose(flux, list(truth.values()), rtol=0.02)
+    assert np.all(err > 0)
+    # with a learned term the errors only grow
+    est = FluxEstimator(half_size=3, channels=2, hidden=4)
+    f2, e2, lo, hi = measure_fluxes("psf", data, None, x, y, det, est)
+    np.testing.assert_allclose(f2, flux)
+    assert np.all(e2 >= err) and np.all(lo < f2) and np.all(f2 < hi)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # masked pixels are fine
+        bad = np.zeros(data.shape, bool)
+        bad[0, :] = True
+        psf_photometry(data, bad, x, y, det)
+
+
+def _gaussian_stamp(sigma, r=5):
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    g = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+    return (g / g.sum()).tolist()
