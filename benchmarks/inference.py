@@ -10,6 +10,8 @@ Modes (each prints its figures and writes ``benchmarks/output/inference_<mode>.j
 * ``end-to-end`` -- ``PopulationInference.run`` (quick settings by default) on independent
   observations with known θ: coverage of the combined 68 % intervals, the widths per branch,
   stage times and peak RSS.
+* ``truncated`` -- simulation speed (maps/s) of the truncated model of one observation's catalog,
+  with the θ-averaged and the θ-conditional completeness, beside the full model.
 
 Run: ``python benchmarks/inference.py detected --n-obs 200``
 """
@@ -212,9 +214,46 @@ def end_to_end(args):
     return out
 
 
+def truncated(args):
+    """Maps per second of the truncated model (both completeness kinds) and of the full model."""
+    from astrotrunc import ConditionalCompleteness, PopulationInference
+    from astrotrunc.truncation import TruncatedModel
+
+    model = PointSourceModel.paper()
+    x = model.simulate(1, seed=args.seed).maps[0]
+    inf = PopulationInference(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        catalog, segm = find_sources(x, wcs=model.wcs, threshold=inf.threshold,
+                                     flux_threshold=inf.flux_threshold, return_segmentation=True)
+    kinds = {"theta-averaged S": default_completeness(),
+             "theta-conditional S": ConditionalCompleteness.load_default()}
+    sims = {"full model": model.simulate}
+    for name, S in kinds.items():
+        regions = DetectedRegions.from_catalog(catalog, model.shape, segmentation=segm)
+        tm = TruncatedModel(model, regions, S)
+        sims[f"truncated, {name}"] = tm.simulate
+
+    def rate(simulate):
+        simulate(256, seed=1)  # warm-up
+        t0 = time.perf_counter()
+        simulate(2048, seed=2)
+        return 2048 / (time.perf_counter() - t0)
+
+    out = {"n_detected": len(catalog), "maps_per_s": {k: [] for k in sims}}
+    for _ in range(2):
+        for name, simulate in sims.items():
+            out["maps_per_s"][name].append(rate(simulate))
+    print(f"{len(catalog)} detections, 2048 maps of 128x128 after a warm-up, "
+          f"{torch.get_num_threads()} threads, two passes:")
+    for name, r in out["maps_per_s"].items():
+        print(f"  {name:>28}: " + " / ".join(f"{v:.0f}" for v in r) + " maps/s")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("mode", choices=["detected", "r3", "end-to-end"])
+    p.add_argument("mode", choices=["detected", "r3", "end-to-end", "truncated"])
     p.add_argument("--n-obs", type=int, default=200)
     p.add_argument("--n-samples", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=2025)
@@ -230,7 +269,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = {"detected": detected, "r3": r3, "end-to-end": end_to_end}[args.mode](args)
+    out = {"detected": detected, "r3": r3, "end-to-end": end_to_end,
+           "truncated": truncated}[args.mode](args)
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     OUT.mkdir(exist_ok=True)
