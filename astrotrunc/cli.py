@@ -138,6 +138,8 @@ def _add_train(sub):
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
     t.add_argument("--half-size", type=int, default=7, help="photometry: cutout half size")
     t.add_argument("--hidden", type=int, default=64, help="photometry: hidden units")
+    t.add_argument("--activation", choices=["silu", "relu"], default="silu",
+                   help="photometry: the network's activation (relu is cheaper on CPUs)")
     t.add_argument("--domain-maps", type=int, default=1000,
                    help="detector: simulations whose statistics record its domain")
     t.add_argument("--name", default="astrotrunc-paper-r1")
@@ -210,7 +212,8 @@ def _train(args, model, trainer):
                                     flux_method="matched")
         est = FluxEstimator.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
                                    seed=args.seed, half_size=args.half_size,
-                                   channels=args.channels, hidden=args.hidden, **trainer)
+                                   channels=args.channels, hidden=args.hidden,
+                                   activation=args.activation, **trainer)
     else:
         if args.store is not None:
             msg = "--store is for the detector; the completeness labels its own simulations"
