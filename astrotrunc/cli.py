@@ -140,6 +140,10 @@ def _add_train(sub):
     t.add_argument("--hidden", type=int, default=64, help="photometry: hidden units")
     t.add_argument("--activation", choices=["silu", "relu"], default="silu",
                    help="photometry: the network's activation (relu is cheaper on CPUs)")
+    t.add_argument("--calibration-maps", type=int, default=600,
+                   help="photometry: new maps the quantiles are calibrated on (0: none)")
+    t.add_argument("--psf-calibration-maps", type=int, default=0,
+                   help="photometry: maps the flux_method='psf' errors are calibrated on")
     t.add_argument("--domain-maps", type=int, default=1000,
                    help="detector: simulations whose statistics record its domain")
     t.add_argument("--name", default="astrotrunc-paper-r1")
@@ -213,7 +217,9 @@ def _train(args, model, trainer):
         est = FluxEstimator.fit_to(model, finder, n_maps=args.n_maps, n_val_maps=args.n_val,
                                    seed=args.seed, half_size=args.half_size,
                                    channels=args.channels, hidden=args.hidden,
-                                   activation=args.activation, **trainer)
+                                   activation=args.activation,
+                                   calibration_maps=args.calibration_maps,
+                                   psf_calibration_maps=args.psf_calibration_maps, **trainer)
     else:
         if args.store is not None:
             msg = "--store is for the detector; the completeness labels its own simulations"

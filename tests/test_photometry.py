@@ -190,3 +190,114 @@ def _gaussian_stamp(sigma, r=5):
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     g = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
     return (g / g.sum()).tolist()
+
+
+def test_crowding_is_the_median_of_valid_pixels():
+    from astrotrunc.detection.photometry import _crowding
+
+    rng = np.random.default_rng(0)
+    cut = rng.normal(size=(30, 2, 7, 7)).astype(np.float32)
+    cut[:, 1] = 1
+    for i in range(10):  # partly masked (map edges, bad pixels) and one fully masked
+        cut[i, 1] = rng.random((7, 7)) > rng.random()
+    cut[3, 1] = 0
+    values = np.where(cut[:, 1] > 0, cut[:, 0], np.nan).reshape(30, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nan_to_num(np.nanmedian(values, axis=1))
+    np.testing.assert_array_equal(_crowding(cut), expected)
+
+
+def test_fast_inference_copy_follows_the_weights():
+    est = FluxEstimator(half_size=3, channels=4, hidden=8, activation="relu")
+    rng = np.random.default_rng(1)
+    args = (rng.normal(size=(20, 20)), None, rng.uniform(0, 19, 9), rng.uniform(0, 19, 9),
+            rng.uniform(1, 50, 9))
+    cut, offset = _cut_args(args[0], args[2:])[:2]
+    batch = {"cutout": torch.as_tensor(cut), "offset": torch.as_tensor(offset),
+             "matched": torch.as_tensor(args[4], dtype=torch.float32)}
+    with torch.no_grad():
+        np.testing.assert_allclose(est.log_quantiles(*args), est(batch).double(), atol=1e-5)
+        for p in est.parameters():
+            p.add_(0.1)  # in place: the cached copy must be rebuilt
+        np.testing.assert_allclose(est.log_quantiles(*args), est(batch).double(), atol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        FluxEstimator(activation="tanh")
+
+
+def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread):
+    from astrotrunc.detection.photometry import (
+        _crowding,
+        _detection_finder,
+        _matched_detections,
+    )
+
+    torch.manual_seed(0)
+    est = FluxEstimator(half_size=3, channels=2, hidden=4)  # untrained: badly calibrated
+    est.calibrate(model, n_maps=3, seed=5, n_crowding_bins=2, min_group=20, progress=False)
+    cal = est.calibration
+    assert cal["n_maps"] == 3 and len(cal["crowding_edges"]) == 1 and sum(cal["counts"]) > 100
+    # on the calibration detections themselves every quantile but the median (not moved) holds
+    # its level in every group that has its own factors (split-conformal: exact up to 1/n)
+    rows = _matched_detections(model, _detection_finder(None), 3, 5, 3, progress=False)
+    raw = est._raw_log_quantiles(rows["cutout"], rows["offset"], rows["matched"])
+    crowd = _crowding(rows["cutout"])
+    q = est._calibrated(raw, crowd)
+    groups = est._groups(raw[:, 3], crowd)
+    truth = rows["log_flux"][:, None]
+    raw_miss = 0.0
+    for g in np.unique(groups):
+        sel = groups == g
+        if sel.sum() < 20:
+            continue
+        below = np.delete((truth[sel] <= q[sel]).mean(0), 3)
+        levels = np.delete(est.levels, 3)
+        np.testing.assert_allclose(below, levels, atol=2.5 / sel.sum() + 1e-9)
+        raw_miss = max(raw_miss, np.abs(np.delete((truth[sel] <= raw[sel]).mean(0), 3)
+                                        - levels).max())
+    assert raw_miss > 0.1  # the untrained network was not calibrated
+    # saved and loaded with its calibration, no pickle
+    est.save(tmp_path / "c.safetensors")
+    back = FluxEstimator.load(tmp_path / "c.safetensors")
+    assert back.calibration == est.calibration
+    m = model.simulate(1, seed=8).maps[0].numpy()
+    xy = (np.array([20.0, 60.0]), np.array([64.0, 63.0]), np.array([5.0, 30.0]))
+    np.testing.assert_allclose(back.log_quantiles(m, None, *xy), est.log_quantiles(m, None, *xy))
+    assert not np.allclose(est.log_quantiles(m, None, *xy),
+                           est._raw_log_quantiles(*_cut_args(m, xy)))
+    with pytest.raises(ValueError, match="too few to calibrate"):
+        est.calibrate(model, n_maps=1, seed=5, min_group=10**6, progress=False)
+
+
+def _cut_args(m, xy):
+    from astrotrunc.detection.photometry import _cutouts
+
+    cut, offset = _cutouts(m, None, xy[0], xy[1], 3)
+    return cut, offset, xy[2].astype(np.float32)
+
+
+def test_psf_errors_are_calibrated_when_asked(model, one_thread):
+    torch.manual_seed(0)
+    est = FluxEstimator(half_size=3, channels=2, hidden=4)
+    est.calibrate(model, n_maps=2, seed=5, n_crowding_bins=1, min_group=20, psf_maps=1,
+                  progress=False)
+    assert est.calibration["psf_maps"] == 1 and est.calibration["psf_detections"] > 5
+    factors = est._calibration_psf.numpy()
+    assert factors.shape == (3, 3) and np.all(factors > 0) and not np.allclose(factors, 1)
+    m = model.simulate(1, seed=9).maps[0].numpy()
+    det = _detection_finder_detector()
+    x, y = np.array([30.0, 90.0]), np.array([64.0, 70.0])
+    flux, err, lo, hi = measure_fluxes("psf", m, None, x, y, det, est)
+    q, crowd = est._predict(m, None, x, y, det.estimate_flux(m, x, y)[0])
+    med, d_err, d_lo, d_hi = est._psf_distances(flux, psf_photometry(m, None, x, y, det)[1], q)
+    f = factors[est._groups(np.log(med), crowd)]
+    np.testing.assert_allclose(err, f[:, 0] * d_err)
+    np.testing.assert_allclose([flux - lo, hi - flux], [f[:, 1] * d_lo, f[:, 2] * d_hi])
+    est.calibrate(model, n_maps=2, seed=5, n_crowding_bins=1, min_group=20, progress=False)
+    assert getattr(est, "_calibration_psf", None) is None  # no stale PSF factors
+
+
+def _detection_finder_detector():
+    from astrotrunc.detection.photometry import _detection_finder
+
+    return _detection_finder(None).detector

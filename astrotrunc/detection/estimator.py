@@ -252,15 +252,6 @@ class SourceDetector(RatioEstimator):
         self.__dict__["_identity_cache"] = (key, h.hexdigest()[:16])
         return self.__dict__["_identity_cache"][1]
 
-    def _weights_key(self):
-        """Changes whenever a weight does: a tensor modified in place (optimizer steps,
-        load_state_dict) -- torch bumps its version counter -- or replaced (the tensor list is
-        rebuilt when the module is moved or cast)."""
-        tensors = self.__dict__.get("_tensor_list")
-        if tensors is None:
-            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
-        return tuple(id(t) for t in tensors), tuple(t._version for t in tensors)
-
     def _inference_logits(self, maps, channel=None):
         """Evaluation-mode logits ``(n, n_channels or 1, H, W)`` of maps ``(n, H, W)``, fast.
 
@@ -278,10 +269,6 @@ class SourceDetector(RatioEstimator):
         with torch.inference_mode():
             x = self.preprocess(torch.as_tensor(maps, dtype=torch.float32, device=device))
             return cached[1](x.contiguous(memory_format=torch.channels_last))
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_tensor_list", None)  # .to(), .float(), ... may replace tensors
-        return super()._apply(fn, *args, **kwargs)
 
     # -- NRE engine interface ------------------------------------------------------------
     def preprocess(self, data: torch.Tensor) -> torch.Tensor:

@@ -39,16 +39,18 @@ flux's offset from the learned median, so that its 68 % interval holds the learn
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 from torch import nn
 
-from .._utils import evaluating, nearest_pixel
+from .._utils import nearest_pixel
 from ..nre import RatioEstimator, Trainer
 
 __all__ = ["FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry",
@@ -74,25 +76,45 @@ def _cutouts(data, bad, x, y, half, background=0.0):
     bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
     ny, nx = data.shape
     ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-    valid = np.pad(~bad, half)
-    values = np.pad(np.where(bad, 0.0, data - background), half)
-    dy, dx = np.mgrid[0:2 * half + 1, 0:2 * half + 1]
-    rows, cols = iy[:, None, None] + dy, ix[:, None, None] + dx
-    cut = np.stack([values[rows, cols], valid[rows, cols]], axis=1).astype(np.float32)
+    size = (2 * half + 1, 2 * half + 1)
+    padded = np.pad(np.stack([np.where(bad, 0.0, data - background), ~bad]).astype(np.float32),
+                    ((0, 0), (half, half), (half, half)))
+    # window (i, j) of the padded map is the cutout centred on pixel (i, j)
+    cut = sliding_window_view(padded, size, axis=(1, 2))[:, iy, ix].transpose(1, 0, 2, 3)
     offset = np.stack([np.asarray(x, float) - ix, np.asarray(y, float) - iy], axis=1)
-    return cut, offset.astype(np.float32)
+    return np.ascontiguousarray(cut), offset.astype(np.float32)
+
+
+def _crowding(cut):
+    """Local crowding of each cutout: the median of its valid pixels (map minus background).
+
+    The level of the unresolved sources around the detection, in detector units (0 when no
+    pixel is valid).
+    """
+    values = cut[:, 0].reshape(len(cut), -1)
+    valid = cut[:, 1].reshape(len(cut), -1) > 0
+    mid = values.shape[1] // 2  # cutouts have an odd number of pixels
+    level = np.partition(values, mid, axis=1)[:, mid]
+    partial = ~valid.all(1)
+    if partial.any():  # the median of the valid pixels only (NaN sorts last)
+        part = np.sort(np.where(valid[partial], values[partial], np.nan), axis=1)
+        n_valid = valid[partial].sum(1)
+        rows = np.arange(len(part))
+        mid = 0.5 * (part[rows, np.maximum(n_valid - 1, 0) // 2] + part[rows, n_valid // 2])
+        level[partial] = np.where(n_valid > 0, mid, 0.0)
+    return level
 
 
 def _quantile_cdf(q, z_levels, value):
-    """P(ln F <= value) of quantile functions ``q (n, k)`` at ``value (n,)``.
+    """P(ln F <= value) of quantile functions ``q (n, k)`` at values ``(n, m)``.
 
     Interpolated linearly in the normal score ``z = Phi^-1(level)`` between the quantiles (exact
     for a Gaussian in ``ln F``) and extrapolated with the slope of the end segments.
     """
     n, k = q.shape
-    j = np.clip((value[:, None] >= q).sum(1), 1, k - 1)  # segment [q[j-1], q[j]]
-    rows = np.arange(n)
-    q0, q1 = q[rows, j - 1], q[rows, j]
+    j = np.clip((value[:, :, None] >= q[:, None, :]).sum(-1), 1, k - 1)  # [q[j-1], q[j]]
+    flat = j + k * np.arange(n)[:, None]
+    q0, q1 = q.ravel()[flat - 1], q.ravel()[flat]
     t = (value - q0) / np.maximum(q1 - q0, 1e-12)
     return special.ndtr(z_levels[j - 1] + t * (z_levels[j] - z_levels[j - 1]))
 
@@ -126,21 +148,31 @@ def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
     levels = list(levels)
     med = np.exp(q[:, levels.index(0.5)])
     lo, hi = np.exp(q[:, levels.index(0.16)]), np.exp(q[:, levels.index(0.84)])
-    # solve P(|F - med| <= 2 e) = 0.95 for e (F = exp(ln F)) by bisection in log e, within a
-    # factor 20 of a quarter of the outer quantiles' range (which brackets it)
+    # solve P(|F - med| <= 2 e) = 0.95 for e (F = exp(ln F)): that probability on 17 points of
+    # log e around a quarter of the 95 % range (a factor e either way; a factor 20 for rows
+    # where that misses), interpolated linearly between the two points that bracket 0.95
     z_levels = special.ndtri(np.asarray(levels, dtype=np.float64))
-    log_e0 = np.log(np.maximum(np.exp(q[:, -1]) - np.exp(q[:, 0]), 1e-300) / 4)
-    log_e_lo, log_e_hi = log_e0 - 3.0, log_e0 + 3.0
-    for _ in range(12):  # to 0.15 % of flux_err
-        log_e = 0.5 * (log_e_lo + log_e_hi)
+
+    def solve(q, med, centre, half_width):
+        log_e = centre[:, None] + half_width * np.linspace(-1.0, 1.0, 17)
         two_e = 2 * np.exp(log_e)
-        upper = _quantile_cdf(q, z_levels, np.log(med + two_e))
-        lower = np.where(two_e < med, _quantile_cdf(
-            q, z_levels, np.log(np.maximum(med - two_e, 1e-300))), 0.0)
-        enough = upper - lower >= 0.95
-        log_e_hi = np.where(enough, log_e, log_e_hi)
-        log_e_lo = np.where(enough, log_e_lo, log_e)
-    e_hi = np.exp(log_e_hi)
+        upper = _quantile_cdf(q, z_levels, np.log(med[:, None] + two_e))
+        lower = np.where(two_e < med[:, None], _quantile_cdf(
+            q, z_levels, np.log(np.maximum(med[:, None] - two_e, 1e-300))), 0.0)
+        p = upper - lower
+        i = np.clip((p < 0.95).sum(1), 1, log_e.shape[1] - 1)  # p increases with e
+        rows = np.arange(len(q))
+        p0, p1 = p[rows, i - 1], p[rows, i]
+        t = np.clip((0.95 - p0) / np.maximum(p1 - p0, 1e-12), 0.0, 1.0)
+        inside = (p[:, 0] < 0.95) & (p[:, -1] >= 0.95)
+        return log_e[rows, i - 1] + t * (log_e[rows, i] - log_e[rows, i - 1]), inside
+
+    at = [levels.index(0.025), levels.index(0.975)] if {0.025, 0.975} <= set(levels) else [0, -1]
+    guess = np.log(np.maximum(np.exp(q[:, at[1]]) - np.exp(q[:, at[0]]), 1e-300) / 4)
+    log_e, inside = solve(q, med, guess, 1.0)
+    if not inside.all():
+        log_e[~inside] = solve(q[~inside], med[~inside], guess[~inside], 3.0)[0]
+    e_hi = np.exp(log_e)
     return med, e_hi, lo, hi
 
 
@@ -201,6 +233,8 @@ class FluxEstimator(RatioEstimator):
         Network width.
     activation : {'silu', 'relu'}
         The network's activation.
+    calibration : dict, optional
+        Set by `calibrate` (its settings, bin edges and counts); `None`: uncalibrated.
     flux_floor : float
         The matched-filter flux is clipped to at least this before its log is taken (the
         network's baseline).
@@ -219,7 +253,7 @@ class FluxEstimator(RatioEstimator):
 
     def __init__(self, detector_id="", finder_settings=None, exposure=100.0, background=0.0,
                  normalization=1.0, half_size=7, channels=12, hidden=48, flux_floor=0.1,
-                 levels=QUANTILE_LEVELS, activation="silu"):
+                 levels=QUANTILE_LEVELS, activation="silu", calibration=None):
         super().__init__()
         levels = tuple(float(v) for v in levels)
         if not levels or any(b <= a for a, b in zip(levels, levels[1:])) or not 0 < levels[0] \
@@ -245,6 +279,13 @@ class FluxEstimator(RatioEstimator):
         self.net = _CutoutNet(2 * self.half_size + 1, self.channels, self.hidden, 3, len(levels),
                               self.activation)
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32))
+        self.calibration = None if calibration is None else dict(calibration)
+        if self.calibration is not None:
+            n_groups = ((len(self.calibration["flux_edges"]) + 1)
+                        * (len(self.calibration["crowding_edges"]) + 1))
+            self.register_buffer("_calibration", torch.ones(n_groups, len(levels)))
+            if self.calibration.get("psf_maps"):
+                self.register_buffer("_calibration_psf", torch.ones(n_groups, 3))
 
     @classmethod
     def for_finder(cls, finder, **kwargs) -> "FluxEstimator":
@@ -269,7 +310,8 @@ class FluxEstimator(RatioEstimator):
 
     @classmethod
     def fit_to(cls, model, finder=None, *, n_maps=1500, n_val_maps=150, seed=0, chunk_size=128,
-               progress=True, resume=False, **kwargs):
+               progress=True, resume=False, calibration_maps=600, psf_calibration_maps=0,
+               **kwargs):
         """An estimator trained on detections of fresh simulations of ``model`` (the one-liner).
 
         Parameters
@@ -291,11 +333,14 @@ class FluxEstimator(RatioEstimator):
             `~astrotrunc.nre.Trainer` arguments (``max_epochs``, ``batch_size``, ``nproc``...).
         resume : bool
             Continue from the trainer's checkpoint (``checkpoint_dir``).
+        calibration_maps, psf_calibration_maps : int
+            Then `calibrate` on this many new maps (seed ``seed + 1``; 0: not), and the PSF
+            errors on that many more.
 
         Returns
         -------
         `FluxEstimator`
-            Trained; ``history`` holds the trainer's history.
+            Trained (and calibrated); ``history`` holds the trainer's history.
         """
         finder = _detection_finder(finder)
         net_args = {k: kwargs.pop(k) for k in ("half_size", "channels", "hidden", "levels",
@@ -310,6 +355,10 @@ class FluxEstimator(RatioEstimator):
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("progress", progress)
         est.history = Trainer(**kwargs).fit(est, data, resume=resume)
+        if calibration_maps:
+            est.calibrate(model, finder, n_maps=calibration_maps, seed=seed + 1,
+                          psf_maps=psf_calibration_maps, chunk_size=chunk_size,
+                          progress=progress)
         return est
 
     @property
@@ -319,7 +368,8 @@ class FluxEstimator(RatioEstimator):
                     exposure=self.exposure, background=self.background,
                     normalization=self.normalization, half_size=self.half_size,
                     channels=self.channels, hidden=self.hidden, flux_floor=self.flux_floor,
-                    levels=list(self.levels), activation=self.activation)
+                    levels=list(self.levels), activation=self.activation,
+                    calibration=self.calibration)
 
     # -- the network -------------------------------------------------------------------------
     def _scale(self):
@@ -327,24 +377,41 @@ class FluxEstimator(RatioEstimator):
         return max(self.exposure * self.normalization * self.flux_floor * 0.1, 1e-6)
 
     def forward(self, batch) -> torch.Tensor:
-        """Increasing quantiles of ``ln F`` ``(n, len(levels))`` of a batch dict.
+        """Increasing quantiles of ``ln F`` ``(n, len(levels))`` of a batch dict (uncalibrated).
 
         ``batch`` holds ``"cutout"`` ``(n, 2, s, s)`` (map minus background, validity),
         ``"offset"`` ``(n, 2)`` (sub-pixel position) and ``"matched"`` ``(n,)`` (matched-filter
-        flux, detector units).
+        flux, detector units). `log_quantiles` applies the calibration (`calibrate`).
         """
+        return self._quantiles(batch, self.net)
+
+    def _quantiles(self, batch, net):
         cut, offset, matched = batch["cutout"], batch["offset"], batch["matched"]
         image = torch.cat([torch.asinh(cut[:, :1] * (self.exposure / self._scale())),
                            cut[:, 1:]], dim=1)
         base = torch.log(matched.clamp_min(self.flux_floor))
         scalars = torch.cat([offset, (base - math.log(self.flux_floor))[:, None]], dim=1)
-        out = self.net(image, scalars)
+        out = net(image, scalars)
         k = self.levels.index(0.5)
         median = base + out[:, k]
         gaps = nn.functional.softplus(out) + 1e-4
         below = median[:, None] - torch.flip(torch.cumsum(torch.flip(gaps[:, :k], [1]), 1), [1])
         above = median[:, None] + torch.cumsum(gaps[:, k + 1:], 1)
         return torch.cat([below, median[:, None], above], dim=1)
+
+    def _inference_net(self):
+        """The network's channels-last copy for inference (rebuilt when the weights change)."""
+        key = self._weights_key()
+        cached = self.__dict__.get("_inference_copy")
+        if cached is None or cached[0] != key:
+            net = copy.deepcopy(self.net).eval().to(memory_format=torch.channels_last)
+            for p in net.parameters():
+                p.requires_grad_(False)
+            for m in net.modules():
+                if isinstance(m, nn.ReLU):
+                    m.inplace = True
+            cached = self.__dict__["_inference_copy"] = (key, net)
+        return cached[1]
 
     def loss(self, batch) -> torch.Tensor:
         """Pinball (quantile) loss of ``batch["log_flux"]`` (true ``ln F``), mean over levels."""
@@ -374,20 +441,210 @@ class FluxEstimator(RatioEstimator):
         -------
         `numpy.ndarray` ``(n, len(levels))``
         """
+        return self._predict(data, bad, x, y, matched, batch_size)[0]
+
+    def _predict(self, data, bad, x, y, matched, batch_size=4096):
+        """Calibrated quantiles ``(n, k)`` and the crowding ``(n,)`` of detections at (x, y)."""
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         if len(x) == 0:
-            return np.zeros((0, len(self.levels)))
+            return np.zeros((0, len(self.levels))), np.zeros(0)
         cut, offset = _cutouts(data, bad, x, y, self.half_size, self.background)
         matched = np.nan_to_num(np.asarray(matched, np.float32), nan=0.0, posinf=0.0)
+        q, crowd = self._raw_log_quantiles(cut, offset, matched, batch_size), _crowding(cut)
+        return (q if self.calibration is None else self._calibrated(q, crowd)), crowd
+
+    def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096):
+        """The network's quantiles ``(n, k)`` (float64) of cutouts, offsets and matched fluxes."""
         device = next(self.parameters()).device
-        out = []
-        with evaluating(self), torch.inference_mode():  # inference mode: a third faster
-            for i in range(0, len(x), batch_size):
-                batch = {"cutout": torch.from_numpy(cut[i:i + batch_size]).to(device),
-                         "offset": torch.from_numpy(offset[i:i + batch_size]).to(device),
-                         "matched": torch.from_numpy(matched[i:i + batch_size]).to(device)}
-                out.append(self(batch).double().cpu().numpy())
-        return np.concatenate(out)
+        net, out = self._inference_net(), []
+        with torch.inference_mode():  # inference mode: a third faster
+            for i in range(0, len(cut), batch_size):
+                batch = {"cutout": torch.as_tensor(cut[i:i + batch_size], device=device),
+                         "offset": torch.as_tensor(offset[i:i + batch_size], device=device),
+                         "matched": torch.as_tensor(matched[i:i + batch_size], device=device)}
+                out.append(self._quantiles(batch, net).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.levels)))
+
+    # -- calibration -----------------------------------------------------------------------
+    def _groups(self, median, crowding):
+        """Calibration group of each detection: predicted-flux bin x crowding bin."""
+        edges = self.calibration
+        n_crowd = len(edges["crowding_edges"]) + 1
+        return (np.digitize(median, np.log(edges["flux_edges"])) * n_crowd
+                + np.digitize(np.nan_to_num(crowding), edges["crowding_edges"]))
+
+    def _calibrated(self, q, crowding):
+        """Quantiles with each gap to the median scaled by its group's factor (then sorted)."""
+        k = self.levels.index(0.5)
+        med = q[:, k:k + 1]
+        scale = self._calibration.detach().cpu().double().numpy()[
+            self._groups(q[:, k], crowding)]
+        return np.sort(med + scale * (q - med), axis=1)
+
+    def psf_errors(self, flux, fit_err, q, crowding):
+        """``flux_err, flux_lo, flux_hi`` of PSF-fit fluxes: fit error + learned confusion term.
+
+        The learned distances from the median to the 16/84 % quantiles and the learned
+        ``flux_err`` (relative, times the flux), in quadrature with the fit error; scaled per
+        calibration group by the factors `calibrate` fitted on PSF photometry of simulations
+        (``psf_maps``), so that ``[flux_lo, flux_hi]`` holds the true flux 68 % of the time and
+        ``flux ± 2 flux_err`` 95 %. Without those factors (``psf_maps=0``), the PSF flux's
+        offset from the learned median is added as well (conservative).
+
+        Parameters
+        ----------
+        flux, fit_err : arrays ``(n,)``
+            PSF fluxes and their fit errors (`psf_photometry`).
+        q, crowding : arrays
+            Calibrated learned quantiles of ``ln F`` ``(n, k)`` and crowding ``(n,)`` of the
+            same detections.
+
+        Returns
+        -------
+        flux_err, flux_lo, flux_hi : arrays ``(n,)``
+        """
+        med, d_err, d_lo, d_hi = self._psf_distances(flux, fit_err, q)
+        factors = getattr(self, "_calibration_psf", None)
+        if factors is None:  # uncalibrated: hold the learned interval too
+            shift = np.abs(flux - med)
+            return shift + d_err, flux - shift - d_lo, flux + shift + d_hi
+        f = factors.detach().cpu().double().numpy()[self._groups(np.log(med), crowding)]
+        return f[:, 0] * d_err, flux - f[:, 1] * d_lo, flux + f[:, 2] * d_hi
+
+    def _psf_distances(self, flux, fit_err, q):
+        """Learned median and the fit error ⊕ learned flux_err, lower and upper distances."""
+        med, err, lo, hi = flux_summary(q, self.levels)
+        scale = np.maximum(np.abs(flux), med)
+        return (med, np.hypot(fit_err, scale * err / med),
+                np.hypot(fit_err, scale * (1 - lo / med)),
+                np.hypot(fit_err, scale * (hi / med - 1)))
+
+    def calibrate(self, model, finder=None, *, n_maps=600, seed=1, flux_edges=(10.0, 100.0),
+                  n_crowding_bins=4, min_group=200, psf_maps=0, chunk_size=128,
+                  progress=True):
+        """Calibrate the predicted quantiles on fresh simulations (conformal, per group).
+
+        Split-conformal recalibration of quantile regression (Romano et al. 2019, "Conformalized
+        quantile regression"; Kuleshov et al. 2018), per group (Mondrian): the detections of
+        ``n_maps`` new maps (not the training ones) are grouped by predicted flux (bins with
+        ``flux_edges``) and by local crowding (`_crowding`: the median of the cutout, the level
+        of the unresolved sources around the detection; ``n_crowding_bins`` bins of equal
+        counts); in each group every quantile's gap to the median is scaled by the factor that
+        makes its level hold exactly on those detections. The median is not moved. A group with
+        fewer than ``min_group`` detections takes the factors of its whole flux bin (or 1).
+
+        Parameters
+        ----------
+        model : `~astrotrunc.PointSourceModel`
+            The simulator (that of the training).
+        finder : `~astrotrunc.NeuralSourceFinder`, optional
+            What "detected" means (the training's: the default finder when `None`).
+        n_maps : int
+            Calibration maps.
+        seed : int
+            Their seed (use one the training did not).
+        flux_edges : sequence of float
+            Edges of the predicted-flux bins (detector units).
+        n_crowding_bins : int
+            Crowding bins.
+        min_group : int
+            As above (for the PSF factors, a quarter of it).
+        psf_maps : int
+            Also calibrate `psf_errors` on photutils PSF photometry of this many more maps
+            (seed ``seed + 1``; a few seconds per map); 0: not.
+        chunk_size, progress
+            Maps simulated at once; progress bar.
+
+        Returns
+        -------
+        `FluxEstimator`
+            ``self``, calibrated; `calibration` records the settings, edges and counts.
+        """
+        finder = _detection_finder(finder)
+        rows = _matched_detections(model, finder, int(n_maps), seed, self.half_size,
+                                   chunk_size, progress)
+        if len(rows["log_flux"]) < min_group:
+            msg = (f"{len(rows['log_flux'])} matched detections in {n_maps} maps: too few to "
+                   "calibrate; simulate more maps")
+            raise ValueError(msg)
+        q = self._raw_log_quantiles(rows["cutout"], rows["offset"], rows["matched"])
+        crowd = _crowding(rows["cutout"])
+        k = self.levels.index(0.5)
+        edges = dict(flux_edges=[float(v) for v in flux_edges],
+                     crowding_edges=[float(v) for v in np.quantile(
+                         crowd, np.linspace(0, 1, int(n_crowding_bins) + 1)[1:-1])])
+        self.calibration = dict(edges, n_maps=int(n_maps), seed=int(seed),
+                                min_group=int(min_group))
+        groups, n_crowd = self._groups(q[:, k], crowd), len(edges["crowding_edges"]) + 1
+        with np.errstate(invalid="ignore", divide="ignore"):  # the median's own column
+            ratio = (rows["log_flux"][:, None] - q[:, k:k + 1]) / (q - q[:, k:k + 1])
+        level = np.asarray(self.levels)
+        level = np.where(level > 0.5, level, 1 - level)  # below the median the gap is negative
+
+        def factors(sel):
+            if sel.sum() < min_group:
+                return None
+            return np.array([1.0 if j == k else np.quantile(ratio[sel, j], level[j])
+                             for j in range(len(level))])
+
+        n_groups = (len(edges["flux_edges"]) + 1) * n_crowd
+        scale, counts = np.ones((n_groups, len(level))), np.zeros(n_groups, int)
+        for g in range(n_groups):
+            counts[g] = (groups == g).sum()
+            f = factors(groups == g)
+            if f is None:
+                f = factors(groups // n_crowd == g // n_crowd)
+            scale[g] = 1.0 if f is None else f
+        self.calibration["counts"] = counts.tolist()
+        self.calibration["psf_maps"] = int(psf_maps)
+        self.register_buffer("_calibration", torch.as_tensor(scale, dtype=torch.float32))
+        self._buffers.pop("_calibration_psf", None)  # an earlier calibration's
+        self.__dict__.pop("_tensor_list", None)
+        if psf_maps:
+            self._calibrate_psf(model, finder, int(psf_maps), int(seed) + 1,
+                                max(int(min_group) // 4, 1), progress)
+        return self
+
+    def _calibrate_psf(self, model, finder, n_maps, seed, min_group, progress):
+        """The `psf_errors` factors (per group: flux_err, lower, upper) from PSF photometry."""
+        from tqdm.auto import tqdm
+
+        from ..completeness import match_sources
+
+        groups, dist = [], []  # distance of the truth in units of d_err, d_lo, d_hi
+        sims = model.simulate(n_maps, seed=seed)
+        for i in tqdm(range(n_maps), desc="PSF photometry", unit="map",
+                      disable=None if progress else True):
+            data = sims.maps[i].numpy().astype(np.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # maps without detections
+                cat, segm = finder(data, return_segmentation=True)
+            if cat is None:
+                continue
+            arrays = [a[i].numpy() for a in (sims.flux, sims.x, sims.y, sims.in_map)]
+            detected = match_sources(segm.data[None], *(a[None] for a in arrays))[0]
+            row, src = _rows_of_sources(segm, detected, arrays[1], arrays[2])
+            x, y = cat["x_centroid"].value, cat["y_centroid"].value
+            matched = finder.detector.estimate_flux(data, x, y)
+            q, crowd = self._predict(data, None, x, y, matched[0])
+            flux, fit_err = psf_photometry(data, None, x, y, finder.detector)
+            med, d_err, d_lo, d_hi = (a[row] for a in self._psf_distances(flux, fit_err, q))
+            true, f = arrays[0][src], flux[row]
+            dist.append(np.stack([np.abs(true - f) / (2 * d_err), (f - true) / d_lo,
+                                  (true - f) / d_hi], 1))
+            groups.append(self._groups(np.log(med), crowd[row]))
+        groups, dist = np.concatenate(groups), np.concatenate(dist)
+        n_crowd = len(self.calibration["crowding_edges"]) + 1
+        levels = np.array([0.95, 0.84, 0.84])
+        factors = np.ones((len(self.calibration["counts"]), 3))
+        for g in range(len(factors)):
+            for sel in (groups == g, groups // n_crowd == g // n_crowd):
+                if sel.sum() >= min_group:
+                    factors[g] = [np.quantile(dist[sel, j], levels[j]) for j in range(3)]
+                    break
+        self.calibration.update(psf_maps=n_maps, psf_seed=seed, psf_detections=len(groups))
+        self.register_buffer("_calibration_psf", torch.as_tensor(factors, dtype=torch.float32))
+        self.__dict__.pop("_tensor_list", None)
 
     def check_detector(self, detector):
         """Warn (`~astrotrunc.AstrotruncWarning`) when ``detector`` is not the trained-for one."""
@@ -657,10 +914,9 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
     ----------
     method : {'neural', 'psf', 'matched'}
         ``'neural'``: the `FluxEstimator`'s median, 95 %-symmetric error and 68 % interval;
-        ``'psf'``: `psf_photometry`, its fit error combined in quadrature with the learned
-        relative scatter, plus its offset from the learned median (when ``photometry`` is
-        given); ``'matched'``: the matched-filter flux
-        and its Poisson error (no confusion).
+        ``'psf'``: `psf_photometry` with `FluxEstimator.psf_errors` (the fit error and the
+        learned confusion term, calibrated) when ``photometry`` is given, the fit error alone
+        otherwise; ``'matched'``: the matched-filter flux and its Poisson error (no confusion).
     data, bad : 2-D arrays
         The map (detector units) and its bad pixels.
     x, y : arrays
@@ -681,26 +937,18 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
     m_flux, m_err = (np.asarray(a, dtype=np.float64) for a in matched)
     if method == "matched":
         return m_flux, m_err, m_flux - m_err, m_flux + m_err
-    learned = None
-    if photometry is not None:
-        learned = flux_summary(photometry.log_quantiles(data, bad, x, y, m_flux),
-                               photometry.levels)
-    if method == "neural":
-        return learned
-    if method != "psf":
+    if method not in ("neural", "psf"):
         msg = f"method must be one of {FLUX_METHODS}, got {method!r}"
         raise ValueError(msg)
+    q = crowding = None
+    if photometry is not None:
+        q, crowding = photometry._predict(data, bad, x, y, m_flux)
+    if method == "neural":
+        return flux_summary(q, photometry.levels)
     flux, fit_err = psf_photometry(data, bad, x, y, detector)
-    if learned is None:
+    if photometry is None:
         return flux, fit_err, flux - fit_err, flux + fit_err
-    # the learned confusion term: the learned relative spread of the true flux (in quadrature
-    # with the fit error) plus the PSF flux's offset from the learned median, so that the PSF
-    # interval holds the learned one (its coverage is at least the learned one's)
-    med, err, lo, hi = learned
-    scale, shift = np.maximum(np.abs(flux), med), np.abs(flux - med)
-    return (flux, shift + np.hypot(fit_err, scale * err / med),
-            flux - shift - np.hypot(fit_err, scale * (1 - lo / med)),
-            flux + shift + np.hypot(fit_err, scale * (hi / med - 1)))
+    return (flux, *photometry.psf_errors(flux, fit_err, q, crowding))
 
 
 # ----------------------------------------------------------------------------------------------

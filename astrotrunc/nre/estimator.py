@@ -106,6 +106,19 @@ class RatioEstimator(nn.Module):
         """JSON-serialisable constructor arguments (``type(self)(**config)`` rebuilds the net)."""
         raise NotImplementedError(f"{type(self).__name__} must define the config property")
 
+    def _weights_key(self):
+        """Changes whenever a weight does: a tensor modified in place (optimizer steps,
+        load_state_dict) -- torch bumps its version counter -- or replaced (the tensor list is
+        rebuilt when the module is moved or cast)."""
+        tensors = self.__dict__.get("_tensor_list")
+        if tensors is None:
+            tensors = self.__dict__["_tensor_list"] = [*self.parameters(), *self.buffers()]
+        return tuple(id(t) for t in tensors), tuple(t._version for t in tensors)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_tensor_list", None)  # .to(), .float(), ... may replace tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def loss(self, batch) -> torch.Tensor:
         """Contrastive NRE loss of a batch (see `contrastive_loss`); override it for others."""
         return contrastive_loss(self, batch, key=self.theta_key, reference=self.reference)
