@@ -27,14 +27,20 @@ a `~astrotrunc.PointSourceModel`, detected by the finder, with detections matche
 sources by `~astrotrunc.completeness.match_sources`. Retraining for another instrument is one
 call (`FluxEstimator.fit_to`) or ``astrotrunc train photometry``.
 
+The quantiles are then calibrated (`FluxEstimator.calibrate`): split-conformal recalibration
+of quantile regression (Romano et al. 2019) on detections of new maps, per group of predicted
+flux and local crowding (the median of the cutout), each quantile's distance to the median
+scaled so that its level holds in its group.
+
 ``flux_err`` is the symmetric error of the predicted distribution: ``flux ± 2 flux_err`` holds
 95 % of it (for a Gaussian, 0.98 of its standard deviation). Use ``flux_lo``/``flux_hi`` for
 the 68 % interval, which is asymmetric where the distribution is.
 
 `psf_photometry` is the photutils-compatible path (``flux_method="psf"``): photutils'
 `~photutils.psf.PSFPhotometry` with grouped sources at r1's positions; its errors get the learned
-confusion term: the learned relative scatter (in quadrature with the fit error) plus the PSF
-flux's offset from the learned median, so that its 68 % interval holds the learned one.
+confusion term (`FluxEstimator.psf_errors`): the learned distances to the 16/84 % quantiles and
+the learned ``flux_err``, relative, in quadrature with the fit error, scaled per group by factors
+calibrated on PSF photometry of simulated maps.
 """
 
 from __future__ import annotations
@@ -570,6 +576,12 @@ class FluxEstimator(RatioEstimator):
         `FluxEstimator`
             ``self``, calibrated; `calibration` records the settings, edges and counts.
         """
+        edges = np.asarray(flux_edges, dtype=float)
+        if edges.ndim != 1 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0) \
+                or int(n_crowding_bins) < 1:
+            msg = (f"flux_edges must increase and be positive and n_crowding_bins >= 1, got "
+                   f"{np.ravel(flux_edges).tolist()} and {n_crowding_bins}")
+            raise ValueError(msg)
         finder = _detection_finder(finder)
         rows = _matched_detections(model, finder, int(n_maps), seed, self.half_size,
                                    chunk_size, progress)
