@@ -6,6 +6,10 @@ on), every detection of the default finder is matched to the true source it stan
 per true-flux decade (1-10, 10-100, >= 100) and latitude range (all, |b| < 2 deg, |b| > 10 deg),
 prints for each method:
 
+Cells are by true flux (``F_true``: the issue's; a calibrated estimate need not cover exactly in
+bins of the unknown truth -- the faintest detected sources are the upward-scattered ones) and by
+catalog flux (``F_cat``: what a user conditions on).
+
 * ``med``: median of ln(flux / true flux) (target |med| <= 0.05 for F >= 10);
 * ``scat``: half the 16-84 % range of ln(flux / true);
 * ``cov68``: fraction of true fluxes inside [flux_lo, flux_hi] (target 68 +- 3 %);
@@ -20,6 +24,7 @@ Also prints the time the photometry adds to ``find_sources`` (catalog with ``flu
 ``benchmarks/output/photometry.json``.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/photometry.py [--n-maps 100] [--n-psf-maps 30]``
+(``--photometry FILE`` for another estimator, ``--uncalibrated`` for its network alone).
 """
 
 import argparse

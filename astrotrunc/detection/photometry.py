@@ -504,8 +504,10 @@ class FluxEstimator(RatioEstimator):
         ``flux_err`` (relative, times the flux), in quadrature with the fit error; scaled per
         calibration group by the factors `calibrate` fitted on PSF photometry of simulations
         (``psf_maps``), so that ``[flux_lo, flux_hi]`` holds the true flux 68 % of the time and
-        ``flux ± 2 flux_err`` 95 %. Without those factors (``psf_maps=0``), the PSF flux's
-        offset from the learned median is added as well (conservative).
+        ``flux ± 2 flux_err`` 95 % (a negative factor, where the PSF flux is biased beyond a
+        quantile, is taken as 0 so that the interval holds the flux). Without those factors
+        (``psf_maps=0``), the PSF flux's offset from the learned median is added as well
+        (conservative).
 
         Parameters
         ----------
@@ -520,11 +522,14 @@ class FluxEstimator(RatioEstimator):
         flux_err, flux_lo, flux_hi : arrays ``(n,)``
         """
         med, d_err, d_lo, d_hi = self._psf_distances(flux, fit_err, q)
-        factors = getattr(self, "_calibration_psf", None)
+        factors = getattr(self, "_calibration_psf", None) if self.calibration else None
         if factors is None:  # uncalibrated: hold the learned interval too
             shift = np.abs(flux - med)
             return shift + d_err, flux - shift - d_lo, flux + shift + d_hi
         f = factors.detach().cpu().double().numpy()[self._groups(np.log(med), crowding)]
+        # a factor below 0 (the PSF flux biased beyond the quantile, as in crowded fields) is
+        # taken as 0: the interval always holds the PSF flux (that side is then conservative)
+        f = np.maximum(f, 0.0)
         return f[:, 0] * d_err, flux - f[:, 1] * d_lo, flux + f[:, 2] * d_hi
 
     def _psf_distances(self, flux, fit_err, q):
