@@ -623,7 +623,7 @@ class FluxEstimator(RatioEstimator):
                 f = factors(groups // n_crowd == g // n_crowd)
             scale[g] = 1.0 if f is None else f
         self.calibration["counts"] = counts.tolist()
-        self.calibration["psf_maps"] = int(psf_maps)
+        self.calibration["psf_maps"] = 0  # set by _calibrate_psf once its factors exist
         self.register_buffer("_calibration", torch.as_tensor(scale, dtype=torch.float32))
         self._buffers.pop("_calibration_psf", None)  # an earlier calibration's
         self.__dict__.pop("_tensor_list", None)
@@ -660,6 +660,9 @@ class FluxEstimator(RatioEstimator):
             dist.append(np.stack([np.abs(true - f) / (2 * d_err), (f - true) / d_lo,
                                   (true - f) / d_hi], 1))
             groups.append(self._groups(np.log(med), crowd[row]))
+        if not groups:
+            msg = f"no detection in the {n_maps} PSF calibration maps; simulate more maps"
+            raise ValueError(msg)
         groups, dist = np.concatenate(groups), np.concatenate(dist)
         n_crowd = len(self.calibration["crowding_edges"]) + 1
         levels = np.array([0.95, 0.84, 0.84])
