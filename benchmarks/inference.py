@@ -175,7 +175,9 @@ def end_to_end(args):
 
     model = PointSourceModel.paper()
     obs = model.simulate(args.n_obs, seed=args.seed)
-    cfg = InferenceSettings.quick() if args.quick else InferenceSettings()
+    features = args.features if args.features in ("summary", "cnn") else "summary"
+    cfg = (InferenceSettings.quick(features=features) if args.quick
+           else InferenceSettings(features=features))
     inf = PopulationInference(model, completeness=_completeness(args) if args.completeness
                               else None, settings=cfg)
     hits, widths, times = [], [], []
@@ -259,7 +261,10 @@ def main():
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--completeness", help="completeness file (default: the shipped one)")
-    p.add_argument("--features", default="summary,cnn", help="r3 mode: features to compare")
+    p.add_argument("--features", default="summary,cnn",
+                   help="r3 mode: features to compare; end-to-end mode: r3's features (one of "
+                        "them; 'summary' unless one is given), written to "
+                        "inference_end-to-end_cnn.json for 'cnn'")
     p.add_argument("--n-rounds", type=int, default=2, help="r3 mode: TMNRE rounds")
     p.add_argument("--n-simulations", type=int, default=4096, help="r3 mode: per round")
     p.add_argument("--n-test", type=int, default=300, help="r3 mode: held-out simulations")
@@ -274,8 +279,10 @@ def main():
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     OUT.mkdir(exist_ok=True)
-    (OUT / f"inference_{args.mode}.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {OUT / f'inference_{args.mode}.json'}")
+    name = f"inference_{args.mode}" + ("_cnn" if args.mode == "end-to-end"
+                                        and args.features == "cnn" else "")
+    (OUT / f"{name}.json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {OUT / f'{name}.json'}")
 
 
 if __name__ == "__main__":
