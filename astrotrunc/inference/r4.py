@@ -37,6 +37,7 @@ Two choices of this module, argued:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -531,6 +532,54 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         h). No flux cut (``flux_threshold=None``).
         """
         return cls.load_shipped(_DEFAULT_R4)
+
+    def check_completeness(self, completeness) -> bool:
+        """Whether r4 was trained against ``completeness``; if not, warn, naming both.
+
+        Parameters
+        ----------
+        completeness : `~astrotrunc.CompletenessFunction`, its table, or a `completeness_record`
+            The S of the inference r4 is used in.
+
+        Returns
+        -------
+        bool
+            `True` when the recorded identities agree. Otherwise an
+            `~astrotrunc.exceptions.AstrotruncWarning` says that the neural detected branch
+            follows r4's S, not this one (also when r4 does not record its S).
+
+        Examples
+        --------
+        >>> import warnings
+        >>> from astrotrunc import CompletenessFunction, ConditionalCompleteness
+        >>> from astrotrunc.inference import (DetectedCatalogRatio, ReferenceDensity,
+        ...                                   completeness_record)
+        >>> S = ConditionalCompleteness(detector_id="example")
+        >>> est = DetectedCatalogRatio(ReferenceDensity((16, 16)), hidden=8,
+        ...                            completeness=completeness_record(S))
+        >>> est.check_completeness(S)
+        True
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     est.check_completeness(CompletenessFunction(detector_id="example"))
+        False
+        >>> "theta-averaged" in str(seen[0].message)
+        True
+        """
+        from ..exceptions import AstrotruncWarning
+
+        want = completeness if isinstance(completeness, dict) else completeness_record(completeness)
+        have = self.completeness
+        if have is not None and have.get("identity") is not None \
+                and have.get("identity") == want.get("identity"):
+            return True
+        name = lambda r: (f"the {r['kind']} completeness {r.get('identity')} (detector "  # noqa: E731
+                          f"{r.get('detector_id')})")
+        trained = "an unrecorded completeness" if have is None else name(have)
+        warnings.warn(f"r4 was trained on catalogs thinned by {trained}, this inference uses "
+                      f"{name(want)}: the neural detected branch follows r4's S (the exact route "
+                      "follows this inference's S)", AstrotruncWarning, stacklevel=2)
+        return False
 
     def reference_log_ratio(self, features) -> torch.Tensor:
         """``(B,)`` log p(S_det) / ρ(S_det) of embedded catalogs (the θ-free factor of r4)."""
