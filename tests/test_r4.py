@@ -165,6 +165,8 @@ def test_bad_settings_are_refused():
     labels[3, 3], labels[5, 5] = 1, 2
     with pytest.raises(ValueError, match="at most 1"):
         NeuralCatalogLikelihood(small, model, DetectedRegions(labels))
+    with pytest.raises(ValueError, match="NaN"):
+        simulate_detected(model, table, torch.tensor([[10.0, math.nan, 5.0]]))
     data = DetectedCatalogs(model, table, small.reference_density, 64, 8)
     with pytest.raises(ValueError, match="max_detected"):
         data.batch(torch.tensor([[60.0, 3.0, 20.0]] * 4), torch.Generator().manual_seed(0))

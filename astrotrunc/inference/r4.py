@@ -330,6 +330,10 @@ def simulate_detected(model, table, theta, generator=None):
     detected : `torch.Tensor`
         ``(n, max N)`` bool: the source exists and was detected.
     """
+    theta = torch.as_tensor(theta)
+    if not torch.isfinite(theta).all():
+        msg = "theta holds NaN or infinite values"
+        raise ValueError(msg)
     flux, lon, lat, valid = model.sample_sources(theta, generator)
     x, y = model.geometry.world_to_pixel(lon, lat)
     pixel, inside = table.pixel(x, y)
@@ -568,7 +572,13 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         """
         from ..exceptions import AstrotruncWarning
 
-        want = completeness if isinstance(completeness, dict) else completeness_record(completeness)
+        if isinstance(completeness, dict):
+            if not {"kind", "identity"} <= set(completeness):
+                msg = f"a completeness record needs 'kind' and 'identity', got {completeness!r}"
+                raise ValueError(msg)
+            want = completeness
+        else:
+            want = completeness_record(completeness)
         have = self.completeness
         if have is not None and have.get("identity") is not None \
                 and have.get("identity") == want.get("identity"):
