@@ -294,3 +294,10 @@ def test_r4_records_its_completeness_and_warns_on_another(tmp_path):
         DetectedCatalogRatio(ReferenceDensity(model.shape), hidden=8).check_completeness(averaged)
     with pytest.raises(ValueError, match="completeness_record"):
         DetectedCatalogRatio(ReferenceDensity(model.shape), completeness="conditional")
+
+
+def test_shipped_r4_follows_the_shipped_conditional_completeness():
+    est = DetectedCatalogRatio.load_default()
+    assert est.completeness == completeness_record(ConditionalCompleteness.load_default())
+    assert est.metadata["settings"]["completeness"] == "conditional"
+    assert max(est.metadata["max_jsd_joint"], est.metadata["max_jsd_1d"]) <= 0.05
