@@ -551,7 +551,7 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         -------
         bool
             `True` when the recorded identities agree. Otherwise an
-            `~astrotrunc.exceptions.AstrotruncWarning` says that the neural detected branch
+            `~astrotrunc.AstrotruncWarning` says that the neural detected branch
             follows r4's S, not this one (also when r4 does not record its S).
 
         Examples
