@@ -7,7 +7,8 @@
 * `nearest_pixel` -- the one rounding rule from pixel coordinates to pixel indices;
 * `spawn_seed` -- independent seeds from a base seed and a key;
 * `check_writable` -- the no-clobber rule of every writer;
-* `atomic_write` -- write through a temporary file, then rename (never a partial file).
+* `atomic_write` -- write through a temporary file, then rename (never a partial file);
+* `weights_identity` -- a short hash of a network's configuration and weights.
 
 Nothing here imports torch at module level.
 """
@@ -15,6 +16,7 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -108,6 +110,26 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def weights_identity(config, tensors) -> str:
+    """16 hex digits of SHA-256 over ``config`` (a dict) and the bytes of ``tensors``.
+
+    The identity of a trained network (a detector, a completeness): equal files give equal
+    identities, and any changed weight or setting another one.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from astrotrunc._utils import weights_identity
+    >>> a = weights_identity({"k": 1}, [torch.zeros(3)])
+    >>> a == weights_identity({"k": 1}, [torch.zeros(3)]) != weights_identity({"k": 2}, [])
+    True
+    """
+    h = hashlib.sha256(repr(sorted(config.items())).encode())
+    for t in tensors:
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _to_numpy(data):

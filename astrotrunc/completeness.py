@@ -20,7 +20,7 @@ from astropy.table import QTable
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._utils import evaluating, nearest_pixel
+from ._utils import evaluating, nearest_pixel, weights_identity
 from .detection import NeuralSourceFinder, default_detector
 from .detection.finder import as_finder
 from .diagnostics import binomial_interval
@@ -426,6 +426,14 @@ class CompletenessFunction(RatioEstimator):
         if detector.identity != self.detector_id:
             raise ValueError(f"this completeness belongs to detector {self.detector_id}, not to "
                              f"{detector.identity} ({detector.name}); retrain it for that detector")
+
+    @property
+    def identity(self) -> str:
+        """A short hash of this completeness' weights and configuration.
+
+        What a model trained against S records (r4 does): equal files, equal identities.
+        """
+        return weights_identity(self.config, self.state_dict().values())
 
     # -- plots -----------------------------------------------------------------------------
     def plot(self, positions=((0.0, 0.0), (0.0, 5.0), (0.0, 20.0)), *, flux_range=(0.1, 1000.0),

@@ -445,6 +445,7 @@ class CompletenessTable:
 
     def __init__(self, completeness, geometry, mask=None, flux_range=(1e-3, 1e5), n_flux=161):
         self._setup(completeness, geometry, mask, flux_range, n_flux)
+        self.completeness = completeness
         table = torch.sigmoid(completeness.logit_table(torch.exp(self.log_flux), self.lon,
                                                        self.lat))
         self.table = torch.where(self.off[:, None], 0.0, table).float().contiguous()

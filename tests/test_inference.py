@@ -10,7 +10,9 @@ from astropy.table import QTable
 
 from astrotrunc import (CompletenessFunction, PointSourceModel, PopulationInference,
                         PopulationPosterior, find_sources)
-from astrotrunc.inference import (CatalogLikelihood, InferenceSettings, SubThresholdRatio,
+from astrotrunc.exceptions import AstrotruncWarning
+from astrotrunc.inference import (CatalogLikelihood, DetectedCatalogRatio, InferenceSettings,
+                                  ReferenceDensity, SubThresholdRatio,
                                   naive_catalog_log_likelihood)
 from astrotrunc.truncation import CompletenessTable, DetectedRegions, TruncatedModel
 
@@ -333,8 +335,15 @@ def test_population_inference_neural_catalog_route(model, observation):
         warnings.simplefilter("always")
         post = inf.run(sims.maps[0], branches=("detected",), catalog_likelihood="neural",
                        progress=False)
-    assert any("θ-averaged" in str(w.message) for w in seen)  # r4 vs the conditional S
+    # the shipped r4 learned catalogs thinned by the inference's default (conditional) S: silent
+    assert not [w for w in seen if "r4 was trained" in str(w.message)]
+    assert post.meta["r4_completeness"]["identity"] == inf.completeness.identity
     assert post.meta["catalog_likelihood"] == "neural"
     assert np.isfinite(post.summary()["median"]).all()
+    # an r4 of another (here: unrecorded) S is named in a warning
+    other = DetectedCatalogRatio(ReferenceDensity(model.shape), hidden=8, set_hidden=8)
+    with pytest.warns(AstrotruncWarning, match="unrecorded completeness.*theta-conditional"):
+        inf.run(sims.maps[0], branches=("detected",), catalog_likelihood="neural", r4=other,
+                progress=False)
     with pytest.raises(ValueError, match="catalog_likelihood"):
         inf.run(sims.maps[0], catalog_likelihood="magic")

@@ -1,25 +1,29 @@
 """r4, the neural route of the detected branch, against the exact catalog likelihood."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from astropy import units as u
 
-from astrotrunc import PointSourceModel
+from astrotrunc import CompletenessFunction, ConditionalCompleteness, PointSourceModel
+from astrotrunc.exceptions import AstrotruncWarning
 from astrotrunc.inference import (
     CatalogLikelihood,
     DetectedCatalogRatio,
     DetectedCatalogs,
     NeuralCatalogLikelihood,
     ReferenceDensity,
+    completeness_record,
     simulate_detected,
 )
 from astrotrunc.nre import MarginalRatioEstimator, Trainer
 from astrotrunc.priors import BoxPrior, Uniform
 from astrotrunc.simulation import SkyGeometry
-from astrotrunc.truncation import CompletenessTable, DetectedRegions
+from astrotrunc.truncation import (CompletenessTable, ConditionalCompletenessTable,
+                                   DetectedRegions)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,6 +39,18 @@ class _StepCompleteness:
     def logit_table(self, flux, lon, lat):
         logit = (torch.log(torch.as_tensor(flux, dtype=torch.float64)) - math.log(self.flux_50))
         return (logit / self.width)[None, :].expand(len(lon), -1)
+
+
+class _CrowdedCompleteness:
+    """A toy S(F, s | θ) = N / (N + 20): flat in flux and position, lower in sparse maps."""
+
+    extent = None
+    theta_center = (0.0, 0.0, 0.0)  # marks a θ-conditional completeness
+
+    def logit_table(self, flux, lon, lat, theta=None):
+        n = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, 3)[:, 0]
+        logit = torch.log(n / 20.0).expand(len(lon))
+        return logit[:, None].expand(-1, len(flux))
 
 
 def _toy():
@@ -64,7 +80,8 @@ def trained():
         model, table = _toy()
         ref = ReferenceDensity.from_model(model, table, n_pilot=4000, seed=0)
         torch.manual_seed(0)
-        est = DetectedCatalogRatio(ref, n_features=16, set_hidden=32, hidden=32, n_blocks=1)
+        est = DetectedCatalogRatio(ref, n_features=16, set_hidden=32, hidden=32, n_blocks=1,
+                                   completeness=completeness_record(table))
         data = DetectedCatalogs(model, table, est.reference_density, 16384, 2048, seed=0)
         Trainer(max_epochs=6, batch_size=256, learning_rate=3e-3, progress=False, seed=0,
                 device="cpu").fit(est, data)
@@ -148,6 +165,8 @@ def test_bad_settings_are_refused():
     labels[3, 3], labels[5, 5] = 1, 2
     with pytest.raises(ValueError, match="at most 1"):
         NeuralCatalogLikelihood(small, model, DetectedRegions(labels))
+    with pytest.raises(ValueError, match="NaN"):
+        simulate_detected(model, table, torch.tensor([[10.0, math.nan, 5.0]]))
     data = DetectedCatalogs(model, table, small.reference_density, 64, 8)
     with pytest.raises(ValueError, match="max_detected"):
         data.batch(torch.tensor([[60.0, 3.0, 20.0]] * 4), torch.Generator().manual_seed(0))
@@ -229,3 +248,56 @@ def test_likelihood_is_the_log_mean_of_r4_over_reference_catalogs():
     expected = torch.logsumexp(log_r.double(), 1) - math.log(5)
     got = NeuralCatalogLikelihood(est, model, regions, n_reference=5, seed=3).log_prob(theta)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_conditional_thinning_follows_each_catalogs_theta():
+    """With S(F, s | θ), a source is detected with the S of its own catalog's θ."""
+    model, _ = _toy()
+    table = ConditionalCompletenessTable(_CrowdedCompleteness(), model.geometry, model.prior)
+    # N = 5 and N = 60 are θ nodes: there the table's S is exactly 0.2 and 0.75
+    theta = torch.tensor([[5.0, 2.0, 10.0], [60.0, 2.0, 10.0]]).repeat_interleave(400, 0)
+    gen = torch.Generator().manual_seed(0)
+    _, _, xy, det = simulate_detected(model, table, theta, gen)
+    ny, nx = model.shape
+    inside = ((xy[..., 0] > -0.5) & (xy[..., 0] < nx - 0.5) & (xy[..., 1] > -0.5)
+              & (xy[..., 1] < ny - 0.5) & (torch.arange(det.shape[1]) < theta[:, :1].long()))
+    sparse, crowded = (float(det[k].sum() / inside[k].sum()) for k in (slice(0, 400),
+                                                                       slice(400, None)))
+    assert abs(sparse - 0.2) < 0.03 and abs(crowded - 0.75) < 0.015, (sparse, crowded)
+    # the batch source takes the completeness itself and records what it thinned with
+    ref = ReferenceDensity.from_model(model, table, n_pilot=256, seed=0)
+    data = DetectedCatalogs(model, _CrowdedCompleteness(), ref, n_train=64, n_val=16)
+    assert isinstance(data.table, ConditionalCompletenessTable)
+    assert data.record == {"kind": "theta-conditional", "identity": None, "detector_id": None}
+    counts = data.batch(theta[[0, -1]].repeat(50, 1), gen)["x"][..., -1].sum(1)
+    assert counts[1::2].mean() > 5 * counts[::2].mean()  # 60 × 0.75 vs 5 × 0.2 sources
+
+
+def test_r4_records_its_completeness_and_warns_on_another(tmp_path):
+    model, _ = _toy()
+    torch.manual_seed(0)
+    conditional = ConditionalCompleteness(detector_id="det")
+    averaged = CompletenessFunction(detector_id="det")
+    est = DetectedCatalogRatio(ReferenceDensity(model.shape), hidden=8, set_hidden=8,
+                               completeness=completeness_record(conditional))
+    est.save(tmp_path / "r4.safetensors")
+    back = DetectedCatalogRatio.load(tmp_path / "r4.safetensors")
+    assert back.completeness == {"kind": "theta-conditional", "identity": conditional.identity,
+                                 "detector_id": "det"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert back.check_completeness(conditional)  # the same S: silent
+    with pytest.warns(AstrotruncWarning, match=f"theta-conditional completeness "
+                      f"{conditional.identity}.*theta-averaged completeness {averaged.identity}"):
+        assert not back.check_completeness(averaged)
+    with pytest.warns(AstrotruncWarning, match="an unrecorded completeness"):
+        DetectedCatalogRatio(ReferenceDensity(model.shape), hidden=8).check_completeness(averaged)
+    with pytest.raises(ValueError, match="completeness_record"):
+        DetectedCatalogRatio(ReferenceDensity(model.shape), completeness="conditional")
+
+
+def test_shipped_r4_follows_the_shipped_conditional_completeness():
+    est = DetectedCatalogRatio.load_default()
+    assert est.completeness == completeness_record(ConditionalCompleteness.load_default())
+    assert est.metadata["settings"]["completeness"] == "conditional"
+    assert max(est.metadata["max_jsd_joint"], est.metadata["max_jsd_1d"]) <= 0.05

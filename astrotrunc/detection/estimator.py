@@ -14,7 +14,6 @@ one output channel per flux threshold F_th (cumulative: channel k is "a source b
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import warnings
 
@@ -23,7 +22,7 @@ import torch
 from astropy import units as u
 from torch import nn
 
-from .._utils import nearest_pixel, validate_map
+from .._utils import nearest_pixel, validate_map, weights_identity
 from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
 from .domain import instrument_domain
@@ -246,10 +245,7 @@ class SourceDetector(RatioEstimator):
             return cached[1]
         cfg = self.config
         cfg.pop("domain", None)
-        h = hashlib.sha256(repr(sorted(cfg.items())).encode())
-        for t in self.state_dict().values():
-            h.update(t.detach().cpu().numpy().tobytes())
-        self.__dict__["_identity_cache"] = (key, h.hexdigest()[:16])
+        self.__dict__["_identity_cache"] = (key, weights_identity(cfg, self.state_dict().values()))
         return self.__dict__["_identity_cache"][1]
 
     def _inference_logits(self, maps, channel=None):

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer, WeightedSamples, match_marginals
 from ..priors import BoxPrior
 from ..truncation import (DetectedRegions, TruncatedModel, TruncationResult, TruncationRound,
@@ -289,8 +288,9 @@ class PopulationInference:
         catalog_likelihood : {'exact', 'neural'}
             Route of p(I=1 | θ): ``'exact'`` (quadrature, for models with a tractable source
             density, as the default model) or ``'neural'``: r4, the paper's route (the shipped
-            `DetectedCatalogRatio`, trained with the θ-averaged completeness of the shipped
-            detector, unless ``r4=`` is given).
+            `DetectedCatalogRatio` unless ``r4=`` is given). A warning says so when r4 was not
+            trained against this inference's completeness
+            (`DetectedCatalogRatio.check_completeness`).
         n_rounds, n_simulations : int, optional
             Override the settings' TMNRE rounds and simulations per round.
         quick : bool
@@ -345,7 +345,7 @@ class PopulationInference:
         box0 = truncated.prior
         gen = torch.Generator().manual_seed(int(seed))
         posts, trunc, maps = {}, None, None
-        log_r3 = None
+        log_r3, r4_record = None, None
         if "sub-threshold" in branches:
             t1 = time.perf_counter()
             result = self._rounds(truncated, x, bad, cfg, client, device, seed, progress, workdir)
@@ -371,12 +371,8 @@ class PopulationInference:
 
                 if r4 is None:
                     r4 = DetectedCatalogRatio.load_default()
-                    if hasattr(self.completeness, "theta_center"):
-                        warnings.warn("the shipped r4 learned catalogs thinned by the θ-averaged "
-                                      "completeness, this inference uses the θ-conditional one: "
-                                      "the neural detected branch follows the θ-averaged S (the "
-                                      "exact route follows this inference's S)",
-                                      AstrotruncWarning, stacklevel=2)
+                r4.check_completeness(table)  # warns unless r4 learned this inference's S
+                r4_record = r4.completeness
                 like = NeuralCatalogLikelihood(r4, self.model, regions, seed=int(seed))
 
                 def log_like(t):
@@ -410,6 +406,8 @@ class PopulationInference:
                 "catalog_likelihood": catalog_likelihood, "settings": asdict(cfg),
                 "seed": int(seed), "times_s": {k: round(v, 3) for k, v in times.items()},
                 "prior": box0.to_dict()}
+        if catalog_likelihood == "neural" and "detected" in branches:
+            meta["r4_completeness"] = r4_record
         if truth is not None:
             meta["truth"] = [float(t) for t in np.asarray(truth, float).ravel()]
         post = PopulationPosterior(posts.get("sub-threshold"), posts.get("detected"),

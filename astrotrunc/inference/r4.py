@@ -37,19 +37,21 @@ Two choices of this module, argued:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..nre import DeepSetEmbedding, MarginalRatioEstimator
-from ..truncation import CompletenessTable
+from ..truncation import CompletenessTable, ConditionalCompletenessTable, completeness_table
 
 __all__ = [
     "DetectedCatalogRatio",
     "DetectedCatalogs",
     "NeuralCatalogLikelihood",
     "ReferenceDensity",
+    "completeness_record",
     "simulate_detected",
 ]
 
@@ -168,7 +170,8 @@ class ReferenceDensity(nn.Module):
         model : `~astrotrunc.PointSourceModel`
             The full model.
         completeness : `~astrotrunc.CompletenessFunction` or `~astrotrunc.CompletenessTable`
-            S(F, s) of the detector.
+            S(F, s) of the detector (or S(F, s | θ): a `~astrotrunc.ConditionalCompleteness` or
+            its table).
         n_pilot : int
             Pilot catalogs.
         seed : int
@@ -197,7 +200,8 @@ class ReferenceDensity(nn.Module):
             flux, pixel, _, det = simulate_detected(model, table, theta, gen)
             counts.index_add_(0, pixel[det], torch.ones(int(det.sum()), dtype=torch.float64))
             log_f.append(torch.log(flux[det]).double())
-        support = (table.table.max(1).values > 0).double()
+        support = (_node_tables(table).amax((0, 2)) > 0 if _conditional(table)
+                   else table.table.max(1).values > 0).double()
         hist = gaussian_filter(counts.reshape(model.shape).numpy(), smoothing, mode="constant")
         hist = torch.as_tensor(hist).reshape(-1) * support
         if not hist.sum() > 0:
@@ -300,12 +304,18 @@ class ReferenceDensity(nn.Module):
 def simulate_detected(model, table, theta, generator=None):
     """Sources of the full model, each detected independently with probability S(F, s).
 
+    With a θ-conditional table, a source of parameters θ_k is detected with probability
+    S(F, s | θ_k): the node tables of every pixel (computed once per table and kept on it)
+    interpolated as the catalog likelihood and the truncated model interpolate them
+    (`~astrotrunc.truncation.ConditionalCompletenessTable.interpolate`), all catalogs at once.
+
     Parameters
     ----------
     model : `~astrotrunc.PointSourceModel`
         The full model.
     table : `~astrotrunc.truncation.CompletenessTable`
-        Tabulated S (0 outside the map and on masked pixels).
+        Tabulated S (0 outside the map and on masked pixels); a
+        `~astrotrunc.truncation.ConditionalCompletenessTable` for S(F, s | θ).
     theta : `torch.Tensor`
         ``(n, n_params)`` parameters.
     generator : `torch.Generator`, optional
@@ -320,10 +330,18 @@ def simulate_detected(model, table, theta, generator=None):
     detected : `torch.Tensor`
         ``(n, max N)`` bool: the source exists and was detected.
     """
+    theta = torch.as_tensor(theta)
+    if not torch.isfinite(theta).all():
+        msg = "theta holds NaN or infinite values"
+        raise ValueError(msg)
     flux, lon, lat, valid = model.sample_sources(theta, generator)
     x, y = model.geometry.world_to_pixel(lon, lat)
     pixel, inside = table.pixel(x, y)
-    s = torch.where(inside, table.at_pixels(flux, pixel), 0.0)
+    if _conditional(table):
+        s = table.interpolate(_node_tables(table), flux, pixel, theta)
+    else:
+        s = table.at_pixels(flux, pixel)
+    s = torch.where(inside, s, 0.0)
     detected = valid & inside & (torch.rand(s.shape, generator=generator) < s)
     return flux, pixel, torch.stack([x, y], -1), detected
 
@@ -332,7 +350,8 @@ class DetectedCatalogs:
     """r4 training data as an engine batch source: fresh detected catalogs every epoch.
 
     θ ~ p(θ); the sources of the full model; each detected independently with probability
-    S(F, s) (a table lookup: no maps are made, so catalogs cost microseconds); the detected list
+    S(F, s), or S(F, s | θ) of the catalog's own θ with a θ-conditional completeness (a table
+    lookup: no maps are made, so catalogs cost microseconds; `simulate_detected`); the detected list
     as a padded set (``"x"``: features of `ReferenceDensity.features` plus the presence column).
     Every batch also holds reference catalogs (``"x_ref"``) of ρ(S_det) = p(N_det) ∏ ρ1: their
     N_det is that of another simulation of the batch (so it follows the marginal p(N_det)) and
@@ -344,7 +363,10 @@ class DetectedCatalogs:
     model : `~astrotrunc.PointSourceModel`
         The full model (θ drawn from its prior).
     completeness : `~astrotrunc.CompletenessFunction` or `~astrotrunc.truncation.CompletenessTable`
-        S(F, s) of the detector.
+        S(F, s) of the detector; a `~astrotrunc.ConditionalCompleteness` (or its
+        `~astrotrunc.truncation.ConditionalCompletenessTable`) for S(F, s | θ). Its
+        `completeness_record` is ``record``: give it to the `DetectedCatalogRatio` trained on
+        these catalogs.
     reference : `ReferenceDensity`
         ρ1 and the source features (usually ``estimator.reference_density``).
     n_train, n_val : int
@@ -376,6 +398,7 @@ class DetectedCatalogs:
             raise ValueError(msg)
         self.model, self.reference = model, reference
         self.table = _as_table(completeness, model, mask)
+        self.record = completeness_record(self.table)
         self.n_train, self.n_val, self.seed = int(n_train), int(n_val), int(seed)
 
     def batch(self, theta, generator=None) -> dict:
@@ -451,6 +474,11 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         A scale parameter is constrained to a relative precision (h to ~h / sqrt(2 N_det)), so
         in log it needs the same resolution everywhere in the prior; on the raw scale a catalog
         with small h asks the heads for a much sharper function than one with large h.
+    completeness : dict, optional
+        The S its training catalogs were thinned with (`completeness_record`; `DetectedCatalogs`
+        has it as ``record``). Recorded in `config`, so a saved r4 tells which S it follows;
+        `~astrotrunc.PopulationInference` warns when that is not the inference's S. `None`:
+        not recorded.
 
     Examples
     --------
@@ -463,7 +491,8 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
     """
 
     def __init__(self, reference, params=("N", "sigma_F", "h"), pairs=(), n_features=32,
-                 set_hidden=64, hidden=64, n_blocks=2, dropout=0.0, log_params=("N", "h")):
+                 set_hidden=64, hidden=64, n_blocks=2, dropout=0.0, log_params=("N", "h"),
+                 completeness=None):
         if isinstance(reference, dict):
             reference = ReferenceDensity(**reference)
         if not isinstance(reference, ReferenceDensity):
@@ -477,6 +506,12 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
                          hidden=hidden, n_blocks=n_blocks, dropout=dropout, x_key="x",
                          theta_key="theta", reference_key="x_ref", joint=True)
         self.reference_density = reference
+        if completeness is not None and not (
+                isinstance(completeness, dict) and {"kind", "identity"} <= set(completeness)):
+            msg = ("completeness must be a completeness_record (a dict with 'kind' and "
+                   f"'identity') or None, got {completeness!r}")
+            raise ValueError(msg)
+        self.completeness = None if completeness is None else dict(completeness)
         unknown = [p for p in log_params if p not in self.param_names]
         if unknown:
             msg = f"log_params {unknown} are not parameters of r4 ({list(self.param_names)})"
@@ -495,12 +530,68 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
     def load_default(cls) -> DetectedCatalogRatio:
         """The r4 shipped for `~astrotrunc.PointSourceModel.paper` and the shipped completeness.
 
-        Trained by ``benchmarks/r4_vs_exact.py`` (see ``astrotrunc/data/README.rst``), where it
-        matches the exact catalog likelihood (Jensen-Shannon divergence of every 1-D marginal
-        ≤ 0.05 on 24 catalogs of the shipped detector; the thinnest margin, 0.046, is at small
-        h). No flux cut (``flux_threshold=None``).
+        Trained on catalogs thinned by the shipped θ-conditional completeness S(F, s | θ) (the
+        default of `~astrotrunc.PopulationInference`; recorded in ``completeness``) by
+        ``benchmarks/r4_vs_exact.py`` (see ``astrotrunc/data/README.rst``), where it matches the
+        exact catalog likelihood with the same S (Jensen-Shannon divergence of every 1-D
+        marginal ≤ 0.05 on 24 catalogs of the shipped detector; the largest, 0.033, is σ_F's for
+        a catalog with θ = (142, 2.77, 10.1)). No flux cut (``flux_threshold=None``).
         """
         return cls.load_shipped(_DEFAULT_R4)
+
+    def check_completeness(self, completeness) -> bool:
+        """Whether r4 was trained against ``completeness``; if not, warn, naming both.
+
+        Parameters
+        ----------
+        completeness : `~astrotrunc.CompletenessFunction`, its table, or a `completeness_record`
+            The S of the inference r4 is used in.
+
+        Returns
+        -------
+        bool
+            `True` when the recorded identities agree. Otherwise an
+            `~astrotrunc.AstrotruncWarning` says that the neural detected branch
+            follows r4's S, not this one (also when r4 does not record its S).
+
+        Examples
+        --------
+        >>> import warnings
+        >>> from astrotrunc import CompletenessFunction, ConditionalCompleteness
+        >>> from astrotrunc.inference import (DetectedCatalogRatio, ReferenceDensity,
+        ...                                   completeness_record)
+        >>> S = ConditionalCompleteness(detector_id="example")
+        >>> est = DetectedCatalogRatio(ReferenceDensity((16, 16)), hidden=8,
+        ...                            completeness=completeness_record(S))
+        >>> est.check_completeness(S)
+        True
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     est.check_completeness(CompletenessFunction(detector_id="example"))
+        False
+        >>> "theta-averaged" in str(seen[0].message)
+        True
+        """
+        from ..exceptions import AstrotruncWarning
+
+        if isinstance(completeness, dict):
+            if not {"kind", "identity"} <= set(completeness):
+                msg = f"a completeness record needs 'kind' and 'identity', got {completeness!r}"
+                raise ValueError(msg)
+            want = completeness
+        else:
+            want = completeness_record(completeness)
+        have = self.completeness
+        if have is not None and have.get("identity") is not None \
+                and have.get("identity") == want.get("identity"):
+            return True
+        name = lambda r: (f"the {r['kind']} completeness {r.get('identity')} (detector "  # noqa: E731
+                          f"{r.get('detector_id')})")
+        trained = "an unrecorded completeness" if have is None else name(have)
+        warnings.warn(f"r4 was trained on catalogs thinned by {trained}, this inference uses "
+                      f"{name(want)}: the neural detected branch follows r4's S (the exact route "
+                      "follows this inference's S)", AstrotruncWarning, stacklevel=2)
+        return False
 
     def reference_log_ratio(self, features) -> torch.Tensor:
         """``(B,)`` log p(S_det) / ρ(S_det) of embedded catalogs (the θ-free factor of r4)."""
@@ -540,7 +631,7 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
                 "n_features": self.embedding_kwargs["n_features"],
                 "set_hidden": self.embedding_kwargs["hidden"], "hidden": self.hidden,
                 "n_blocks": self.n_blocks, "dropout": self.dropout,
-                "log_params": list(self.log_params)}
+                "log_params": list(self.log_params), "completeness": self.completeness}
 
 
 class NeuralCatalogLikelihood:
@@ -702,10 +793,63 @@ def _heads_grid(est, features, z):
     return torch.cat(out, -1)
 
 
+def completeness_record(completeness) -> dict:
+    """Which S a model was trained against: its kind, identity and detector (JSON-ready).
+
+    Parameters
+    ----------
+    completeness : `~astrotrunc.CompletenessFunction` or `~astrotrunc.truncation.CompletenessTable`
+        S, or its table.
+
+    Returns
+    -------
+    dict
+        ``kind`` (``'theta-averaged'`` or ``'theta-conditional'``), ``identity``
+        (`~astrotrunc.CompletenessFunction.identity`, `None` for an S without one) and
+        ``detector_id``.
+
+    Examples
+    --------
+    >>> from astrotrunc import ConditionalCompleteness
+    >>> from astrotrunc.inference import completeness_record
+    >>> rec = completeness_record(ConditionalCompleteness(detector_id="example"))
+    >>> rec["kind"], rec["detector_id"], len(rec["identity"])
+    ('theta-conditional', 'example', 16)
+    """
+    s = completeness.completeness if isinstance(completeness, CompletenessTable) else completeness
+    if s is None or not hasattr(s, "logit_table"):
+        msg = f"expected a completeness function or its table, got {type(completeness).__name__}"
+        raise TypeError(msg)
+    conditional = _conditional(completeness) or hasattr(s, "theta_center")
+    ident = getattr(s, "identity", None)
+    detector = getattr(s, "detector_id", None)
+    return {"kind": "theta-conditional" if conditional else "theta-averaged",
+            "identity": None if ident is None else str(ident),
+            "detector_id": None if detector is None else str(detector)}
+
+
 def _as_table(completeness, model, mask=None):
     if isinstance(completeness, CompletenessTable):
         return completeness
-    return CompletenessTable(completeness, model.geometry, mask)
+    return completeness_table(completeness, model, mask)
+
+
+def _conditional(table):
+    return isinstance(table, ConditionalCompletenessTable)
+
+
+def _node_tables(table, nodes_per_call=8):
+    """S ``(n_nodes, n_pixels, n_flux)`` of a conditional table on every pixel (cached on it)."""
+    cached = table.__dict__.get("_r4_node_tables")
+    if cached is None:
+        npix = table.shape[0] * table.shape[1]
+        cached = torch.empty(table.n_nodes, npix, table.n_flux)
+        pixels = torch.arange(npix)
+        with torch.no_grad():
+            for nodes in torch.arange(table.n_nodes).split(nodes_per_call):
+                cached[nodes] = table.all_nodes(pixels, nodes=nodes).float()
+        table.__dict__["_r4_node_tables"] = cached
+    return cached
 
 
 def _generator(generator):
