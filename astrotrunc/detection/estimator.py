@@ -240,13 +240,13 @@ class SourceDetector(RatioEstimator):
                self.normalization,
                self.background, self.base_channels, self.depth, self.flux_unit, self.name,
                self.default_flux_threshold)
-        cached = self.__dict__.get("_identity_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        cfg = self.config
-        cfg.pop("domain", None)
-        self.__dict__["_identity_cache"] = (key, weights_identity(cfg, self.state_dict().values()))
-        return self.__dict__["_identity_cache"][1]
+
+        def digest():
+            cfg = self.config
+            cfg.pop("domain", None)
+            return weights_identity(cfg, self.state_dict().values())
+
+        return self._cached("_identity_cache", key, digest)
 
     def _inference_logits(self, maps, channel=None):
         """Evaluation-mode logits ``(n, n_channels or 1, H, W)`` of maps ``(n, H, W)``, fast.
@@ -256,15 +256,12 @@ class SourceDetector(RatioEstimator):
         `torch.inference_mode`; it is rebuilt when the weights change. Equal to
         ``self.eval()(maps)`` to float32 rounding; never used in training.
         """
-        key = (self._weights_key(), channel)
-        cached = self.__dict__.get("_inference_net")
-        if cached is None or cached[0] != key:
-            net = inference_copy(self.net, None if channel is None else [channel])
-            cached = self.__dict__["_inference_net"] = (key, net)
+        net = self._cached("_inference_net", (self._weights_key(), channel),
+                           lambda: inference_copy(self.net, None if channel is None else [channel]))
         device = self.psf_stamp.device
         with torch.inference_mode():
             x = self.preprocess(torch.as_tensor(maps, dtype=torch.float32, device=device))
-            return cached[1](x.contiguous(memory_format=torch.channels_last))
+            return net(x.contiguous(memory_format=torch.channels_last))
 
     # -- NRE engine interface ------------------------------------------------------------
     def preprocess(self, data: torch.Tensor) -> torch.Tensor:

@@ -417,17 +417,16 @@ class FluxEstimator(RatioEstimator):
 
     def _inference_net(self):
         """The network's channels-last copy for inference (rebuilt when the weights change)."""
-        key = self._weights_key()
-        cached = self.__dict__.get("_inference_copy")
-        if cached is None or cached[0] != key:
+        def build():
             net = copy.deepcopy(self.net).eval().to(memory_format=torch.channels_last)
             for p in net.parameters():
                 p.requires_grad_(False)
             for m in net.modules():
                 if isinstance(m, nn.ReLU):
                     m.inplace = True
-            cached = self.__dict__["_inference_copy"] = (key, net)
-        return cached[1]
+            return net
+
+        return self._cached("_inference_copy", self._weights_key(), build)
 
     def loss(self, batch) -> torch.Tensor:
         """Pinball (quantile) loss of ``batch["log_flux"]`` (true ``ln F``), mean over levels."""

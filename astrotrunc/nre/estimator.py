@@ -119,6 +119,17 @@ class RatioEstimator(nn.Module):
         self.__dict__.pop("_tensor_list", None)  # .to(), .float(), ... may replace tensors
         return super()._apply(fn, *args, **kwargs)
 
+    def _cached(self, name, key, build):
+        """``build()``, kept (as ``name``, outside the state dict) until ``key`` changes.
+
+        For state derived from the weights -- inference copies of the network, hashes -- with
+        ``key`` including `_weights_key`.
+        """
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[name] = (key, build())
+        return cached[1]
+
     def loss(self, batch) -> torch.Tensor:
         """Contrastive NRE loss of a batch (see `contrastive_loss`); override it for others."""
         return contrastive_loss(self, batch, key=self.theta_key, reference=self.reference)
