@@ -111,6 +111,21 @@ def _crowding(cut):
     return level
 
 
+def _group_quantiles(values, levels, groups, n_groups, n_crowd, min_group):
+    """Per calibration group, the quantile at ``levels[j]`` of each column ``j`` of ``values``.
+
+    A group with fewer than ``min_group`` rows takes those of its whole flux bin (the groups
+    ``n_crowd`` at a time), or 1 when that has too few too. Returns ``(n_groups, n_columns)``.
+    """
+    out = np.ones((n_groups, values.shape[1]))
+    for g in range(n_groups):
+        for sel in (groups == g, groups // n_crowd == g // n_crowd):
+            if sel.sum() >= min_group:
+                out[g] = [np.quantile(values[sel, j], lv) for j, lv in enumerate(levels)]
+                break
+    return out
+
+
 def _quantile_cdf(q, z_levels, value):
     """P(ln F <= value) of quantile functions ``q (n, k)`` at values ``(n, m)``.
 
@@ -606,21 +621,10 @@ class FluxEstimator(RatioEstimator):
             ratio = (rows["log_flux"][:, None] - q[:, k:k + 1]) / (q - q[:, k:k + 1])
         level = np.asarray(self.levels)
         level = np.where(level > 0.5, level, 1 - level)  # below the median the gap is negative
-
-        def factors(sel):
-            if sel.sum() < min_group:
-                return None
-            return np.array([1.0 if j == k else np.quantile(ratio[sel, j], level[j])
-                             for j in range(len(level))])
-
+        ratio[:, k] = 1.0  # the median is not moved
         n_groups = (len(edges["flux_edges"]) + 1) * n_crowd
-        scale, counts = np.ones((n_groups, len(level))), np.zeros(n_groups, int)
-        for g in range(n_groups):
-            counts[g] = (groups == g).sum()
-            f = factors(groups == g)
-            if f is None:
-                f = factors(groups // n_crowd == g // n_crowd)
-            scale[g] = 1.0 if f is None else f
+        counts = np.bincount(groups, minlength=n_groups)
+        scale = _group_quantiles(ratio, level, groups, n_groups, n_crowd, min_group)
         self.calibration["counts"] = counts.tolist()
         self.calibration["psf_maps"] = 0  # set by _calibrate_psf once its factors exist
         self.register_buffer("_calibration", torch.as_tensor(scale, dtype=torch.float32))
@@ -665,12 +669,8 @@ class FluxEstimator(RatioEstimator):
         groups, dist = np.concatenate(groups), np.concatenate(dist)
         n_crowd = len(self.calibration["crowding_edges"]) + 1
         levels = np.array([0.95, 0.84, 0.84])
-        factors = np.ones((len(self.calibration["counts"]), 3))
-        for g in range(len(factors)):
-            for sel in (groups == g, groups // n_crowd == g // n_crowd):
-                if sel.sum() >= min_group:
-                    factors[g] = [np.quantile(dist[sel, j], levels[j]) for j in range(3)]
-                    break
+        factors = _group_quantiles(dist, levels, groups, len(self.calibration["counts"]), n_crowd,
+                                   min_group)
         self.calibration.update(psf_maps=n_maps, psf_seed=seed, psf_detections=len(groups))
         self.register_buffer("_calibration_psf", torch.as_tensor(factors, dtype=torch.float32))
         self.__dict__.pop("_tensor_list", None)

@@ -506,12 +506,7 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
                          hidden=hidden, n_blocks=n_blocks, dropout=dropout, x_key="x",
                          theta_key="theta", reference_key="x_ref", joint=True)
         self.reference_density = reference
-        if completeness is not None and not (
-                isinstance(completeness, dict) and {"kind", "identity"} <= set(completeness)):
-            msg = ("completeness must be a completeness_record (a dict with 'kind' and "
-                   f"'identity') or None, got {completeness!r}")
-            raise ValueError(msg)
-        self.completeness = None if completeness is None else dict(completeness)
+        self.completeness = None if completeness is None else _checked_record(completeness)
         unknown = [p for p in log_params if p not in self.param_names]
         if unknown:
             msg = f"log_params {unknown} are not parameters of r4 ({list(self.param_names)})"
@@ -574,13 +569,8 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         """
         from ..exceptions import AstrotruncWarning
 
-        if isinstance(completeness, dict):
-            if not {"kind", "identity"} <= set(completeness):
-                msg = f"a completeness record needs 'kind' and 'identity', got {completeness!r}"
-                raise ValueError(msg)
-            want = completeness
-        else:
-            want = completeness_record(completeness)
+        want = (_checked_record(completeness) if isinstance(completeness, dict)
+                else completeness_record(completeness))
         have = self.completeness
         if have is not None and have.get("identity") is not None \
                 and have.get("identity") == want.get("identity"):
@@ -793,6 +783,15 @@ def _heads_grid(est, features, z):
     if est.joint_head is not None:
         out.append(_channel_grid(est.joint_head, features, z.unsqueeze(1)))
     return torch.cat(out, -1)
+
+
+def _checked_record(record) -> dict:
+    """A copy of a `completeness_record` given as a dict (``ValueError`` if it is not one)."""
+    if not (isinstance(record, dict) and {"kind", "identity"} <= set(record)):
+        msg = ("expected a completeness_record (a dict with 'kind' and 'identity'), got "
+               f"{record!r}")
+        raise ValueError(msg)
+    return dict(record)
 
 
 def completeness_record(completeness) -> dict:
