@@ -136,6 +136,9 @@ def _add_train(sub):
     t.add_argument("--conditional", action="store_true",
                    help="completeness: S(F, l, b | θ), conditional on the population (crowding)")
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
+    t.add_argument("--space-to-depth", type=int, default=1,
+                   help="detector: run the U-Net on f x f pixel blocks folded into channels "
+                        "(2: about 4x faster)")
     t.add_argument("--half-size", type=int, default=7, help="photometry: cutout half size")
     t.add_argument("--hidden", type=int, default=64, help="photometry: hidden units")
     t.add_argument("--activation", choices=["silu", "relu"], default="silu",
@@ -201,6 +204,7 @@ def _train(args, model, trainer):
         est = SourceDetector.fit_to(model, PAPER_FLUX_THRESHOLDS, n_train=args.n_train,
                                     n_val=args.n_val, seed=args.seed,
                                     base_channels=args.channels, depth=args.depth,
+                                    space_to_depth=args.space_to_depth,
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold,
                                     store=args.store, client=args.client, **trainer)

@@ -40,8 +40,8 @@ class TeacherSimulations(DetectionSimulations):
         super().__init__(model, teacher.flux_thresholds, n_train, n_val, seed)
         self.teacher = teacher
 
-    def _batches(self, n, seed, batch_size):
-        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size):
+    def _batches(self, n, seed, batch_size, chunks=None):
+        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size, chunks=chunks):
             with torch.inference_mode():
                 probs = torch.sigmoid(self.teacher._inference_logits(sims.maps))
             yield {"x": sims.maps, "labels": probs.clone()}  # a normal tensor: autograd-safe
@@ -52,6 +52,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--base-channels", type=int, default=4)
     p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--space-to-depth", type=int, default=1)
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--epochs", type=int, default=8)
@@ -66,7 +67,9 @@ def main():
     teacher = default_detector()
     cfg = teacher.config
     cfg.update(base_channels=args.base_channels, depth=args.depth,
-               name=f"r1 distilled (base {args.base_channels}) from {teacher.identity}")
+               space_to_depth=args.space_to_depth,
+               name=f"r1 distilled (base {args.base_channels}, space-to-depth "
+                    f"{args.space_to_depth}) from {teacher.identity}")
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         student = SourceDetector(**cfg)

@@ -60,10 +60,10 @@ def _reference_logits(self, maps, channel=None):
     return out if channel is None else out[:, channel:channel + 1]
 
 
-def _tiny_detector(seed=0):
+def _tiny_detector(seed=0, space_to_depth=1):
     torch.manual_seed(seed)
     det = SourceDetector.from_model(PointSourceModel.paper(), [1.0, 10.0], base_channels=4,
-                                    depth=2)
+                                    depth=2, space_to_depth=space_to_depth)
     for m in det.modules():  # non-trivial BatchNorm statistics: the fusion has work to do
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -73,8 +73,9 @@ def _tiny_detector(seed=0):
     return det
 
 
-def test_inference_copy_matches_the_network_and_leaves_it_alone():
-    det = _tiny_detector()
+@pytest.mark.parametrize("space_to_depth", [1, 2])
+def test_inference_copy_matches_the_network_and_leaves_it_alone(space_to_depth):
+    det = _tiny_detector(space_to_depth=space_to_depth)
     x = det.preprocess(PointSourceModel.paper().simulate(3, seed=2).maps)
     before = {k: v.clone() for k, v in det.net.state_dict().items()}
     with torch.no_grad():
@@ -97,6 +98,28 @@ def test_fast_logits_follow_weight_changes():
     det.load_state_dict(_tiny_detector(seed=1).state_dict())
     assert torch.allclose(det._inference_logits(maps, 0), _reference_logits(det, maps, 0),
                           atol=1e-4, rtol=1e-4)
+
+
+def test_space_to_depth_detector(tmp_path):
+    """A detector on folded 2x2 pixel blocks: every pixel out, its own identity, saved and loaded
+    as such, tiled in multiples of its block on large maps; the shipped file is unchanged."""
+    det = _tiny_detector(space_to_depth=2)
+    assert det.net.head.out_channels == 2 * 4  # two F_th channels, four sub-pixels each
+    assert det.identity != _tiny_detector().identity
+    assert "space_to_depth" not in default_detector().config  # earlier files keep their identity
+    maps = PointSourceModel.paper().simulate(2, seed=4).maps
+    lo = det._inference_logits(maps, 1)
+    assert lo.shape == (2, 1, 128, 128)
+    assert torch.allclose(lo, _reference_logits(det, maps, 1), atol=1e-4, rtol=1e-4)
+    path = tmp_path / "s2d.safetensors"
+    det.save(path)
+    back = SourceDetector.load(path)
+    assert back.space_to_depth == 2 and back.identity == det.identity
+    odd = np.tile(maps[0].numpy(), (5, 4))[:601, :509]  # tiles of an odd-sized large map
+    lo = back.log_odds(odd)
+    assert lo.shape == odd.shape and np.isfinite(lo).all()
+    with pytest.raises(ValueError, match="space_to_depth"):
+        SourceDetector(space_to_depth=0)
 
 
 @pytest.mark.parametrize("deblend", [True, False])
