@@ -261,6 +261,38 @@ def _timed(fn):
     return time.perf_counter() - w0, time.process_time() - c0, res
 
 
+def stages(finder, maps):
+    """Where ``finder(m)``'s time goes on 128x128 maps: ms/map of each step, median of 3."""
+    items = [finder.prepare(m)[:2] for m in maps]
+    odds = [finder.detector.log_odds(d, b, flux_threshold=finder.flux_threshold,
+                                     tile_overlap=finder.tile_overlap) for d, b in items]
+    segms = [finder.segment(lo, b) for lo, (_, b) in zip(odds, items)]
+    cats = [finder.describe(d, lo, s, b) for (d, b), lo, s in zip(items, odds, segms)]
+    steps = {
+        "validation (prepare)": lambda: [finder.prepare(m) for m in maps],
+        "network (log_odds)": lambda: [finder.detector.log_odds(
+            d, b, flux_threshold=finder.flux_threshold, tile_overlap=finder.tile_overlap)
+            for d, b in items],
+        "segmentation + deblending": lambda: [finder.segment(lo, b)
+                                              for lo, (_, b) in zip(odds, items)],
+        "positions (centroids)": lambda: [finder.describe(d, lo, s, b)._centroids
+                                          for (d, b), lo, s in zip(items, odds, segms)],
+        "photometry (flux columns)": lambda: [c._flux for c in [
+            finder.describe(d, lo, s, b) for (d, b), lo, s in zip(items, odds, segms)]],
+        "table (QTable, cached columns)": lambda: [c.to_table() for c in cats],
+    }
+    for c in cats:
+        c.to_table()
+    out = {}
+    for name, fn in steps.items():
+        out[name] = float(np.median([1e3 * _timed(fn)[0] / len(maps) for _ in range(3)]))
+    out["photometry (flux columns)"] -= out["positions (centroids)"]  # it needs the positions
+    print(f"\nwhere find_sources' time goes (128x128, {len(maps)} maps, ms/map, median of 3)")
+    for name, ms in out.items():
+        print(f"  {name:32s} {ms:6.2f}")
+    return out
+
+
 def speed(det, maps, repeats, threads):
     """find_sources on 128x128 maps (one by one and find_batch of 64) and on one 2048x2048 map,
     beside DAOStarFinder, ``repeats`` times (medians printed); peak RSS of the process."""
@@ -283,6 +315,7 @@ def speed(det, maps, repeats, threads):
         r["dao_2048_s"], r["dao_2048_cpu_s"] = w, c
         rows.append(r)
     med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+    steps = stages(finder, maps[:50])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"\nspeed ({threads} torch threads, median of {repeats}; wall / CPU of the process; "
           f"load average {os.getloadavg()[0]:.1f})")
@@ -295,7 +328,7 @@ def speed(det, maps, repeats, threads):
           f"{med['r1_2048_cpu_s']:.2f}; {med['n_sources_2048']:.0f} sources)   DAOStarFinder "
           f"{med['dao_2048_s']:5.2f} s  (CPU {med['dao_2048_cpu_s']:.2f})")
     print(f"  peak RSS of the process {rss:.0f} MB")
-    return dict(med, threads=threads, repeats=repeats, peak_rss_mb=rss,
+    return dict(med, threads=threads, repeats=repeats, peak_rss_mb=rss, stages_ms=steps,
                 load_average=os.getloadavg()[0], detector_id=det.identity)
 
 

@@ -417,5 +417,15 @@ def test_shipped_detector_records_its_instrument():
     assert dom["statistics"]["n_maps"] == 1000
     from astrotrunc import CompletenessFunction
 
-    # the domain is descriptive: the identity, which pairs r2 with r1, is the same as before
-    assert det.identity == "21fddd5b790ec9d8" == CompletenessFunction.load_default().detector_id
+    from astrotrunc import ConditionalCompleteness
+    from astrotrunc.detection.photometry import default_photometry
+    from astrotrunc.inference import DetectedCatalogRatio, completeness_record
+
+    # every shipped model was made with the shipped detector (the domain is descriptive and
+    # not part of the identity that pairs them)
+    assert det.identity == CompletenessFunction.load_default().detector_id
+    assert det.identity == ConditionalCompleteness.load_default().detector_id
+    assert det.identity == default_photometry().detector_id
+    r4 = DetectedCatalogRatio.load_default()
+    assert r4.completeness == completeness_record(ConditionalCompleteness.load_default())
+    assert r4.completeness["detector_id"] == det.identity
