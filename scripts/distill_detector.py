@@ -59,6 +59,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--init", help="start from this student's weights (a longer distillation)")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
@@ -73,6 +74,11 @@ def main():
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         student = SourceDetector(**cfg)
+    if args.init:
+        start = SourceDetector.load(args.init)
+        if start.config | {"name": cfg["name"]} != student.config | {"name": cfg["name"]}:
+            raise SystemExit(f"--init {args.init} is not a student of this shape")
+        student.load_state_dict(start.state_dict())
     data = TeacherSimulations(model, teacher, args.n_train, args.n_val, args.seed)
     t0 = time.perf_counter()
     history = Trainer(max_epochs=args.epochs, batch_size=args.batch_size,
