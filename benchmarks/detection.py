@@ -152,6 +152,8 @@ def main():
                    help="depth figures of r1 only (the photutils finders do not change)")
     p.add_argument("--speed-repeats", type=int, default=3, help="0: no speed figures")
     p.add_argument("--output", help="JSON file name in benchmarks/output (detection.json)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="where r1's network runs in the speed figures")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -162,7 +164,7 @@ def main():
     maps = sims.maps.numpy().astype(np.float64)
     figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings}
     if args.speed_repeats > 0:
-        figures["speed"] = speed(det, maps, args.speed_repeats, args.threads)
+        figures["speed"] = speed(det, maps, args.speed_repeats, args.threads, args.backend)
     if not args.speed_only:
         figures.update(depth(args, det, sims, maps))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
@@ -271,8 +273,8 @@ def stages(finder, maps):
     steps = {
         "validation (prepare)": lambda: [finder.prepare(m) for m in maps],
         "network (log_odds)": lambda: [finder.detector.log_odds(
-            d, b, flux_threshold=finder.flux_threshold, tile_overlap=finder.tile_overlap)
-            for d, b in items],
+            d, b, flux_threshold=finder.flux_threshold, tile_overlap=finder.tile_overlap,
+            backend=finder.backend) for d, b in items],
         "segmentation + deblending": lambda: [finder.segment(lo, b)
                                               for lo, (_, b) in zip(odds, items)],
         "positions (centroids)": lambda: [finder.describe(d, lo, s, b)._centroids
@@ -293,10 +295,10 @@ def stages(finder, maps):
     return out
 
 
-def speed(det, maps, repeats, threads):
+def speed(det, maps, repeats, threads, backend="torch"):
     """find_sources on 128x128 maps (one by one and find_batch of 64) and on one 2048x2048 map,
     beside DAOStarFinder, ``repeats`` times (medians printed); peak RSS of the process."""
-    finder = NeuralSourceFinder(det)
+    finder = NeuralSourceFinder(det, backend=backend)
     _timed(lambda: finder(maps[0]))  # warm-up (builds the inference network)
     _timed(lambda: finder.find_batch(maps[:64]))
     big = np.tile(maps[0], (16, 16))
@@ -317,8 +319,8 @@ def speed(det, maps, repeats, threads):
     med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
     steps = stages(finder, maps[:50])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"\nspeed ({threads} torch threads, median of {repeats}; wall / CPU of the process; "
-          f"load average {os.getloadavg()[0]:.1f})")
+    print(f"\nspeed ({backend} backend, {threads} threads, median of {repeats}; wall / CPU of "
+          f"the process; load average {os.getloadavg()[0]:.1f})")
     print(f"  128x128 find_sources   {med['r1_128_ms']:7.1f} ms/map  (CPU "
           f"{med['r1_128_cpu_ms']:.1f})   DAOStarFinder {med['dao_128_ms']:6.1f} ms/map  (CPU "
           f"{med['dao_128_cpu_ms']:.1f})")
@@ -329,6 +331,7 @@ def speed(det, maps, repeats, threads):
           f"{med['dao_2048_s']:5.2f} s  (CPU {med['dao_2048_cpu_s']:.2f})")
     print(f"  peak RSS of the process {rss:.0f} MB")
     return dict(med, threads=threads, repeats=repeats, peak_rss_mb=rss, stages_ms=steps,
+                backend=backend,
                 load_average=os.getloadavg()[0], detector_id=det.identity)
 
 

@@ -2,6 +2,7 @@
 reference path it replaced: the same regions and catalog rows, to float tolerance."""
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -48,7 +49,7 @@ def _reference_regions(log_odds, threshold, n_pixels, mask, deblend):
     return SegmentationImage(basins)
 
 
-def _reference_logits(self, maps, channel=None):
+def _reference_logits(self, maps, channel=None, backend="torch"):
     """The plain evaluation-mode network (BatchNorm unfused, channels-first, all channels)."""
     was = self.training
     self.eval()
@@ -122,6 +123,45 @@ def test_space_to_depth_detector(tmp_path):
         SourceDetector(space_to_depth=0)
 
 
+@pytest.mark.parametrize("space_to_depth", [1, 2])
+def test_onnxruntime_backend_gives_the_torch_logits(space_to_depth):
+    pytest.importorskip("onnxruntime")
+    det = _tiny_detector(space_to_depth=space_to_depth)
+    sims = PointSourceModel.paper().simulate(2, seed=4).maps
+    for maps in (sims, sims[:, :77, :101]):  # the map's own shape and one the network pads
+        ref = det._inference_logits(maps, 1)
+        assert torch.allclose(det._inference_logits(maps, 1, "onnxruntime"), ref, atol=1e-4,
+                              rtol=1e-4)
+    big = np.tile(sims[0].numpy(), (5, 4))[:601, :509]  # tiled
+    np.testing.assert_allclose(det.log_odds(big, backend="onnxruntime"), det.log_odds(big),
+                               atol=1e-4, rtol=1e-4)
+    ref = det._inference_logits(sims, 1)
+    with torch.no_grad():
+        det.net.head.bias += 1.0  # the session follows the weights
+    assert torch.allclose(det._inference_logits(sims, 1, "onnxruntime"), ref + 1.0, atol=1e-4,
+                          rtol=1e-4)
+
+
+def test_onnxruntime_finder_gives_the_torch_catalog(one_thread):
+    pytest.importorskip("onnxruntime")
+    maps = PointSourceModel.paper().simulate(2, seed=8).maps.numpy()
+    torch_finder, ort_finder = NeuralSourceFinder(), NeuralSourceFinder(backend="onnxruntime")
+    for m in maps:
+        a, b = torch_finder(m), ort_finder(m)
+        assert len(a) == len(b) > 10
+        np.testing.assert_allclose(a["x_centroid"].value, b["x_centroid"].value, atol=1e-3)
+        np.testing.assert_allclose(a["flux"].value, b["flux"].value, rtol=1e-3)
+    np.testing.assert_array_equal(torch_finder.find_batch(maps), ort_finder.find_batch(maps))
+
+
+def test_backend_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        NeuralSourceFinder(backend="tensorrt")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    with pytest.raises(ImportError, match=r"astrotrunc\[onnx\]"):
+        NeuralSourceFinder(backend="onnxruntime")
+
+
 @pytest.mark.parametrize("deblend", [True, False])
 @pytest.mark.parametrize("n_pixels", [1, 3])
 def test_regions_equal_the_reference(deblend, n_pixels):
@@ -186,9 +226,9 @@ def test_large_maps_use_even_tiles_and_bounded_calls(monkeypatch):
     calls = []
     real = SourceDetector._inference_logits
 
-    def spy(self, maps, channel=None):
+    def spy(self, maps, channel=None, backend="torch"):
         calls.append(tuple(maps.shape))
-        return real(self, maps, channel)
+        return real(self, maps, channel, backend)
 
     monkeypatch.setattr(SourceDetector, "_inference_logits", spy)
     big = np.tile(PointSourceModel.paper().simulate(1, seed=5).maps.numpy()[0], (5, 4))

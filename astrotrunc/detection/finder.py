@@ -192,6 +192,10 @@ class NeuralSourceFinder:
         detector's), ``'matched'`` otherwise.
     photometry : `~astrotrunc.detection.FluxEstimator`, optional
         The learned flux estimator (the shipped one when it was trained for ``detector``).
+    backend : {'torch', 'onnxruntime'}
+        Where the detector's network runs: torch (the reference) or ONNX Runtime, faster on
+        CPUs (``pip install "astrotrunc[onnx]"``); the same catalogs to float32 rounding of
+        the odds.
 
     Raises
     ------
@@ -212,7 +216,7 @@ class NeuralSourceFinder:
 
     def __init__(self, detector=None, threshold=5.0, n_pixels=1, flux_threshold=None, *,
                  deblend=True, tile_overlap=32, batch_size=16, flux_method=None,
-                 photometry=None):
+                 photometry=None, backend="torch"):
         if detector is None:
             detector = default_detector()
         elif not isinstance(detector, SourceDetector):
@@ -238,8 +242,10 @@ class NeuralSourceFinder:
             msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
             raise ValueError(msg)
         self.batch_size = int(batch_size)
+        from ._onnx import check_backend
         from .photometry import resolve_photometry
 
+        self.backend = check_backend(backend)
         self.flux_method, self.photometry = resolve_photometry(detector, flux_method, photometry)
 
     def __repr__(self):
@@ -357,7 +363,7 @@ class NeuralSourceFinder:
         data, bad, unit, wcs = self.prepare(data, mask, wcs, _stacklevel=_stacklevel)
         log_odds = self.detector.log_odds(data, bad, flux_threshold=self.flux_threshold,
                                           tile_overlap=self.tile_overlap,
-                                          batch_size=self.batch_size)
+                                          batch_size=self.batch_size, backend=self.backend)
         segm = self.segment(log_odds, bad)
         if segm is None:
             warnings.warn("No sources were found (no region with odds above the threshold).",
@@ -480,9 +486,10 @@ class NeuralSourceFinder:
             if large:
                 logits = det.log_odds(chunk[0], bad[start].numpy(),
                                       flux_threshold=self.flux_threshold,
-                                      tile_overlap=self.tile_overlap)[None]
+                                      tile_overlap=self.tile_overlap, backend=self.backend)[None]
             else:
-                logits = det._inference_logits(chunk, k)[:, 0].cpu().numpy().astype(np.float64)
+                logits = det._inference_logits(chunk, k, self.backend)[:, 0]
+                logits = logits.cpu().numpy().astype(np.float64)
                 logits[bad[start:start + step].numpy()] = -np.inf
             yield from logits
 
@@ -518,11 +525,12 @@ def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):
 
 def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_pixels=1,
                  flux_threshold=None, deblend=True, return_segmentation=False, flux_method=None,
-                 photometry=None):
+                 photometry=None, backend="torch"):
     """Detect point sources with the r1 detector: one catalog row per region with odds > threshold.
 
     A thin wrapper: ``NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold,
-    deblend=deblend, flux_method=flux_method, photometry=photometry)(data, mask, wcs)``; see
+    deblend=deblend, flux_method=flux_method, photometry=photometry, backend=backend)(data,
+    mask, wcs)``; see
     `NeuralSourceFinder` for the settings and `NeuralSourceFinder.__call__` for the map and the
     catalog.
 
@@ -550,6 +558,8 @@ def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_p
         How fluxes are measured (see `NeuralSourceFinder`).
     photometry : `~astrotrunc.detection.FluxEstimator`, optional
         The learned flux estimator (the shipped one for the default detector).
+    backend : {'torch', 'onnxruntime'}
+        Where the network runs (see `NeuralSourceFinder`).
 
     Returns
     -------
@@ -568,6 +578,6 @@ def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_p
     ['id', 'x_centroid', 'y_centroid', 'sky_centroid']
     """
     finder = NeuralSourceFinder(detector, threshold, n_pixels, flux_threshold, deblend=deblend,
-                                flux_method=flux_method, photometry=photometry)
+                                flux_method=flux_method, photometry=photometry, backend=backend)
     # warnings point at the caller of find_sources
     return finder(data, mask, wcs, return_segmentation=return_segmentation, _stacklevel=4)
