@@ -139,10 +139,12 @@ class RegionCatalog:
         `~astrotrunc.detection.photometry`).
     photometry : `~astrotrunc.detection.photometry.FluxEstimator`, optional
         The learned estimator (``'neural'``; the confusion term of ``'psf'``).
+    backend : {'torch', 'onnxruntime'}
+        Where the flux estimator's network runs.
     """
 
     def __init__(self, data, log_odds, segm, bad, detector, wcs=None, flux_unit=None, meta=None,
-                 *, flux_method="matched", photometry=None):
+                 *, flux_method="matched", photometry=None, backend="torch"):
         self.data, self.log_odds, self.segm, self.bad = data, log_odds, segm, bad
         self.detector, self.wcs = detector, wcs
         self.flux_unit = u.Unit(flux_unit if flux_unit is not None else detector.flux_unit)
@@ -151,7 +153,7 @@ class RegionCatalog:
             msg = (f"flux_method must be one of {sorted(FLUX_DESCRIPTIONS)} ('neural' needs a "
                    f"FluxEstimator), got {flux_method!r}")
             raise ValueError(msg)
-        self.flux_method, self.photometry = flux_method, photometry
+        self.flux_method, self.photometry, self.backend = flux_method, photometry, backend
 
     def __len__(self):
         return len(self.segm.labels)
@@ -228,7 +230,8 @@ class RegionCatalog:
         from .photometry import measure_fluxes
 
         columns = measure_fluxes(self.flux_method, self.data, self.bad, *self._centroids,
-                                 self.detector, self.photometry, matched=self._matched)
+                                 self.detector, self.photometry, matched=self._matched,
+                                 backend=self.backend)
         scale = u.Unit(self.detector.flux_unit).to(self.flux_unit) * self.flux_unit
         return tuple(c * scale for c in columns)
 

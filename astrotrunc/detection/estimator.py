@@ -273,10 +273,11 @@ class SourceDetector(RatioEstimator):
         if backend == "onnxruntime":
             from ._onnx import OnnxNetwork
 
+            m = self.space_to_depth * 2**self.depth
             net = self._cached(
                 "_onnx_net", (self._weights_key(), channel, torch.get_num_threads()),
                 lambda: OnnxNetwork(inference_copy(self.net, keep),
-                                    self.space_to_depth * 2**self.depth))
+                                    (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m))
         else:
             net = self._cached("_inference_net", (self._weights_key(), channel),
                                lambda: inference_copy(self.net, keep))

@@ -416,7 +416,7 @@ class NeuralSourceFinder:
         bad = np.zeros(np.shape(data), bool) if bad is None else np.asarray(bad, bool)
         return RegionCatalog(data, log_odds, segm, bad, self.detector, wcs, flux_unit=unit,
                              meta=self.settings, flux_method=self.flux_method,
-                             photometry=self.photometry)
+                             photometry=self.photometry, backend=self.backend)
 
     # -- many maps -----------------------------------------------------------------------------
     def find_batch(self, maps, mask=None):

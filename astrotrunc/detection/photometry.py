@@ -443,6 +443,17 @@ class FluxEstimator(RatioEstimator):
 
         return self._cached("_inference_copy", self._weights_key(), build)
 
+    def _onnx_net(self):
+        """The network as an ONNX Runtime session (``backend="onnxruntime"``; rebuilt likewise)."""
+        from ._onnx import OnnxNetwork
+
+        size = 2 * self.half_size + 1
+        example = (torch.zeros(1, 2, size, size), torch.zeros(1, 3))
+        # one thread: a few hundred cutouts are too little work to share (and a second thread
+        # pool would spin against the detector's)
+        return self._cached("_onnx_copy", self._weights_key(),
+                            lambda: OnnxNetwork(self._inference_net(), example, threads=1))
+
     def loss(self, batch) -> torch.Tensor:
         """Pinball (quantile) loss of ``batch["log_flux"]`` (true ``ln F``), mean over levels."""
         q = self(batch)
@@ -473,20 +484,23 @@ class FluxEstimator(RatioEstimator):
         """
         return self._predict(data, bad, x, y, matched, batch_size)[0]
 
-    def _predict(self, data, bad, x, y, matched, batch_size=4096):
+    def _predict(self, data, bad, x, y, matched, batch_size=4096, backend="torch"):
         """Calibrated quantiles ``(n, k)`` and the crowding ``(n,)`` of detections at (x, y)."""
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         if len(x) == 0:
             return np.zeros((0, len(self.levels))), np.zeros(0)
         cut, offset = _cutouts(data, bad, x, y, self.half_size, self.background)
         matched = np.nan_to_num(np.asarray(matched, np.float32), nan=0.0, posinf=0.0)
-        q, crowd = self._raw_log_quantiles(cut, offset, matched, batch_size), _crowding(cut)
+        q = self._raw_log_quantiles(cut, offset, matched, batch_size, backend)
+        crowd = _crowding(cut)
         return (q if self.calibration is None else self._calibrated(q, crowd)), crowd
 
-    def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096):
-        """The network's quantiles ``(n, k)`` (float64) of cutouts, offsets and matched fluxes."""
+    def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096, backend="torch"):
+        """The network's quantiles ``(n, k)`` (float64) of cutouts, offsets and matched fluxes;
+        the network runs in torch or (``backend="onnxruntime"``) ONNX Runtime."""
         device = next(self.parameters()).device
-        net, out = self._inference_net(), []
+        net = self._onnx_net() if backend == "onnxruntime" else self._inference_net()
+        out = []
         with torch.inference_mode():  # inference mode: a third faster
             for i in range(0, len(cut), batch_size):
                 batch = {"cutout": torch.as_tensor(cut[i:i + batch_size], device=device),
@@ -936,7 +950,8 @@ def resolve_photometry(detector, flux_method=None, photometry=None):
     return method, (photometry if method != "matched" else None)
 
 
-def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matched=None):
+def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matched=None,
+                   backend="torch"):
     """The catalog's ``flux, flux_err, flux_lo, flux_hi`` (detector units) by one method.
 
     Parameters
@@ -956,6 +971,8 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
         Required by ``'neural'``.
     matched : tuple of arrays, optional
         Precomputed ``detector.estimate_flux(data, x, y, bad)``.
+    backend : {'torch', 'onnxruntime'}
+        Where the flux estimator's network runs.
 
     Returns
     -------
@@ -971,7 +988,7 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
         raise ValueError(msg)
     q = crowding = None
     if photometry is not None:
-        q, crowding = photometry._predict(data, bad, x, y, m_flux)
+        q, crowding = photometry._predict(data, bad, x, y, m_flux, backend=backend)
     if method == "neural":
         return flux_summary(q, photometry.levels)
     flux, fit_err = psf_photometry(data, bad, x, y, detector)
