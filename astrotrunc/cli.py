@@ -257,6 +257,9 @@ def _add_detect(sub):
     d.add_argument("--flux-threshold", type=float, default=None, help="detector F_th channel")
     d.add_argument("--n-pixels", type=int, default=1, help="minimum region size (pixels)")
     d.add_argument("--detector", help="detector file (default: the shipped one)")
+    d.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="where the networks run: torch or ONNX Runtime (faster on CPUs; pip "
+                        "install 'astrotrunc[onnx]'); the same catalogs")
     d.add_argument("--center", type=float, nargs=2, metavar=("L", "B"),
                    help="HEALPix input: centre (deg) of the patch to project to")
     d.add_argument("--shape", type=int, nargs=2, metavar=("NY", "NX"),
@@ -291,14 +294,16 @@ def _cmd_detect(args):
                       resolution=args.resolution * u.deg)
     nd = read_map(args.map, **kwargs)
     det = SourceDetector.load(args.detector) if args.detector else None
-    finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold)
+    finder = NeuralSourceFinder(det, args.threshold, args.n_pixels, args.flux_threshold,
+                                backend=args.backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoDetectionsWarning)  # reported below
         if isinstance(nd, HealpixMap):  # the whole sky, in overlapping patches
             from .survey import find_sources_healpix
 
             cat = find_sources_healpix(nd, detector=det, threshold=args.threshold,
-                                       flux_threshold=args.flux_threshold, workers=args.workers)
+                                       flux_threshold=args.flux_threshold, workers=args.workers,
+                                       backend=args.backend)
         else:
             cat = finder(nd)
     if cat is None:
@@ -331,7 +336,8 @@ def _cmd_detect_many(args):
     try:
         merged = find_sources_many(args.map, out_dir=args.out_dir, detector=det,
                                    workers=args.workers, overwrite=args.overwrite,
-                                   threshold=args.threshold, flux_threshold=args.flux_threshold)
+                                   threshold=args.threshold, flux_threshold=args.flux_threshold,
+                                   backend=args.backend)
     except RuntimeError as err:  # some maps failed; the others' catalogs are written
         print(f"astrotrunc detect: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err

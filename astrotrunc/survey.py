@@ -30,6 +30,7 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .detection import SourceDetector, default_detector, find_sources
+from .detection._onnx import check_backend
 from .exceptions import AstrotruncWarning
 from .io import HealpixMap, _check_writable, _frame, make_wcs
 
@@ -580,7 +581,8 @@ def _merge_patches(cats, match_radius_deg, min_edge):
 def find_sources_healpix(hpx_map, *, nside=None, nest=False, frame="galactic", detector=None,
                          resolution=None, patch_size=128, overlap=32, projection="CAR",
                          client=None, workers=None, threshold=5.0, flux_threshold=None,
-                         n_pixels=1, match_radius=None, max_stretch=1.05, progress=True):
+                         n_pixels=1, match_radius=None, max_stretch=1.05, progress=True,
+                         backend="torch"):
     """Detect point sources on a whole HEALPix map: one all-sky catalog.
 
     The sphere is cut into overlapping patches at the detector's pixel scale
@@ -632,7 +634,7 @@ def find_sources_healpix(hpx_map, *, nside=None, nest=False, frame="galactic", d
         Run the patches on this cluster; a local pool of ``workers`` threads when `None`.
     workers : int, optional
         Threads of the local pool (the number of CPUs by default; 1 runs serially).
-    threshold, flux_threshold, n_pixels
+    threshold, flux_threshold, n_pixels, backend
         As in :func:`~astrotrunc.find_sources`.
     match_radius : `~astropy.units.Quantity`, optional
         Two detections from different patches closer than this are one source; 3 patch pixels
@@ -683,7 +685,8 @@ def find_sources_healpix(hpx_map, *, nside=None, nest=False, frame="galactic", d
     match_deg = 3 * res if match_radius is None else u.Quantity(match_radius, u.deg).value
     patches = healpix_patches(res, patch_size, overlap, projection, hmap.frame, max_stretch)
     inner = (_band_px(patches[0], max_stretch), overlap / 2)
-    settings = {"threshold": float(threshold), "flux_threshold": f_th, "n_pixels": n_pixels}
+    settings = {"threshold": float(threshold), "flux_threshold": f_th, "n_pixels": n_pixels,
+                "backend": check_backend(backend)}
 
     was_training = detector.training
     detector.eval()  # the pool threads share the network: no mode switches while they run
@@ -861,7 +864,7 @@ def _detect_map(detector, settings, key, healpix_kwargs, item, name, path, inner
 
 def find_sources_many(maps, *, out_dir, detector=None, client=None, workers=None,
                       overwrite=False, names=None, threshold=5.0, flux_threshold=None,
-                      n_pixels=1, healpix_kwargs=None, progress=True):
+                      n_pixels=1, healpix_kwargs=None, progress=True, backend="torch"):
     """Detect sources in many maps: one catalog per map plus a merged one, resumable.
 
     Every map is a Dask task that reads it, detects (:func:`~astrotrunc.find_sources` for
@@ -892,7 +895,7 @@ def find_sources_many(maps, *, out_dir, detector=None, client=None, workers=None
     names : sequence of str, optional
         Catalog names (file stems); by default the file names of the maps without their
         extensions, ``map0000``, ``map0001``, ... for maps in memory.
-    threshold, flux_threshold, n_pixels
+    threshold, flux_threshold, n_pixels, backend
         As in :func:`~astrotrunc.find_sources`.
     healpix_kwargs : dict, optional
         More arguments of :func:`find_sources_healpix` for HEALPix maps (``patch_size``,
@@ -953,6 +956,7 @@ def find_sources_many(maps, *, out_dir, detector=None, client=None, workers=None
     settings = {"threshold": float(threshold), "flux_threshold": f_th, "n_pixels": int(n_pixels)}
     healpix_kwargs = dict(healpix_kwargs or {})
     key = _run_key(detector, {**settings, **{k: str(v) for k, v in healpix_kwargs.items()}})
+    settings["backend"] = check_backend(backend)  # same catalogs: not part of the run's key
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():

@@ -1,5 +1,6 @@
 """The ``astrotrunc`` command line: simulate, train, detect; outputs checked first, all or none."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -51,6 +52,12 @@ def test_simulate_then_detect(obs, tmp_path):
     assert len(c) > 0 and "sky_centroid" in c.colnames and c.meta["threshold"] == 5.0
     assert c.meta["n_pixels"] == 1 and "detector_id" in c.meta
     assert len(Regions.read(reg, format="ds9")) == len(c)
+    if importlib.util.find_spec("onnxruntime") is not None:  # the same catalog through ORT
+        ort = tmp_path / "cat_ort.ecsv"
+        assert main(["detect", str(path), "--out", str(ort), "--backend", "onnxruntime"]) == 0
+        o = QTable.read(ort)
+        assert len(o) == len(c)
+        np.testing.assert_allclose(o["flux"].value, c["flux"].value, rtol=1e-3)
 
 
 def test_several_maps_and_truth_are_written_together(tmp_path):
