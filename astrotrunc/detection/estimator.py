@@ -25,6 +25,7 @@ from torch import nn
 from .._utils import nearest_pixel, validate_map, weights_identity
 from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
+from ._onnx import OnnxNetwork, check_backend
 from .domain import instrument_domain
 from .labels import DetectionSimulations, StoredDetectionSimulations
 from .tiling import tiled
@@ -271,8 +272,6 @@ class SourceDetector(RatioEstimator):
         """
         keep = None if channel is None else [channel]
         if backend == "onnxruntime":
-            from ._onnx import OnnxNetwork
-
             m = self.space_to_depth * 2**self.depth
             net = self._cached(
                 "_onnx_net", (self._weights_key(), channel, torch.get_num_threads()),
@@ -370,8 +369,6 @@ class SourceDetector(RatioEstimator):
             Float64 log-odds; ``-inf`` at bad pixels (filled at the network's input with the
             mean of their valid neighbours, see `fill_bad_pixels`).
         """
-        from ._onnx import check_backend
-
         check_backend(backend)
         data, bad, _ = validate_map(data, mask)
         bad |= ~np.isfinite(data)

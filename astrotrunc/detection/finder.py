@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from .._utils import validate_map
 from ..exceptions import AstrotruncWarning, OutOfDomainWarning
+from ._onnx import check_backend
 from .catalog import RegionCatalog
 from .domain import domain_differences, nonphysical_limit
 from .estimator import SourceDetector, default_detector, fill_bad_pixels
@@ -242,7 +243,6 @@ class NeuralSourceFinder:
             msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
             raise ValueError(msg)
         self.batch_size = int(batch_size)
-        from ._onnx import check_backend
         from .photometry import resolve_photometry
 
         self.backend = check_backend(backend)

@@ -58,6 +58,7 @@ from torch import nn
 
 from .._utils import nearest_pixel
 from ..nre import RatioEstimator, Trainer
+from ._onnx import OnnxNetwork
 
 __all__ = ["FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry",
            "flux_summary", "measure_fluxes", "QUANTILE_LEVELS", "FLUX_METHODS"]
@@ -445,8 +446,6 @@ class FluxEstimator(RatioEstimator):
 
     def _onnx_net(self):
         """The network as an ONNX Runtime session (``backend="onnxruntime"``; rebuilt likewise)."""
-        from ._onnx import OnnxNetwork
-
         size = 2 * self.half_size + 1
         example = (torch.zeros(1, 2, size, size), torch.zeros(1, 3))
         # one thread: a few hundred cutouts are too little work to share (and a second thread
