@@ -1,4 +1,4 @@
-"""Optional ONNX Runtime inference of the r1 network (``pip install "astrotrunc[onnx]"``).
+"""Optional ONNX Runtime inference of the detection networks (``pip install "astrotrunc[onnx]"``).
 
 The torch path is the reference; this one runs the same inference networks (r1's BatchNorm-fused
 U-Net and the flux estimator's cutout network, each exported once per set of weights, in memory)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -115,7 +116,7 @@ class SourceDetector(RatioEstimator):
         self.flux_unit = u.Unit(flux_unit).to_string()
         self.name = str(name)
         self.default_flux_threshold = float(default_flux_threshold or thr[0])
-        if isinstance(space_to_depth, bool) or int(space_to_depth) != space_to_depth \
+        if not isinstance(space_to_depth, numbers.Integral) or isinstance(space_to_depth, bool) \
                 or not 1 <= int(space_to_depth) <= 8:
             msg = f"space_to_depth must be an integer in [1, 8], got {space_to_depth!r}"
             raise ValueError(msg)
