@@ -65,6 +65,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--photometry", default=None,
                    help="a FluxEstimator file (default: the shipped one)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="where the networks run (the same fluxes; the speed figures differ)")
     p.add_argument("--uncalibrated", action="store_true",
                    help="drop the estimator's conformal calibration (the raw network)")
     args = p.parse_args()
@@ -77,9 +79,10 @@ def main():
         est.calibration = None
     print(f"flux estimator: {args.photometry or 'shipped'}, activation {est.activation}, "
           f"calibration {est.calibration}")
-    neural = NeuralSourceFinder(flux_threshold=args.flux_threshold, photometry=est)
+    neural = NeuralSourceFinder(flux_threshold=args.flux_threshold, photometry=est,
+                                backend=args.backend)
     matched_finder = NeuralSourceFinder(flux_threshold=args.flux_threshold,
-                                        flux_method="matched")
+                                        flux_method="matched", backend=args.backend)
     print(f"{neural!r}, flux_method={neural.flux_method!r}")
     sims = model.simulate(args.n_maps, seed=args.seed)
     rows = {m: {k: [] for k in ("true", "b", "flux", "err", "lo", "hi")}
