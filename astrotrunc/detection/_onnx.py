@@ -8,6 +8,7 @@ Their outputs equal the torch ones to float32 rounding (tested).
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -59,7 +60,9 @@ class OnnxNetwork:
 
     def __init__(self, net, example, multiple=None, threads=None):
         ort = _import()
-        net = net.to(memory_format=torch.contiguous_format)
+        # a copy: `Module.to` works in place, and the caller's (cached, channels-last) network
+        # must stay as it is
+        net = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
         names = [f"x{i}" for i in range(len(example))]
         axes = {name: {0: "n"} for name in names}
         if multiple:
