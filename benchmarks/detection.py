@@ -154,17 +154,22 @@ def main():
     p.add_argument("--output", help="JSON file name in benchmarks/output (detection.json)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="where r1's network runs in the speed figures")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the networks (torch backend): 'cpu', 'cuda'...")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     model = PointSourceModel.paper()
     det = SourceDetector.load(args.detector) if args.detector else default_detector()
+    det.to(args.device)
     n_sims = 64 if args.speed_only else args.n_maps + args.n_tune
     sims = model.simulate(max(n_sims, 64), seed=args.seed)
     maps = sims.maps.numpy().astype(np.float64)
-    figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings}
+    figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings,
+               "device": _device_name(args.device)}
     if args.speed_repeats > 0:
-        figures["speed"] = speed(det, maps, args.speed_repeats, args.threads, args.backend)
+        figures["speed"] = speed(det, maps, args.speed_repeats, args.threads, args.backend,
+                                 args.device)
     if not args.speed_only:
         figures.update(depth(args, det, sims, maps))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
@@ -295,10 +300,19 @@ def stages(finder, maps):
     return out
 
 
-def speed(det, maps, repeats, threads, backend="torch"):
+def _device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def speed(det, maps, repeats, threads, backend="torch", device="cpu"):
     """find_sources on 128x128 maps (one by one and find_batch of 64) and on one 2048x2048 map,
     beside DAOStarFinder, ``repeats`` times (medians printed); peak RSS of the process."""
     finder = NeuralSourceFinder(det, backend=backend)
+    if finder.photometry is not None:
+        finder.photometry.to(device)
     _timed(lambda: finder(maps[0]))  # warm-up (builds the inference network)
     _timed(lambda: finder.find_batch(maps[:64]))
     big = np.tile(maps[0], (16, 16))
@@ -319,8 +333,8 @@ def speed(det, maps, repeats, threads, backend="torch"):
     med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
     steps = stages(finder, maps[:50])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"\nspeed ({backend} backend, {threads} threads, median of {repeats}; wall / CPU of "
-          f"the process; load average {os.getloadavg()[0]:.1f})")
+    print(f"\nspeed ({backend} backend on {_device_name(device)}, {threads} threads, median of "
+          f"{repeats}; wall / CPU of the process; load average {os.getloadavg()[0]:.1f})")
     print(f"  128x128 find_sources   {med['r1_128_ms']:7.1f} ms/map  (CPU "
           f"{med['r1_128_cpu_ms']:.1f})   DAOStarFinder {med['dao_128_ms']:6.1f} ms/map  (CPU "
           f"{med['dao_128_cpu_ms']:.1f})")
@@ -331,7 +345,7 @@ def speed(det, maps, repeats, threads, backend="torch"):
           f"{med['dao_2048_s']:5.2f} s  (CPU {med['dao_2048_cpu_s']:.2f})")
     print(f"  peak RSS of the process {rss:.0f} MB")
     return dict(med, threads=threads, repeats=repeats, peak_rss_mb=rss, stages_ms=steps,
-                backend=backend,
+                backend=backend, device=_device_name(device),
                 load_average=os.getloadavg()[0], detector_id=det.identity)
 
 
