@@ -136,6 +136,8 @@ def _add_train(sub):
     t.add_argument("--conditional", action="store_true",
                    help="completeness: S(F, l, b | θ), conditional on the population (crowding)")
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
+    t.add_argument("--init", help="detector: start from this detector file's weights (same "
+                                  "--channels, --depth and --space-to-depth)")
     t.add_argument("--space-to-depth", type=int, default=1,
                    help="detector: run the U-Net on f x f pixel blocks folded into channels "
                         "(2: about 4x faster)")
@@ -172,7 +174,7 @@ def _add_train(sub):
 
 def _cmd_train(args):
     (out,) = _check_outputs([args.out], args.overwrite,
-                            inputs=[args.detector] if args.detector else ())
+                            inputs=[f for f in (args.detector, args.init) if f])
     if args.resume and not args.checkpoint_dir:
         msg = "--resume needs --checkpoint-dir (where the checkpoint is)"
         raise ValueError(msg)
@@ -207,7 +209,8 @@ def _train(args, model, trainer):
                                     space_to_depth=args.space_to_depth,
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold,
-                                    store=args.store, client=args.client, **trainer)
+                                    store=args.store, client=args.client, init=args.init,
+                                    **trainer)
     elif args.what == "photometry":
         if args.store is not None:
             raise ValueError("--store is for the detector; the photometry labels its own "

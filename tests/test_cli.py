@@ -140,6 +140,14 @@ def test_train_detector_and_completeness(tmp_path):
 
     d, s = SourceDetector.load(det), CompletenessFunction.load(comp)
     assert s.detector_id == d.identity and d.domain["statistics"]["n_maps"] == 8
+    # fine-tuning from that detector, recorded in the new file
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(["train", "detector", "--out", str(tuned), "--init", str(det), "--n-train", "4",
+                 "--n-val", "4", "--epochs", "1", "--batch-size", "4", "--channels", "2",
+                 "--depth", "1", "--domain-maps", "0", "--quiet"]) == 0
+    assert SourceDetector.load(tuned).metadata["training"]["init"] == d.identity
+    assert main(["train", "detector", "--out", str(tuned), "--overwrite", "--init", str(det),
+                 "--channels", "4", "--depth", "1", "--n-train", "4", "--quiet"]) == 2
     # a model file is never an output over its own input
     assert main(["train", "completeness", "--detector", str(det), "--out", str(det),
                  "--overwrite", "--n-maps", "4", "--quiet"]) == 2

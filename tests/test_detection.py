@@ -217,6 +217,24 @@ def test_fit_to_is_reproducible_and_records_the_domain(model):
     assert 0 < lo <= hi
 
 
+def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
+    kw = dict(n_train=8, n_val=4, base_channels=4, depth=1, domain_maps=0, max_epochs=1,
+              batch_size=4, progress=False)
+    a = SourceDetector.fit_to(model, [10.0], **kw)
+    a.save(tmp_path / "a.safetensors")
+    # a vanishing learning rate: the weights stay those of ``a`` (not a new initialisation)
+    b = SourceDetector.fit_to(model, [10.0], init=tmp_path / "a.safetensors", seed=3,
+                              learning_rate=1e-12, **kw)
+    start = dict(a.net.named_parameters())
+    assert all(torch.allclose(p, start[n], atol=1e-8) for n, p in b.net.named_parameters())
+    assert b.history.meta["trainer"]["init"] == a.identity
+    b.save(tmp_path / "b.safetensors")
+    assert SourceDetector.load(tmp_path / "b.safetensors").metadata["training"]["init"] == (
+        a.identity)
+    with pytest.raises(ValueError, match="architecture"):
+        SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "base_channels": 6})
+
+
 def test_shipped_detector_finds_bright_sources(model):
     det = default_detector()
     assert os.path.getsize(det._source_path) <= 5 * 2**20

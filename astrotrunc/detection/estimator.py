@@ -163,7 +163,7 @@ class SourceDetector(RatioEstimator):
     def fit_to(cls, model, flux_thresholds=PAPER_FLUX_THRESHOLDS, *, n_train=20000, n_val=1000,
                seed=0, domain_maps=1000, base_channels=16, depth=3, name="r1",
                default_flux_threshold=None, resume=False, store=None, client=None,
-               space_to_depth=1, **trainer_kwargs):
+               space_to_depth=1, init=None, **trainer_kwargs):
         """A detector trained on fresh simulations of ``model`` (the one-liner).
 
         Equivalent to ``det = SourceDetector.from_model(model, ...)`` then
@@ -193,6 +193,13 @@ class SourceDetector(RatioEstimator):
             and the other ranks wait.
         client : `distributed.Client`, str or None
             Where the store is filled (see `~astrotrunc.store.SimulationStore.fill`).
+        init : `SourceDetector`, str or path-like, optional
+            Start from this detector's network weights instead of random ones (fine-tuning:
+            a longer schedule, or the shipped detector adapted to another instrument of the
+            same map shape). Its ``base_channels``, ``depth``, ``space_to_depth`` and flux
+            thresholds must be those asked for; the instrument (PSF, exposure...) is
+            ``model``'s. Its identity is recorded with the training settings
+            (``history.meta["trainer"]["init"]``, in a saved file ``metadata["training"]``).
         **trainer_kwargs
             Passed to `~astrotrunc.nre.Trainer` (``max_epochs``, ``batch_size``,
             ``learning_rate``, ``checkpoint_dir``, ``progress``, ``nproc``...; with
@@ -218,6 +225,8 @@ class SourceDetector(RatioEstimator):
                                  base_channels=base_channels, depth=depth, name=name,
                                  default_flux_threshold=default_flux_threshold,
                                  space_to_depth=space_to_depth)
+        if init is not None:
+            init = _initial_weights(det, init)
         if store is None:
             data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed)
         else:
@@ -226,6 +235,8 @@ class SourceDetector(RatioEstimator):
             trainer_kwargs.setdefault("val_fraction", n_val / (n_train + n_val))
         trainer_kwargs.setdefault("seed", seed)
         det.history = Trainer(**trainer_kwargs).fit(det, data, resume=resume)
+        if init is not None:
+            det.history.meta["trainer"]["init"] = init
         return det
 
     @property
@@ -532,3 +543,18 @@ def _psf_stamp(model) -> np.ndarray:
     r = max(ny // 2 - rows.min(), rows.max() - ny // 2, nx // 2 - cols.min(), cols.max() - nx // 2)
     stamp = mu[ny // 2 - r: ny // 2 + r + 1, nx // 2 - r: nx // 2 + r + 1]
     return stamp / stamp.sum()
+
+
+def _initial_weights(det, init):
+    """Copy the network weights of ``init`` (a detector or its file) into ``det``; its identity.
+    """
+    if not isinstance(init, SourceDetector):
+        init = SourceDetector.load(init)
+    mine = (det.base_channels, det.depth, det.space_to_depth, det.flux_thresholds)
+    theirs = (init.base_channels, init.depth, init.space_to_depth, init.flux_thresholds)
+    if mine != theirs:
+        msg = ("init must have the architecture asked for (base_channels, depth, "
+               f"space_to_depth, flux_thresholds): it has {theirs}, the detector {mine}")
+        raise ValueError(msg)
+    det.net.load_state_dict(init.net.state_dict())
+    return init.identity
