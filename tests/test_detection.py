@@ -233,6 +233,18 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
         a.identity)
     with pytest.raises(ValueError, match="architecture"):
         SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "base_channels": 6})
+    with pytest.raises(ValueError, match="architecture"):
+        SourceDetector.fit_to(model, [11.0], init=a, **kw)
+    # thresholds equal to float rounding (as a file's JSON may write them) are the same
+    SourceDetector.fit_to(model, [10.0 * (1 + 1e-15)], init=a, **kw)
+    # the shipped detector's file holds the paper thresholds to fewer digits than computed
+    from astrotrunc.detection import PAPER_FLUX_THRESHOLDS
+    from astrotrunc.detection.estimator import _initial_weights
+
+    fresh = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS)
+    assert _initial_weights(fresh, default_detector()) == default_detector().identity
+    shipped = dict(default_detector().net.named_parameters())
+    assert all(torch.equal(p, shipped[n]) for n, p in fresh.net.named_parameters())
 
 
 def test_shipped_detector_finds_bright_sources(model):

@@ -552,7 +552,10 @@ def _initial_weights(det, init):
         init = SourceDetector.load(init)
     mine = (det.base_channels, det.depth, det.space_to_depth, det.flux_thresholds)
     theirs = (init.base_channels, init.depth, init.space_to_depth, init.flux_thresholds)
-    if mine != theirs:
+    # flux thresholds equal to float rounding (a file's JSON may hold them to fewer digits)
+    same_thr = len(mine[3]) == len(theirs[3]) and all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(mine[3], theirs[3]))
+    if mine[:3] != theirs[:3] or not same_thr:
         msg = ("init must have the architecture asked for (base_channels, depth, "
                f"space_to_depth, flux_thresholds): it has {theirs}, the detector {mine}")
         raise ValueError(msg)
