@@ -33,7 +33,7 @@ python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-dept
 
 chain_a() {
     T python -m astrotrunc.cli train completeness --out "$data/completeness_paper.safetensors" \
-        --n-maps 2000 --n-val 200 --flux-threshold 10 --epochs 20 --batch-size 1024 \
+        --n-maps 4000 --n-val 400 --flux-threshold 10 --epochs 20 --batch-size 1024 \
         --learning-rate 3e-3 --seed 0 --overwrite --quiet
     T python -m astrotrunc.cli train completeness --conditional \
         --out "$data/completeness_conditional_paper.safetensors" --n-maps 4000 --n-val 400 \

@@ -237,13 +237,15 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
         SourceDetector.fit_to(model, [11.0], init=a, **kw)
     # thresholds equal to float rounding (as a file's JSON may write them) are the same
     SourceDetector.fit_to(model, [10.0 * (1 + 1e-15)], init=a, **kw)
-    # the shipped detector's file holds the paper thresholds to fewer digits than computed
+    # the shipped detector as the start of a fine-tuning run of the paper model
     from astrotrunc.detection import PAPER_FLUX_THRESHOLDS
     from astrotrunc.detection.estimator import _initial_weights
 
-    fresh = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS)
-    assert _initial_weights(fresh, default_detector()) == default_detector().identity
-    shipped = dict(default_detector().net.named_parameters())
+    ship = default_detector()
+    fresh = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS, depth=ship.depth,
+                                      base_channels=ship.base_channels)
+    assert _initial_weights(fresh, ship) == ship.identity
+    shipped = dict(ship.net.named_parameters())
     assert all(torch.equal(p, shipped[n]) for n, p in fresh.net.named_parameters())
 
 
