@@ -157,6 +157,8 @@ def main():
     p.add_argument("--device", default="cpu",
                    help="torch device of the networks (torch backend): 'cpu', 'cuda'...")
     args = p.parse_args()
+    if args.backend == "onnxruntime" and torch.device(args.device).type != "cpu":
+        p.error("--backend onnxruntime runs on the CPU: leave --device out")
     torch.set_num_threads(args.threads)
 
     model = PointSourceModel.paper()

@@ -225,8 +225,7 @@ class SourceDetector(RatioEstimator):
                                  base_channels=base_channels, depth=depth, name=name,
                                  default_flux_threshold=default_flux_threshold,
                                  space_to_depth=space_to_depth)
-        if init is not None:
-            init = _initial_weights(det, init)
+        init_id = None if init is None else _initial_weights(det, init)
         if store is None:
             data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed)
         else:
@@ -235,8 +234,8 @@ class SourceDetector(RatioEstimator):
             trainer_kwargs.setdefault("val_fraction", n_val / (n_train + n_val))
         trainer_kwargs.setdefault("seed", seed)
         det.history = Trainer(**trainer_kwargs).fit(det, data, resume=resume)
-        if init is not None:
-            det.history.meta["trainer"]["init"] = init
+        if init_id is not None:
+            det.history.meta["trainer"]["init"] = init_id
         return det
 
     @property
