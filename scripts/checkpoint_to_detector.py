@@ -18,12 +18,8 @@ Run: ``python scripts/checkpoint_to_detector.py CHECKPOINT_DIR OUT [--channels 1
 """
 
 import argparse
-import json
-import os
 
-from safetensors.torch import load_file
-
-from astrotrunc import PointSourceModel, SourceDetector
+from astrotrunc import PointSourceModel, SourceDetector, Trainer
 from astrotrunc.detection import PAPER_FLUX_THRESHOLDS
 
 
@@ -40,12 +36,9 @@ def main():
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
 
-    with open(os.path.join(args.checkpoint_dir, "checkpoint.json")) as f:
-        summary = json.load(f)
-    if summary.get("architecture") != "SourceDetector":
+    best, summary = Trainer.best_weights(args.checkpoint_dir)
+    if summary["architecture"] != "SourceDetector":
         raise SystemExit(f"{args.checkpoint_dir}: not a detector checkpoint ({summary})")
-    state = load_file(os.path.join(args.checkpoint_dir, "checkpoint.safetensors"))
-    best = {k[len("best."):]: v for k, v in state.items() if k.startswith("best.")}
     det = SourceDetector.from_model(
         PointSourceModel.paper(), PAPER_FLUX_THRESHOLDS, domain_maps=args.domain_maps,
         base_channels=args.channels, depth=args.depth, space_to_depth=args.space_to_depth,

@@ -169,6 +169,12 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
     assert list(h3["val_loss"]) == list(h2["val_loss"])
     for a, b in zip(e2.state_dict().values(), e3.state_dict().values()):
         torch.testing.assert_close(a, b)
+    # the best weights of a checkpoint, as a stopped run's result
+    best, info = Trainer.best_weights(tmp_path)
+    assert info["architecture"] == "MarginalRatioEstimator" and info["epoch"] == 3
+    assert info["best"] == pytest.approx(min(h2["val_loss"]))
+    for name, value in e2.state_dict().items():
+        torch.testing.assert_close(best[name], value)
     # a checkpoint is refused by another architecture
     with pytest.raises(ValueError, match="does not fit"):
         Trainer(max_epochs=3, progress=False, checkpoint_dir=tmp_path).fit(
@@ -176,6 +182,8 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x80\x04junk")
     with pytest.raises(ValueError, match="not an astrotrunc checkpoint"):
         Trainer(max_epochs=3, progress=False, checkpoint_dir=tmp_path).fit(e3, data, resume=True)
+    with pytest.raises(ValueError, match="not an astrotrunc checkpoint"):
+        Trainer.best_weights(tmp_path)
 
 
 def test_seeded_trainer_leaves_the_global_rng_alone():

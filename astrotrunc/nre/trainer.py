@@ -439,14 +439,29 @@ class Trainer:
         _atomic(self.checkpoint_dir / _CKPT_SUMMARY,
                 lambda tmp: Path(tmp).write_text(json.dumps(summary, default=float)))
 
+    @staticmethod
+    def best_weights(checkpoint_dir):
+        """The best weights in the checkpoint of ``checkpoint_dir``, and its summary.
+
+        For a run stopped before its last epoch: ``est.load_state_dict(weights)`` gives the
+        estimator of the best validation loss so far (``scripts/checkpoint_to_detector.py``).
+
+        Returns
+        -------
+        weights : dict of `torch.Tensor`
+            A state dict of the checkpoint's architecture.
+        info : dict
+            ``architecture`` (class name), ``epoch`` and ``best`` (validation loss).
+        """
+        path = Path(checkpoint_dir) / _CKPT
+        meta = _read_checkpoint_meta(path)
+        weights = _prefixed(load_file(str(path)), "best.")
+        if not weights:
+            raise ValueError(f"{path} holds no best weights yet (no epoch finished)")
+        return weights, {k: meta[k] for k in ("architecture", "epoch", "best")}
+
     def _read_meta(self) -> dict:
-        path = self.checkpoint_dir / _CKPT
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return json.loads((f.metadata() or {})["astrotrunc-checkpoint"])
-        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ValueError(f"{path} is not an astrotrunc checkpoint (pickled files are refused): "
-                             f"{exc}") from None
+        return _read_checkpoint_meta(self.checkpoint_dir / _CKPT)
 
     def _restore(self, estimator, opt, sched, gen, group):
         meta = self._read_meta()
@@ -456,7 +471,7 @@ class Trainer:
                 f"the checkpoint in {self.checkpoint_dir} is for a {meta['architecture']}, "
                 f"not a {type(estimator).__name__}"
             )
-        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        model = _prefixed(tensors, "model.")
         try:
             estimator.load_state_dict(model)
         except RuntimeError as exc:
@@ -464,7 +479,7 @@ class Trainer:
                 f"the checkpoint in {self.checkpoint_dir} does not fit this estimator's "
                 f"architecture: {exc}"
             ) from None
-        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        best_state = _prefixed(tensors, "best.") or None
         opt_tensors = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
@@ -492,6 +507,20 @@ class Trainer:
         state = {k: meta[k] for k in ("epoch", "best", "stale", "done", "seed")}
         state["history"] = [tuple(h) for h in meta["history"]]
         return state, best_state
+
+
+def _read_checkpoint_meta(path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["astrotrunc-checkpoint"])
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"{path} is not an astrotrunc checkpoint (pickled files are refused): "
+                         f"{exc}") from None
+
+
+def _prefixed(tensors, prefix):
+    """The tensors whose names start with ``prefix``, without it (a state dict)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _history(rows, settings) -> QTable:
