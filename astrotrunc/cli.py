@@ -138,6 +138,9 @@ def _add_train(sub):
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
     t.add_argument("--init", help="detector: start from this detector file's weights (same "
                                   "--channels, --depth and --space-to-depth)")
+    t.add_argument("--simulation-device", default=None,
+                   help="detector: simulate the training maps on this device (e.g. cuda, to "
+                        "keep a GPU busy; default: the CPU)")
     t.add_argument("--space-to-depth", type=int, default=1,
                    help="detector: run the U-Net on f x f pixel blocks folded into channels "
                         "(2: about 4x faster)")
@@ -145,6 +148,9 @@ def _add_train(sub):
     t.add_argument("--hidden", type=int, default=64, help="photometry: hidden units")
     t.add_argument("--activation", choices=["silu", "relu"], default="silu",
                    help="photometry: the network's activation (relu is cheaper on CPUs)")
+    t.add_argument("--architecture", choices=["conv", "dense"], default="conv",
+                   help="photometry: convolutions of the cutout, or dense layers on all its "
+                        "pixels (cheaper on CPUs)")
     t.add_argument("--calibration-maps", type=int, default=600,
                    help="photometry: new maps the quantiles are calibrated on (0: none)")
     t.add_argument("--psf-calibration-maps", type=int, default=0,
@@ -210,6 +216,7 @@ def _train(args, model, trainer):
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold,
                                     store=args.store, client=args.client, init=args.init,
+                                    simulation_device=args.simulation_device,
                                     **trainer)
     elif args.what == "photometry":
         if args.store is not None:
@@ -225,6 +232,7 @@ def _train(args, model, trainer):
                                    seed=args.seed, half_size=args.half_size,
                                    channels=args.channels, hidden=args.hidden,
                                    activation=args.activation,
+                                   architecture=args.architecture,
                                    calibration_maps=args.calibration_maps,
                                    psf_calibration_maps=args.psf_calibration_maps, **trainer)
     else:

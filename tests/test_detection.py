@@ -237,6 +237,12 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
         SourceDetector.fit_to(model, [11.0], init=a, **kw)
     # thresholds equal to float rounding (as a file's JSON may write them) are the same
     SourceDetector.fit_to(model, [10.0 * (1 + 1e-15)], init=a, **kw)
+    # simulations on a named device (the trainer's GPU in practice) are recorded
+    c = SourceDetector.fit_to(model, [10.0], simulation_device="cpu", **kw)
+    assert c.history.meta["trainer"]["simulation_device"] == "cpu"
+    with pytest.raises(ValueError, match="simulation_device"):
+        SourceDetector.fit_to(model, [10.0], simulation_device="cpu",
+                              store=tmp_path / "s.zarr", **kw)
     # the shipped detector as the start of a fine-tuning run of the paper model
     from astrotrunc.detection import PAPER_FLUX_THRESHOLDS
     from astrotrunc.detection.estimator import _initial_weights

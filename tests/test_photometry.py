@@ -208,8 +208,10 @@ def test_crowding_is_the_median_of_valid_pixels():
     np.testing.assert_array_equal(_crowding(cut), expected)
 
 
-def test_fast_inference_copy_follows_the_weights():
-    est = FluxEstimator(half_size=3, channels=4, hidden=8, activation="relu")
+@pytest.mark.parametrize("architecture", ["conv", "dense"])
+def test_fast_inference_copy_follows_the_weights(architecture):
+    est = FluxEstimator(half_size=3, channels=4, hidden=8, activation="relu",
+                        architecture=architecture)
     rng = np.random.default_rng(1)
     args = (rng.normal(size=(20, 20)), None, rng.uniform(0, 19, 9), rng.uniform(0, 19, 9),
             rng.uniform(1, 50, 9))
@@ -223,6 +225,24 @@ def test_fast_inference_copy_follows_the_weights():
         np.testing.assert_allclose(est.log_quantiles(*args), est(batch).double(), atol=1e-5)
     with pytest.raises(ValueError, match="activation must be one of"):
         FluxEstimator(activation="tanh")
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        FluxEstimator(architecture="transformer")
+
+
+def test_dense_network_round_trips_and_runs_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    est = FluxEstimator(half_size=3, hidden=8, activation="relu", architecture="dense")
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in est.modules())
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(20, 20))
+    x, y, matched = rng.uniform(0, 19, 9), rng.uniform(0, 19, 9), rng.uniform(1, 50, 9)
+    est.save(tmp_path / "d.safetensors")
+    back = FluxEstimator.load(tmp_path / "d.safetensors")
+    assert back.architecture == "dense" and back.config == est.config
+    q = est.log_quantiles(data, None, x, y, matched)
+    np.testing.assert_allclose(back.log_quantiles(data, None, x, y, matched), q)
+    q_ort = back._predict(data, None, x, y, matched, backend="onnxruntime")[0]
+    np.testing.assert_allclose(q_ort, q, atol=1e-4)
 
 
 def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread):

@@ -163,7 +163,7 @@ class SourceDetector(RatioEstimator):
     def fit_to(cls, model, flux_thresholds=PAPER_FLUX_THRESHOLDS, *, n_train=20000, n_val=1000,
                seed=0, domain_maps=1000, base_channels=16, depth=3, name="r1",
                default_flux_threshold=None, resume=False, store=None, client=None,
-               space_to_depth=1, init=None, **trainer_kwargs):
+               space_to_depth=1, init=None, simulation_device=None, **trainer_kwargs):
         """A detector trained on fresh simulations of ``model`` (the one-liner).
 
         Equivalent to ``det = SourceDetector.from_model(model, ...)`` then
@@ -200,6 +200,10 @@ class SourceDetector(RatioEstimator):
             thresholds must be those asked for; the instrument (PSF, exposure...) is
             ``model``'s. Its identity is recorded with the training settings
             (``history.meta["trainer"]["init"]``, in a saved file ``metadata["training"]``).
+        simulation_device : str or `torch.device`, optional
+            Simulate the training maps there (`DetectionSimulations`' ``device``; e.g.
+            ``"cuda"`` when the trainer's ``device`` is a GPU, which CPU simulations cannot
+            keep busy). `None`: on the CPU. Not with ``store``.
         **trainer_kwargs
             Passed to `~astrotrunc.nre.Trainer` (``max_epochs``, ``batch_size``,
             ``learning_rate``, ``checkpoint_dir``, ``progress``, ``nproc``...; with
@@ -227,7 +231,11 @@ class SourceDetector(RatioEstimator):
                                  space_to_depth=space_to_depth)
         init_id = None if init is None else _initial_weights(det, init)
         if store is None:
-            data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed)
+            data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed,
+                                        device=simulation_device)
+        elif simulation_device is not None:
+            raise ValueError("simulation_device is for fresh simulations; a store's maps are "
+                             "simulated by its Dask client")
         else:
             data = _stored(model, store, det.flux_thresholds, n_train + n_val, min(64, n_val),
                            seed, client, trainer_kwargs)
@@ -236,6 +244,8 @@ class SourceDetector(RatioEstimator):
         det.history = Trainer(**trainer_kwargs).fit(det, data, resume=resume)
         if init_id is not None:
             det.history.meta["trainer"]["init"] = init_id
+        if simulation_device is not None:
+            det.history.meta["trainer"]["simulation_device"] = str(data.device)
         return det
 
     @property

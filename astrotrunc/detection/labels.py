@@ -57,6 +57,10 @@ class DetectionSimulations:
         Training maps per epoch and validation maps.
     seed : int
         Seed of the simulations (epoch ``e`` uses the stream ``(seed, 1, e)``).
+    device : str or `torch.device`, optional
+        Where the maps are simulated and labelled (``"cuda"``: on the GPU that trains, so that
+        the simulations keep up with it; the same statistics, other random numbers). `None`:
+        the CPU.
 
     Examples
     --------
@@ -70,19 +74,22 @@ class DetectionSimulations:
     (1, False)
     """
 
-    def __init__(self, model, flux_thresholds, n_train=20000, n_val=1000, seed=0):
+    def __init__(self, model, flux_thresholds, n_train=20000, n_val=1000, seed=0, device=None):
         if int(n_train) < 1 or int(n_val) < 1:
             msg = f"n_train and n_val must be at least 1, got {n_train}, {n_val}"
             raise ValueError(msg)
         self.model, self.flux_thresholds = model, tuple(float(f) for f in flux_thresholds)
         self.n_train, self.n_val, self.seed = int(n_train), int(n_val), int(seed)
+        self.device = None if device is None else torch.device(device)
 
     def __repr__(self):
+        where = "" if self.device is None else f", device='{self.device}'"
         return (f"DetectionSimulations(n_train={self.n_train}, n_val={self.n_val}, "
-                f"flux_thresholds={self.flux_thresholds}, seed={self.seed})")
+                f"flux_thresholds={self.flux_thresholds}, seed={self.seed}{where})")
 
     def _batches(self, n, seed, batch_size, chunks=None):
-        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size, chunks=chunks):
+        for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size, chunks=chunks,
+                                             device=self.device):
             yield {"x": sims.maps, "labels": detection_labels(sims, self.flux_thresholds)}
 
     def _chunks(self, n, batch_size, rank, world_size, pad):

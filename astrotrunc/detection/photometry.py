@@ -242,6 +242,27 @@ class _CutoutNet(nn.Module):
         return self.head(feats)
 
 
+class _DenseNet(nn.Module):
+    """All pixels of a cutout + scalar features -> median and positive quantile gaps.
+
+    Two hidden layers on the flattened cutout: a few large matrix products, about 6x cheaper on
+    CPUs than `_CutoutNet`'s small convolutions for the same detections.
+    """
+
+    def __init__(self, size, hidden, n_scalars, n_out, activation="relu"):
+        super().__init__()
+        act = _ACTIVATIONS[activation]
+        self.head = nn.Sequential(nn.Linear(2 * size * size + n_scalars, hidden), act(),
+                                  nn.Linear(hidden, hidden), act(), nn.Linear(hidden, n_out))
+
+    def forward(self, image, scalars):
+        return self.head(torch.cat([image.flatten(1), scalars], dim=1))
+
+
+#: Networks of a `FluxEstimator` (``architecture``).
+_ARCHITECTURES = ("conv", "dense")
+
+
 class FluxEstimator(RatioEstimator):
     """Learned photometry: quantiles of ``ln F`` of the source a detection stands for.
 
@@ -265,6 +286,10 @@ class FluxEstimator(RatioEstimator):
         Network width.
     activation : {'silu', 'relu'}
         The network's activation.
+    architecture : {'conv', 'dense'}
+        ``'conv'``: strided convolutions of the cutout (``channels`` wide) and a dense head;
+        ``'dense'``: two dense layers (``hidden`` wide) on all pixels of the cutout (cheaper on
+        CPUs; ``channels`` is not used).
     calibration : dict, optional
         Set by `calibrate` (its settings, bin edges and counts); `None`: uncalibrated.
     flux_floor : float
@@ -285,7 +310,8 @@ class FluxEstimator(RatioEstimator):
 
     def __init__(self, detector_id="", finder_settings=None, exposure=100.0, background=0.0,
                  normalization=1.0, half_size=7, channels=12, hidden=48, flux_floor=0.1,
-                 levels=QUANTILE_LEVELS, activation="silu", calibration=None):
+                 levels=QUANTILE_LEVELS, activation="silu", calibration=None,
+                 architecture="conv"):
         super().__init__()
         levels = tuple(float(v) for v in levels)
         if not levels or any(b <= a for a, b in zip(levels, levels[1:])) or not 0 < levels[0] \
@@ -299,6 +325,9 @@ class FluxEstimator(RatioEstimator):
         if activation not in _ACTIVATIONS:
             msg = f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}"
             raise ValueError(msg)
+        if architecture not in _ARCHITECTURES:
+            msg = f"architecture must be one of {_ARCHITECTURES}, got {architecture!r}"
+            raise ValueError(msg)
         if not (float(exposure) > 0 and float(flux_floor) > 0 and math.isfinite(exposure)):
             msg = f"exposure and flux_floor must be positive, got {exposure}, {flux_floor}"
             raise ValueError(msg)
@@ -308,8 +337,11 @@ class FluxEstimator(RatioEstimator):
         self.normalization, self.flux_floor = float(normalization), float(flux_floor)
         self.half_size, self.channels, self.hidden = int(half_size), int(channels), int(hidden)
         self.levels, self.activation = levels, str(activation)
-        self.net = _CutoutNet(2 * self.half_size + 1, self.channels, self.hidden, 3, len(levels),
-                              self.activation)
+        self.architecture = str(architecture)
+        size = 2 * self.half_size + 1
+        self.net = (_DenseNet(size, self.hidden, 3, len(levels), self.activation)
+                    if self.architecture == "dense" else
+                    _CutoutNet(size, self.channels, self.hidden, 3, len(levels), self.activation))
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32))
         self.calibration = None if calibration is None else dict(calibration)
         if self.calibration is not None:
@@ -361,7 +393,8 @@ class FluxEstimator(RatioEstimator):
         progress : bool
             Progress bars.
         **kwargs
-            `FluxEstimator` arguments (``half_size``, ``channels``, ``hidden``, ``activation``) and
+            `FluxEstimator` arguments (``half_size``, ``channels``, ``hidden``, ``activation``,
+            ``architecture``) and
             `~astrotrunc.nre.Trainer` arguments (``max_epochs``, ``batch_size``, ``nproc``...).
         resume : bool
             Continue from the trainer's checkpoint (``checkpoint_dir``).
@@ -376,7 +409,7 @@ class FluxEstimator(RatioEstimator):
         """
         finder = _detection_finder(finder)
         net_args = {k: kwargs.pop(k) for k in ("half_size", "channels", "hidden", "levels",
-                                                   "activation")
+                                                   "activation", "architecture")
                     if k in kwargs}
         data = PhotometrySimulations(model, finder, n_maps, n_val_maps, seed=seed,
                                      half_size=net_args.get("half_size", 7),
@@ -401,7 +434,7 @@ class FluxEstimator(RatioEstimator):
                     normalization=self.normalization, half_size=self.half_size,
                     channels=self.channels, hidden=self.hidden, flux_floor=self.flux_floor,
                     levels=list(self.levels), activation=self.activation,
-                    calibration=self.calibration)
+                    calibration=self.calibration, architecture=self.architecture)
 
     # -- the network -------------------------------------------------------------------------
     def _scale(self):
