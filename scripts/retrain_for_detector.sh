@@ -5,6 +5,9 @@
 #
 #   bash scripts/retrain_for_detector.sh NEW_DETECTOR.safetensors OUT_DIR
 #
+# CHAINS="a" or "b" runs one chain only (default "a b"; the depth benchmark runs with chain a);
+# PHOTOMETRY_ARGS replaces the photometry network's options (default: the shipped recipe's).
+#
 # OUT_DIR receives the new detector and, made with it, r2
 # (completeness_paper), the conditional r2, r4 (written only if it meets its JSD target) and the
 # photometry, plus the logs of the checks: the r1 depth benchmark, the r2 benchmark, r4 against
@@ -28,10 +31,12 @@ data="$work/astrotrunc/data"
 cd "$work"
 T() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
 
-python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \
-    > "$out/depth.log" 2>&1
+CHAINS=${CHAINS:-a b}
+PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture strided --channels 16 --hidden 64 --activation relu}
 
 chain_a() {
+    python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \
+        > "$out/depth.log" 2>&1
     T python -m astrotrunc.cli train completeness --out "$data/completeness_paper.safetensors" \
         --n-maps 4000 --n-val 400 --flux-threshold 10 --epochs 20 --batch-size 1024 \
         --learning-rate 3e-3 --seed 0 --overwrite --quiet
@@ -46,12 +51,11 @@ chain_a() {
 chain_b() {
     T python -m astrotrunc.cli train photometry --out "$data/photometry_paper.safetensors" \
         --n-maps 1500 --n-val 150 --epochs 15 --batch-size 512 --learning-rate 3e-3 \
-        --channels 16 --hidden 64 --seed 0 --activation relu --calibration-maps 600 \
-        --psf-calibration-maps 100 --overwrite --quiet
+        $PHOTOMETRY_ARGS --seed 0 --calibration-maps 600 --psf-calibration-maps 100 \
+        --overwrite --quiet
     T python benchmarks/photometry.py --n-maps 400 --n-psf-maps 0 --repeat 1 --threads 1
 }
-chain_a > "$out/chain_a.log" 2>&1 &
-chain_b > "$out/chain_b.log" 2>&1
+for c in $CHAINS; do "chain_$c" > "$out/chain_$c.log" 2>&1 & done
 wait
 find "$data" -name '*.safetensors' -newer "$out/.start" -exec cp {} "$out/" \;
 cp "$new" "$out/detector_paper.safetensors"

@@ -208,7 +208,7 @@ def test_crowding_is_the_median_of_valid_pixels():
     np.testing.assert_array_equal(_crowding(cut), expected)
 
 
-@pytest.mark.parametrize("architecture", ["conv", "dense"])
+@pytest.mark.parametrize("architecture", ["conv", "strided", "dense"])
 def test_fast_inference_copy_follows_the_weights(architecture):
     est = FluxEstimator(half_size=3, channels=4, hidden=8, activation="relu",
                         architecture=architecture)
