@@ -154,6 +154,8 @@ def _add_train(sub):
                         "pixels (cheapest)")
     t.add_argument("--calibration-maps", type=int, default=600,
                    help="photometry: new maps the quantiles are calibrated on (0: none)")
+    t.add_argument("--crowding-bins", type=int, default=4,
+                   help="photometry: crowding bins of the calibration groups")
     t.add_argument("--psf-calibration-maps", type=int, default=0,
                    help="photometry: maps the flux_method='psf' errors are calibrated on")
     t.add_argument("--domain-maps", type=int, default=1000,
@@ -235,7 +237,8 @@ def _train(args, model, trainer):
                                    activation=args.activation,
                                    architecture=args.architecture,
                                    calibration_maps=args.calibration_maps,
-                                   psf_calibration_maps=args.psf_calibration_maps, **trainer)
+                                   psf_calibration_maps=args.psf_calibration_maps,
+                                   n_crowding_bins=args.crowding_bins, **trainer)
     else:
         if args.store is not None:
             msg = "--store is for the detector; the completeness labels its own simulations"

@@ -5,7 +5,8 @@
 #
 #   bash scripts/retrain_for_detector.sh NEW_DETECTOR.safetensors OUT_DIR
 #
-# CHAINS="a" or "b" runs one chain only (default "a b"; the depth benchmark runs with chain a);
+# CHAINS="a" or "b" runs one chain only (default "a b"; the depth benchmark runs with chain a,
+# unless DEPTH=0);
 # PHOTOMETRY_ARGS replaces the photometry network's options (default: the shipped recipe's).
 #
 # OUT_DIR receives the new detector and, made with it, r2
@@ -35,7 +36,7 @@ CHAINS=${CHAINS:-a b}
 PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture strided --channels 16 --hidden 64 --activation relu}
 
 chain_a() {
-    python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \
+    [ "${DEPTH:-1}" = 0 ] || python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \
         > "$out/depth.log" 2>&1
     T python -m astrotrunc.cli train completeness --out "$data/completeness_paper.safetensors" \
         --n-maps 4000 --n-val 400 --flux-threshold 10 --epochs 20 --batch-size 1024 \

@@ -381,7 +381,7 @@ class FluxEstimator(RatioEstimator):
     @classmethod
     def fit_to(cls, model, finder=None, *, n_maps=1500, n_val_maps=150, seed=0, chunk_size=128,
                progress=True, resume=False, calibration_maps=600, psf_calibration_maps=0,
-               **kwargs):
+               n_crowding_bins=4, **kwargs):
         """An estimator trained on detections of fresh simulations of ``model`` (the one-liner).
 
         Parameters
@@ -407,6 +407,8 @@ class FluxEstimator(RatioEstimator):
         calibration_maps, psf_calibration_maps : int
             Then `calibrate` on this many new maps (seed ``seed + 1``; 0: not), and the PSF
             errors on that many more.
+        n_crowding_bins : int
+            Crowding bins of the calibration groups (`calibrate`).
 
         Returns
         -------
@@ -428,8 +430,8 @@ class FluxEstimator(RatioEstimator):
         est.history = Trainer(**kwargs).fit(est, data, resume=resume)
         if calibration_maps:
             est.calibrate(model, finder, n_maps=calibration_maps, seed=seed + 1,
-                          psf_maps=psf_calibration_maps, chunk_size=chunk_size,
-                          progress=progress)
+                          psf_maps=psf_calibration_maps, n_crowding_bins=n_crowding_bins,
+                          chunk_size=chunk_size, progress=progress)
         return est
 
     @property
