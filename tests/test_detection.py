@@ -240,6 +240,11 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
     # simulations on a named device (the trainer's GPU in practice) are recorded
     c = SourceDetector.fit_to(model, [10.0], simulation_device="cpu", **kw)
     assert c.history.meta["trainer"]["simulation_device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            SourceDetector.fit_to(model, [10.0], simulation_device="cuda", **kw)
+    with pytest.raises(ValueError, match="unknown device"):
+        SourceDetector.fit_to(model, [10.0], simulation_device="gpu9", **kw)
     with pytest.raises(ValueError, match="simulation_device"):
         SourceDetector.fit_to(model, [10.0], simulation_device="cpu",
                               store=tmp_path / "s.zarr", **kw)

@@ -40,6 +40,17 @@ def detection_labels(sims, flux_thresholds) -> torch.Tensor:
     return labels.view(n, len(thr), ny, nx)
 
 
+def _available_device(device):
+    """``torch.device(device)``, refused with a `ValueError` naming it when this machine has none."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
 class DetectionSimulations:
     """r1 training data as a batch source of `~astrotrunc.nre.Trainer.fit`.
 
@@ -80,7 +91,7 @@ class DetectionSimulations:
             raise ValueError(msg)
         self.model, self.flux_thresholds = model, tuple(float(f) for f in flux_thresholds)
         self.n_train, self.n_val, self.seed = int(n_train), int(n_val), int(seed)
-        self.device = None if device is None else torch.device(device)
+        self.device = None if device is None else _available_device(device)
 
     def __repr__(self):
         where = "" if self.device is None else f", device='{self.device}'"

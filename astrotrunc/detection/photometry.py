@@ -415,6 +415,8 @@ class FluxEstimator(RatioEstimator):
         `FluxEstimator`
             Trained (and calibrated); ``history`` holds the trainer's history.
         """
+        if int(n_crowding_bins) < 1:  # before the training, not after it
+            raise ValueError(f"n_crowding_bins must be >= 1, got {n_crowding_bins}")
         finder = _detection_finder(finder)
         net_args = {k: kwargs.pop(k) for k in ("half_size", "channels", "hidden", "levels",
                                                    "activation", "architecture")
