@@ -41,7 +41,7 @@ def detection_labels(sims, flux_thresholds) -> torch.Tensor:
 
 
 def _available_device(device):
-    """``torch.device(device)``, refused with a `ValueError` when this machine has no such device."""
+    """``torch.device(device)``, refused (`ValueError`) when this machine has no such device."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
