@@ -33,7 +33,8 @@ cd "$work"
 T() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
 
 CHAINS=${CHAINS:-a b}
-PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture strided --channels 16 --hidden 64 --activation relu}
+PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture strided --channels 16 --hidden 64 --activation relu \
+    --crowding-bins 8}
 
 chain_a() {
     [ "${DEPTH:-1}" = 0 ] || python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \
