@@ -223,6 +223,9 @@ class SourceDetector(RatioEstimator):
         >>> len(det.history), det.training
         (1, False)
         """
+        if store is not None and simulation_device is not None:  # before any work
+            raise ValueError("simulation_device is for fresh simulations; a store's maps are "
+                             "simulated by its Dask client")
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the initial weights: same call, same detector
             det = cls.from_model(model, flux_thresholds, domain_maps=domain_maps,
@@ -233,9 +236,6 @@ class SourceDetector(RatioEstimator):
         if store is None:
             data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed,
                                         device=simulation_device)
-        elif simulation_device is not None:
-            raise ValueError("simulation_device is for fresh simulations; a store's maps are "
-                             "simulated by its Dask client")
         else:
             data = _stored(model, store, det.flux_thresholds, n_train + n_val, min(64, n_val),
                            seed, client, trainer_kwargs)
