@@ -54,6 +54,19 @@ def evaluating(module):
         module.train(was_training)
 
 
+def available_device(device):
+    """``torch.device(device)``, refused (`ValueError`) when this machine has no such device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
 def nearest_pixel(coord, n):
     """Index of the pixel whose centre is nearest to ``coord`` (0-based), clipped to ``[0, n)``.
 

@@ -484,10 +484,13 @@ class CompletenessTable:
         i0 = pos.floor().long().clamp(max=self.n_flux - 2)
         return i0, (pos - i0).float()
 
-    def at_pixels(self, flux, pixel):
-        """S at fluxes ``flux`` in flat pixels ``pixel`` (same shapes), interpolated in log F."""
+    def at_pixels(self, flux, pixel, table=None):
+        """S at fluxes ``flux`` in flat pixels ``pixel`` (same shapes), interpolated in log F.
+
+        ``table``: a copy of `table` to read instead (on the device of ``flux``).
+        """
         i0, frac = self._flux_index(flux)
-        flat = self.table.reshape(-1)
+        flat = (self.table if table is None else table).reshape(-1)
         base = pixel * self.n_flux + i0
         return flat[base] * (1 - frac) + flat[base + 1] * frac
 

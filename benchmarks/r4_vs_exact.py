@@ -76,17 +76,17 @@ def train(args, model, table):
                                hidden=args.hidden, n_blocks=args.n_blocks,
                                completeness=completeness_record(table))
     data = DetectedCatalogs(model, table, est.reference_density, args.n_train, args.n_val,
-                            seed=args.seed)
+                            seed=args.seed, device=args.device)
     trainer = Trainer(max_epochs=args.epochs, batch_size=args.batch_size,
                       learning_rate=args.learning_rate, patience=args.epochs, progress=False,
-                      seed=args.seed, device="cpu")
+                      seed=args.seed, device=args.device)
     t0 = time.perf_counter()
     history = trainer.fit(est, data)
     seconds = time.perf_counter() - t0
     for row in history:
         print(f"  epoch {int(row['epoch']):3d}  train {float(row['train_loss']):.4f}  "
               f"val {float(row['val_loss']):.4f}  {float(row['time'].value):.1f} s")
-    return est, seconds, history
+    return est.cpu(), seconds, history
 
 
 def main(argv=None):
@@ -108,6 +108,11 @@ def main(argv=None):
                         default="conditional",
                         help="the shipped S(F, s | θ) (default) or the θ-averaged S(F, s)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu",
+                        help="where r4 trains and its catalogs are drawn (e.g. cuda); the "
+                             "comparison runs on the CPU")
+    parser.add_argument("--train-only", action="store_true",
+                        help="stop after training (with --checkpoint: evaluate later with --load)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--catalog-seed", type=int, default=None,
                         help="seed of the observed maps (default: seed + 1000)")
@@ -116,6 +121,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", help="also write the trained r4 here (always)")
     parser.add_argument("--save", help="write the trained r4 here if it meets the target")
     args = parser.parse_args(argv)
+    if args.train_only and not args.checkpoint:
+        parser.error("--train-only needs --checkpoint (where the trained r4 goes)")
     torch.set_num_threads(args.threads)
 
     model = PointSourceModel.paper()
@@ -138,7 +145,11 @@ def main(argv=None):
         result["training_seconds"] = seconds
         result["val_loss"] = [float(v) for v in history["val_loss"]]
         if args.checkpoint:
-            est.save(args.checkpoint, overwrite=True)
+            est.save(args.checkpoint, overwrite=True,
+                     metadata={"command": "benchmarks/r4_vs_exact.py", "settings": vars(args),
+                               "training_seconds": seconds})
+        if args.train_only:
+            return
 
     # observations: full-model maps, catalogs from the real detector
     catalog_seed = args.seed + 1000 if args.catalog_seed is None else args.catalog_seed

@@ -170,6 +170,11 @@ def test_bad_settings_are_refused():
     data = DetectedCatalogs(model, table, small.reference_density, 64, 8)
     with pytest.raises(ValueError, match="max_detected"):
         data.batch(torch.tensor([[60.0, 3.0, 20.0]] * 4), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unknown device"):
+        DetectedCatalogs(model, table, small.reference_density, 64, 8, device="gpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            DetectedCatalogs(model, table, small.reference_density, 64, 8, device="cuda")
 
 
 def test_save_load_round_trip(tmp_path, trained):
@@ -271,6 +276,10 @@ def test_conditional_thinning_follows_each_catalogs_theta():
     assert data.record == {"kind": "theta-conditional", "identity": None, "detector_id": None}
     counts = data.batch(theta[[0, -1]].repeat(50, 1), gen)["x"][..., -1].sum(1)
     assert counts[1::2].mean() > 5 * counts[::2].mean()  # 60 × 0.75 vs 5 × 0.2 sources
+    # drawn on a named device (the CPU here): the same catalogs as by default
+    on_cpu = DetectedCatalogs(model, _CrowdedCompleteness(), ref, 64, 16, device="cpu")
+    for a, b in zip(data.train_batches(32, 1), on_cpu.train_batches(32, 1)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_r4_records_its_completeness_and_warns_on_another(tmp_path):

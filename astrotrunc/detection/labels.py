@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .._utils import nearest_pixel
+from .._utils import available_device, nearest_pixel
 
 __all__ = ["detection_labels", "DetectionSimulations", "StoredDetectionSimulations"]
 
@@ -38,17 +38,6 @@ def detection_labels(sims, flux_thresholds) -> torch.Tensor:
     index = (iy * nx + ix)[:, None, :].expand_as(bright)
     labels.scatter_reduce_(2, index, bright.float(), reduce="amax")
     return labels.view(n, len(thr), ny, nx)
-
-
-def _available_device(device):
-    """``torch.device(device)``, refused (`ValueError`) when this machine has no such device."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
-    return dev
 
 
 class DetectionSimulations:
@@ -91,7 +80,7 @@ class DetectionSimulations:
             raise ValueError(msg)
         self.model, self.flux_thresholds = model, tuple(float(f) for f in flux_thresholds)
         self.n_train, self.n_val, self.seed = int(n_train), int(n_val), int(seed)
-        self.device = None if device is None else _available_device(device)
+        self.device = None if device is None else available_device(device)
 
     def __repr__(self):
         where = "" if self.device is None else f", device='{self.device}'"

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._utils import available_device
 from ..nre import DeepSetEmbedding, MarginalRatioEstimator
 from ..truncation import CompletenessTable, ConditionalCompletenessTable, completeness_table
 
@@ -259,13 +260,14 @@ class ReferenceDensity(nn.Module):
         The width is the largest count (at least 1); the last column is the presence mask.
         """
         gen = _generator(generator)
-        counts = torch.as_tensor(counts, dtype=torch.long).reshape(-1)
+        dev = self.pixel_weights.device
+        counts = torch.as_tensor(counts, dtype=torch.long, device=dev).reshape(-1)
         b, width = len(counts), max(int(counts.max()) if len(counts) else 0, 1)
         pixel = torch.multinomial(self.pixel_weights, b * width, replacement=True,
                                   generator=gen).reshape(b, width)
-        offset = torch.rand(b, width, 2, generator=gen) - 0.5
-        u_flux = torch.rand(b, width, generator=gen, dtype=torch.float64)
-        present = torch.arange(width)[None] < counts[:, None]
+        offset = torch.rand(b, width, 2, generator=gen, device=dev) - 0.5
+        u_flux = torch.rand(b, width, generator=gen, dtype=torch.float64, device=dev)
+        present = torch.arange(width, device=dev)[None] < counts[:, None]
         return self._pack(pixel, offset, u_flux, present)
 
     def sample_in_regions(self, regions, n, generator=None) -> torch.Tensor:
@@ -321,6 +323,9 @@ def simulate_detected(model, table, theta, generator=None):
     generator : `torch.Generator`, optional
         Random numbers.
 
+    Everything is drawn on the device of ``theta`` (and of ``generator``); the table is copied
+    there once and kept on it.
+
     Returns
     -------
     flux, pixel : `torch.Tensor`
@@ -337,12 +342,15 @@ def simulate_detected(model, table, theta, generator=None):
     flux, lon, lat, valid = model.sample_sources(theta, generator)
     x, y = model.geometry.world_to_pixel(lon, lat)
     pixel, inside = table.pixel(x, y)
-    if _conditional(table):
-        s = table.interpolate(_node_tables(table), flux, pixel, theta)
+    lookup = _lookup(table, theta.device)
+    if _conditional(table):  # only where a source exists (N varies: half the slots are padding)
+        on = valid & inside
+        s = torch.zeros(flux.shape, device=flux.device)
+        s[on] = table.interpolate(lookup, flux[on], pixel[on],
+                                  theta[on.nonzero(as_tuple=True)[0]])
     else:
-        s = table.at_pixels(flux, pixel)
-    s = torch.where(inside, s, 0.0)
-    detected = valid & inside & (torch.rand(s.shape, generator=generator) < s)
+        s = torch.where(inside, table.at_pixels(flux, pixel, lookup), 0.0)
+    detected = valid & inside & (torch.rand(s.shape, generator=generator, device=s.device) < s)
     return flux, pixel, torch.stack([x, y], -1), detected
 
 
@@ -375,6 +383,11 @@ class DetectedCatalogs:
         Seed of everything drawn.
     mask : 2-D bool array, optional
         Masked pixels (nothing detected there), when ``completeness`` is not already a table.
+    device : str or `torch.device`, optional
+        Where the catalogs are drawn (default: the CPU). ``"cuda"`` draws them on the GPU that
+        trains (give the `~astrotrunc.nre.Trainer` the same device; ``reference`` is moved
+        there): on the CPU the table look-ups of S take most of r4's training time. Same
+        statistics, other random numbers.
 
     Examples
     --------
@@ -388,7 +401,8 @@ class DetectedCatalogs:
     (['theta', 'x', 'x_ref'], torch.Size([32, 3]))
     """
 
-    def __init__(self, model, completeness, reference, n_train, n_val, seed=0, *, mask=None):
+    def __init__(self, model, completeness, reference, n_train, n_val, seed=0, *, mask=None,
+                 device=None):
         if tuple(model.shape) != reference.shape:
             msg = (f"the reference density is for a {reference.shape} map, the model's is "
                    f"{model.shape}")
@@ -400,11 +414,13 @@ class DetectedCatalogs:
         self.table = _as_table(completeness, model, mask)
         self.record = completeness_record(self.table)
         self.n_train, self.n_val, self.seed = int(n_train), int(n_val), int(seed)
+        self.device = torch.device("cpu") if device is None else available_device(device)
+        reference.to(self.device)
 
     def batch(self, theta, generator=None) -> dict:
         """One batch of joint and reference catalogs for parameters ``theta``."""
-        gen = _generator(generator)
-        theta = torch.as_tensor(theta, dtype=torch.float32)
+        gen = _generator(generator, self.device)
+        theta = torch.as_tensor(theta, dtype=torch.float32, device=gen.device)
         flux, _, xy, det = simulate_detected(self.model, self.table, theta, gen)
         counts = det.sum(1)
         width = max(int(counts.max()), 1)
@@ -422,7 +438,8 @@ class DetectedCatalogs:
         return {"x": x_set, "x_ref": x_ref, "theta": theta}
 
     def _batches(self, n, seed, batch_size):
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        gen = torch.Generator(self.device).manual_seed(
+            int(np.random.SeedSequence(seed).generate_state(1)[0]))
         for start in range(0, n, batch_size):
             theta = self.model.prior.sample(min(batch_size, n - start), generator=gen)
             yield self.batch(theta, gen)
@@ -853,10 +870,20 @@ def _node_tables(table, nodes_per_call=8):
     return cached
 
 
-def _generator(generator):
+def _lookup(table, device):
+    """What `simulate_detected` reads S from, on ``device`` (kept on the table per device)."""
+    key = f"_r4_lookup_{torch.device(device)}"
+    cached = table.__dict__.get(key)
+    if cached is None:
+        cached = (_node_tables(table) if _conditional(table) else table.table).to(device)
+        table.__dict__[key] = cached
+    return cached
+
+
+def _generator(generator, device="cpu"):
     if isinstance(generator, torch.Generator):
         return generator
-    gen = torch.Generator()
+    gen = torch.Generator(device)
     if generator is None:
         gen.seed()
     else:
