@@ -52,7 +52,6 @@ import warnings
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 from torch import nn
 
@@ -83,11 +82,17 @@ def _cutouts(data, bad, x, y, half, background=0.0):
     bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
     ny, nx = data.shape
     ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-    size = (2 * half + 1, 2 * half + 1)
-    padded = np.pad(np.stack([np.where(bad, 0.0, data - background), ~bad]).astype(np.float32),
-                    ((0, 0), (half, half), (half, half)))
-    # window (i, j) of the padded map is the cutout centred on pixel (i, j)
-    cut = sliding_window_view(padded, size, axis=(1, 2))[:, iy, ix].transpose(1, 0, 2, 3)
+    width = nx + 2 * half
+    padded = np.zeros((2, ny + 2 * half, width), np.float32)
+    inner = (slice(half, half + ny), slice(half, half + nx))
+    padded[0][inner] = data - background
+    padded[1][inner] = ~bad
+    if bad.any():
+        padded[0][inner][bad] = 0.0
+    # flat index of cutout pixel (i, j): the window's top-left corner in the padded map + i, j
+    win = np.arange(2 * half + 1)
+    index = (iy * width + ix)[:, None, None] + (win[:, None] * width + win)[None]
+    cut = np.take(padded.reshape(2, -1), index, axis=1).transpose(1, 0, 2, 3)
     offset = np.stack([np.asarray(x, float) - ix, np.asarray(y, float) - iy], axis=1)
     return np.ascontiguousarray(cut), offset.astype(np.float32)
 
@@ -134,11 +139,22 @@ def _quantile_cdf(q, z_levels, value):
     for a Gaussian in ``ln F``) and extrapolated with the slope of the end segments.
     """
     n, k = q.shape
-    j = np.clip((value[:, :, None] >= q[:, None, :]).sum(-1), 1, k - 1)  # [q[j-1], q[j]]
+    ends = (min(q.min(), value.min()), max(q.max(), value.max())) if value.size else (0, 0)
+    if np.isfinite(ends).all():  # one binary search for all rows (shifted apart)
+        shift = (ends[1] - ends[0] + 1.0) * np.arange(n)[:, None]
+        j = np.searchsorted((q + shift).ravel(), (value + shift).ravel(), side="right")
+        j = j.reshape(value.shape) - k * np.arange(n)[:, None]
+    else:
+        j = (value[:, :, None] >= q[:, None, :]).sum(-1)
+    j = np.clip(j, 1, k - 1)  # value in [q[j-1], q[j]]
     flat = j + k * np.arange(n)[:, None]
     q0, q1 = q.ravel()[flat - 1], q.ravel()[flat]
     t = (value - q0) / np.maximum(q1 - q0, 1e-12)
     return special.ndtr(z_levels[j - 1] + t * (z_levels[j] - z_levels[j - 1]))
+
+
+#: Points of log e at which `flux_summary` brackets its solution (in units of the half-width).
+_SUMMARY_GRID = np.linspace(-1.0, 1.0, 17)
 
 
 def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
@@ -176,13 +192,13 @@ def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
     z_levels = special.ndtri(np.asarray(levels, dtype=np.float64))
 
     def solve(q, med, centre, half_width):
-        log_e = centre[:, None] + half_width * np.linspace(-1.0, 1.0, 17)
-        two_e = 2 * np.exp(log_e)
-        upper = _quantile_cdf(q, z_levels, np.log(med[:, None] + two_e))
-        lower = np.where(two_e < med[:, None], _quantile_cdf(
-            q, z_levels, np.log(np.maximum(med[:, None] - two_e, 1e-300))), 0.0)
-        p = upper - lower
-        i = np.clip((p < 0.95).sum(1), 1, log_e.shape[1] - 1)  # p increases with e
+        log_e = centre[:, None] + half_width * _SUMMARY_GRID
+        two_e, m = 2 * np.exp(log_e), med[:, None]
+        both = _quantile_cdf(q, z_levels, np.concatenate(  # upper and lower ends in one call
+            [np.log(m + two_e), np.log(np.maximum(m - two_e, 1e-300))], axis=1))
+        k = log_e.shape[1]
+        p = both[:, :k] - np.where(two_e < m, both[:, k:], 0.0)
+        i = np.clip((p < 0.95).sum(1), 1, k - 1)  # p increases with e
         rows = np.arange(len(q))
         p0, p1 = p[rows, i - 1], p[rows, i]
         t = np.clip((0.95 - p0) / np.maximum(p1 - p0, 1e-12), 0.0, 1.0)
