@@ -7,7 +7,8 @@ detector file of ``PointSourceModel.paper()`` (its domain recorded from ``--doma
 simulations, as ``fit_to`` does), which ``astrotrunc train detector --init FILE`` can then train
 further, e.g. on a short, decaying schedule.
 
-The shipped base-10 detector's first stage was made this way (see ``astrotrunc/data/README.rst``)::
+The base-10 detector (shipped before the base-8 one) had its first stage made this way (the
+base-8 one likewise, see ``astrotrunc/data/README.rst``)::
 
     astrotrunc train detector --out b10.safetensors --channels 10 --n-train 20000 --n-val 400 \
         --epochs 14 --batch-size 32 --learning-rate 3e-3 --default-flux-threshold 1.0 \

@@ -7,9 +7,7 @@
 #
 # CHAINS="a" or "b" runs one chain only (default "a b"; the depth benchmark runs with chain a,
 # unless DEPTH=0);
-# PHOTOMETRY_ARGS replaces the photometry network's options (default: the strided recipe tried
-# for the base-8 candidate detector; the shipped base-10 photometry used --architecture conv and
-# 4 crowding bins).
+# PHOTOMETRY_ARGS replaces the photometry network's options (default: the shipped recipe's).
 #
 # OUT_DIR receives the new detector and, made with it, r2
 # (completeness_paper), the conditional r2, r4 (written only if it meets its JSD target) and the

@@ -3,8 +3,8 @@
 # detector there. Each run is one process: the simulations (CPU, about 1500 maps/s per core) feed
 # the GPU, so several runs use a 16-core GPU machine better than one. A run still going at the
 # time limit CAP is stopped and the best weights of its checkpoint are written as its detector
-# (scripts/checkpoint_to_detector.py). This is how the shipped base-10 detector's first stage
-# was made on an NVIDIA H200 (2026-11-26, CAP=330: every run stopped after 4-5 of 14 epochs).
+# (scripts/checkpoint_to_detector.py). This is how the base-10 and base-8 detectors' first stages
+# were made on an NVIDIA H200 (2026-11-26, CAP=330: every run stopped after 4-5 of 14 epochs).
 #
 #   CAP=330 bash scripts/train_detector_candidates_gpu.sh OUT_DIR
 set -uo pipefail

@@ -546,8 +546,9 @@ class DetectedCatalogRatio(MarginalRatioEstimator):
         default of `~astrotrunc.PopulationInference`; recorded in ``completeness``) by
         ``benchmarks/r4_vs_exact.py`` (see ``astrotrunc/data/README.rst``), where it matches the
         exact catalog likelihood with the same S (Jensen-Shannon divergence of every 1-D
-        marginal ≤ 0.05 on 24 catalogs of the shipped detector; the largest, 0.033, is σ_F's for
-        a catalog with θ = (142, 2.77, 10.1)). No flux cut (``flux_threshold=None``).
+        marginal ≤ 0.05 on 24 catalogs of the shipped detector; the largest, 0.040, is N's of
+        the joint head for a catalog with θ = (223, 1.52, 2.35)). No flux cut
+        (``flux_threshold=None``).
         """
         return cls.load_shipped(_DEFAULT_R4)
 
