@@ -439,12 +439,18 @@ class SourceDetector(RatioEstimator):
         stamp = self.psf_stamp.cpu().numpy().astype(np.float64)
         r_y, r_x = stamp.shape[0] // 2, stamp.shape[1] // 2
         bad = ~np.isfinite(data) if mask is None else (mask | ~np.isfinite(data))
-        padded = np.pad(np.where(bad, 0.0, data - self.background), ((r_y, r_y), (r_x, r_x)))
-        weight = np.pad((~bad).astype(float), ((r_y, r_y), (r_x, r_x)))
-        ix, iy = nearest_pixel(x, data.shape[1]), nearest_pixel(y, data.shape[0])
-        dy, dx = np.mgrid[0:2 * r_y + 1, 0:2 * r_x + 1]
-        cut = padded[iy[:, None, None] + dy, ix[:, None, None] + dx]
-        wcut = weight[iy[:, None, None] + dy, ix[:, None, None] + dx] * stamp
+        ny, nx = data.shape
+        width = nx + 2 * r_x
+        padded = np.zeros((2, ny + 2 * r_y, width))  # the map (bad pixels 0) and its validity
+        inner = (slice(r_y, r_y + ny), slice(r_x, r_x + nx))
+        padded[0][inner] = np.where(bad, 0.0, data - self.background)
+        padded[1][inner] = ~bad
+        ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
+        # flat index of stamp pixel (i, j) around (iy, ix) in the padded map
+        index = (iy * width + ix)[:, None, None] \
+            + (np.arange(2 * r_y + 1)[:, None] * width + np.arange(2 * r_x + 1))
+        cut, weight = np.take(padded.reshape(2, -1), index, axis=1)
+        wcut = weight * stamp
         norm = self.normalization * (wcut * stamp).sum((1, 2))
         with np.errstate(invalid="ignore", divide="ignore"):
             flux = (cut * wcut).sum((1, 2)) / norm
