@@ -310,6 +310,8 @@ def simulate_detected(model, table, theta, generator=None):
     S(F, s | θ_k): the node tables of every pixel (computed once per table and kept on it)
     interpolated as the catalog likelihood and the truncated model interpolate them
     (`~astrotrunc.truncation.ConditionalCompletenessTable.interpolate`), all catalogs at once.
+    Everything is drawn on the device of ``theta``; the table is copied there once and kept on
+    it.
 
     Parameters
     ----------
@@ -321,10 +323,7 @@ def simulate_detected(model, table, theta, generator=None):
     theta : `torch.Tensor`
         ``(n, n_params)`` parameters.
     generator : `torch.Generator`, optional
-        Random numbers.
-
-    Everything is drawn on the device of ``theta`` (and of ``generator``); the table is copied
-    there once and kept on it.
+        Random numbers, on the device of ``theta``.
 
     Returns
     -------
