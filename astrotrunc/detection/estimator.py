@@ -447,15 +447,19 @@ class SourceDetector(RatioEstimator):
         padded[1][inner] = ~bad
         ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
         # flat index of stamp pixel (i, j) around (iy, ix) in the padded map
-        index = (iy * width + ix)[:, None, None] \
-            + (np.arange(2 * r_y + 1)[:, None] * width + np.arange(2 * r_x + 1))
-        cut, weight = np.take(padded.reshape(2, -1), index, axis=1)
-        wcut = weight * stamp
-        norm = self.normalization * (wcut * stamp).sum((1, 2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            flux = (cut * wcut).sum((1, 2)) / norm
-            var = (np.clip(cut + self.background, 0, None) * wcut**2).sum((1, 2)) \
-                / self.exposure / norm**2
+        start = (iy * width + ix)[:, None, None]
+        offset = np.arange(2 * r_y + 1)[:, None] * width + np.arange(2 * r_x + 1)
+        flux, var = np.empty(len(start)), np.empty(len(start))
+        flat = padded.reshape(2, -1)
+        for i in range(0, len(start), _STAMPS_PER_CHUNK):  # a few MB at a time on large maps
+            chunk = slice(i, i + _STAMPS_PER_CHUNK)
+            cut, weight = np.take(flat, start[chunk] + offset, axis=1)
+            wcut = weight * stamp
+            norm = self.normalization * (wcut * stamp).sum((1, 2))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                flux[chunk] = (cut * wcut).sum((1, 2)) / norm
+                var[chunk] = (np.clip(cut + self.background, 0, None) * wcut**2).sum((1, 2)) \
+                    / self.exposure / norm**2
         return flux, np.sqrt(var)
 
     # -- persistence -----------------------------------------------------------------------
@@ -468,6 +472,10 @@ class SourceDetector(RatioEstimator):
         `SourceDetector`
         """
         return cls.load_shipped(_DEFAULT_DETECTOR)
+
+
+#: Detections whose PSF stamps `SourceDetector.estimate_flux` gathers at once (a few MB).
+_STAMPS_PER_CHUNK = 2048
 
 
 @functools.lru_cache(maxsize=1)

@@ -78,17 +78,29 @@ def _cutouts(data, bad, x, y, half, background=0.0):
 
     Pixels outside the map or bad are 0 in the first channel and 0 in the validity channel.
     """
+    return _take_cutouts(_padded_map(data, bad, half, background), x, y, half)
+
+
+def _padded_map(data, bad, half, background=0.0):
+    """The map minus background (0 where bad) and its validity, ``(2, ny + 2 half, nx + 2 half)``
+    float32, zero-padded by ``half`` pixels on every side."""
     data = np.asarray(data, dtype=np.float64)
     bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
     ny, nx = data.shape
-    ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-    width = nx + 2 * half
-    padded = np.zeros((2, ny + 2 * half, width), np.float32)
+    padded = np.zeros((2, ny + 2 * half, nx + 2 * half), np.float32)
     inner = (slice(half, half + ny), slice(half, half + nx))
     padded[0][inner] = data - background
     padded[1][inner] = ~bad
     if bad.any():
         padded[0][inner][bad] = 0.0
+    return padded
+
+
+def _take_cutouts(padded, x, y, half):
+    """`_cutouts` of positions (x, y) from a `_padded_map`."""
+    ny, nx = padded.shape[1] - 2 * half, padded.shape[2] - 2 * half
+    width = padded.shape[2]
+    ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
     # flat index of cutout pixel (i, j): the window's top-left corner in the padded map + i, j
     win = np.arange(2 * half + 1)
     index = (iy * width + ix)[:, None, None] + (win[:, None] * width + win)[None]
@@ -547,10 +559,14 @@ class FluxEstimator(RatioEstimator):
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         if len(x) == 0:
             return np.zeros((0, len(self.levels))), np.zeros(0)
-        cut, offset = _cutouts(data, bad, x, y, self.half_size, self.background)
+        padded = _padded_map(data, bad, self.half_size, self.background)
         matched = np.nan_to_num(np.asarray(matched, np.float32), nan=0.0, posinf=0.0)
-        q = self._raw_log_quantiles(cut, offset, matched, batch_size, backend)
-        crowd = _crowding(cut)
+        q, crowd = np.empty((len(x), len(self.levels))), np.empty(len(x), np.float32)
+        for i in range(0, len(x), batch_size):  # a few MB of cutouts at a time on large maps
+            chunk = slice(i, i + batch_size)
+            cut, offset = _take_cutouts(padded, x[chunk], y[chunk], self.half_size)
+            q[chunk] = self._raw_log_quantiles(cut, offset, matched[chunk], batch_size, backend)
+            crowd[chunk] = _crowding(cut)
         return (q if self.calibration is None else self._calibrated(q, crowd)), crowd
 
     def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096, backend="torch"):
