@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from astrotrunc import CompletenessFunction, ConditionalCompleteness, PointSourceModel, find_sources
+from astrotrunc._utils import available_device
 from astrotrunc.inference import (
     CatalogLikelihood,
     DetectedCatalogRatio,
@@ -123,6 +124,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.train_only and not args.checkpoint:
         parser.error("--train-only needs --checkpoint (where the trained r4 goes)")
+    try:  # before the minute of pilot catalogs, not after it
+        available_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
 
     model = PointSourceModel.paper()
