@@ -67,6 +67,31 @@ def available_device(device):
     return dev
 
 
+def padded_map(data, bad, half, background=0.0, dtype=np.float32):
+    """The map minus ``background`` (0 where ``bad``) and its validity (1 where good), stacked
+    ``(2, ny + 2 hy, nx + 2 hx)`` and zero-padded by ``half = (hy, hx)`` (or one int) pixels."""
+    hy, hx = (half, half) if np.ndim(half) == 0 else half
+    bad = np.asarray(bad, dtype=bool)
+    ny, nx = data.shape
+    padded = np.zeros((2, ny + 2 * hy, nx + 2 * hx), dtype)
+    inner = (slice(hy, hy + ny), slice(hx, hx + nx))
+    padded[0][inner] = data - background
+    padded[1][inner] = ~bad
+    if bad.any():
+        padded[0][inner][bad] = 0.0
+    return padded
+
+
+def take_stamps(padded, ix, iy, half):
+    """``(2, n, 2 hy + 1, 2 hx + 1)``: the windows of a `padded_map` centred on pixels (ix, iy)."""
+    hy, hx = (half, half) if np.ndim(half) == 0 else half
+    width = padded.shape[2]
+    # flat index of window pixel (i, j): the window's top-left corner in the padded map + i, j
+    index = (iy * width + ix)[:, None, None] \
+        + (np.arange(2 * hy + 1)[:, None] * width + np.arange(2 * hx + 1))
+    return np.take(padded.reshape(2, -1), index, axis=1)
+
+
 def nearest_pixel(coord, n):
     """Index of the pixel whose centre is nearest to ``coord`` (0-based), clipped to ``[0, n)``.
 

@@ -23,7 +23,7 @@ import torch
 from astropy import units as u
 from torch import nn
 
-from .._utils import nearest_pixel, validate_map, weights_identity
+from .._utils import nearest_pixel, padded_map, take_stamps, validate_map, weights_identity
 from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
 from ._onnx import OnnxNetwork, check_backend
@@ -439,21 +439,12 @@ class SourceDetector(RatioEstimator):
         stamp = self.psf_stamp.cpu().numpy().astype(np.float64)
         r_y, r_x = stamp.shape[0] // 2, stamp.shape[1] // 2
         bad = ~np.isfinite(data) if mask is None else (mask | ~np.isfinite(data))
-        ny, nx = data.shape
-        width = nx + 2 * r_x
-        padded = np.zeros((2, ny + 2 * r_y, width))  # the map (bad pixels 0) and its validity
-        inner = (slice(r_y, r_y + ny), slice(r_x, r_x + nx))
-        padded[0][inner] = np.where(bad, 0.0, data - self.background)
-        padded[1][inner] = ~bad
-        ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-        # flat index of stamp pixel (i, j) around (iy, ix) in the padded map
-        start = (iy * width + ix)[:, None, None]
-        offset = np.arange(2 * r_y + 1)[:, None] * width + np.arange(2 * r_x + 1)
-        flux, var = np.empty(len(start)), np.empty(len(start))
-        flat = padded.reshape(2, -1)
-        for i in range(0, len(start), _STAMPS_PER_CHUNK):  # a few MB at a time on large maps
+        padded = padded_map(data, bad, (r_y, r_x), self.background, np.float64)
+        ix, iy = nearest_pixel(x, data.shape[1]), nearest_pixel(y, data.shape[0])
+        flux, var = np.empty(len(ix)), np.empty(len(ix))
+        for i in range(0, len(ix), _STAMPS_PER_CHUNK):  # a few MB at a time on large maps
             chunk = slice(i, i + _STAMPS_PER_CHUNK)
-            cut, weight = np.take(flat, start[chunk] + offset, axis=1)
+            cut, weight = take_stamps(padded, ix[chunk], iy[chunk], (r_y, r_x))
             wcut = weight * stamp
             norm = self.normalization * (wcut * stamp).sum((1, 2))
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -55,7 +55,7 @@ import torch
 from scipy import special
 from torch import nn
 
-from .._utils import nearest_pixel
+from .._utils import nearest_pixel, padded_map, take_stamps
 from ..nre import RatioEstimator, Trainer
 from ._onnx import OnnxNetwork
 
@@ -78,33 +78,16 @@ def _cutouts(data, bad, x, y, half, background=0.0):
 
     Pixels outside the map or bad are 0 in the first channel and 0 in the validity channel.
     """
-    return _take_cutouts(_padded_map(data, bad, half, background), x, y, half)
-
-
-def _padded_map(data, bad, half, background=0.0):
-    """The map minus background (0 where bad) and its validity, ``(2, ny + 2 half, nx + 2 half)``
-    float32, zero-padded by ``half`` pixels on every side."""
     data = np.asarray(data, dtype=np.float64)
     bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
-    ny, nx = data.shape
-    padded = np.zeros((2, ny + 2 * half, nx + 2 * half), np.float32)
-    inner = (slice(half, half + ny), slice(half, half + nx))
-    padded[0][inner] = data - background
-    padded[1][inner] = ~bad
-    if bad.any():
-        padded[0][inner][bad] = 0.0
-    return padded
+    return _take_cutouts(padded_map(data, bad, half, background), x, y, half)
 
 
 def _take_cutouts(padded, x, y, half):
-    """`_cutouts` of positions (x, y) from a `_padded_map`."""
+    """`_cutouts` of positions (x, y) from a `~astrotrunc._utils.padded_map` of the map."""
     ny, nx = padded.shape[1] - 2 * half, padded.shape[2] - 2 * half
-    width = padded.shape[2]
     ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-    # flat index of cutout pixel (i, j): the window's top-left corner in the padded map + i, j
-    win = np.arange(2 * half + 1)
-    index = (iy * width + ix)[:, None, None] + (win[:, None] * width + win)[None]
-    cut = np.take(padded.reshape(2, -1), index, axis=1).transpose(1, 0, 2, 3)
+    cut = take_stamps(padded, ix, iy, half).transpose(1, 0, 2, 3)
     offset = np.stack([np.asarray(x, float) - ix, np.asarray(y, float) - iy], axis=1)
     return np.ascontiguousarray(cut), offset.astype(np.float32)
 
@@ -559,7 +542,9 @@ class FluxEstimator(RatioEstimator):
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         if len(x) == 0:
             return np.zeros((0, len(self.levels))), np.zeros(0)
-        padded = _padded_map(data, bad, self.half_size, self.background)
+        data = np.asarray(data, dtype=np.float64)
+        bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
+        padded = padded_map(data, bad, self.half_size, self.background)
         matched = np.nan_to_num(np.asarray(matched, np.float32), nan=0.0, posinf=0.0)
         q, crowd = np.empty((len(x), len(self.levels))), np.empty(len(x), np.float32)
         for i in range(0, len(x), batch_size):  # a few MB of cutouts at a time on large maps
