@@ -68,10 +68,14 @@ def available_device(device):
 
 
 def padded_map(data, bad, half, background=0.0, dtype=np.float32):
-    """The map minus ``background`` (0 where ``bad``) and its validity (1 where good), stacked
-    ``(2, ny + 2 hy, nx + 2 hx)`` and zero-padded by ``half = (hy, hx)`` (or one int) pixels."""
+    """The map minus ``background`` (0 where bad) and its validity (1 where good), stacked
+    ``(2, ny + 2 hy, nx + 2 hx)`` and zero-padded by ``half = (hy, hx)`` (or one int) pixels.
+
+    Bad pixels are those of ``bad`` (2-D bool array, or `None`) and every non-finite pixel.
+    """
     hy, hx = (half, half) if np.ndim(half) == 0 else half
-    bad = np.asarray(bad, dtype=bool)
+    data = np.asarray(data, dtype=np.float64)
+    bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
     ny, nx = data.shape
     padded = np.zeros((2, ny + 2 * hy, nx + 2 * hx), dtype)
     inner = (slice(hy, hy + ny), slice(hx, hx + nx))

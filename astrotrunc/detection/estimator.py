@@ -435,12 +435,11 @@ class SourceDetector(RatioEstimator):
         -------
         flux, flux_err : arrays
         """
-        data = np.asarray(data, dtype=np.float64)
         stamp = self.psf_stamp.cpu().numpy().astype(np.float64)
         r_y, r_x = stamp.shape[0] // 2, stamp.shape[1] // 2
-        bad = ~np.isfinite(data) if mask is None else (mask | ~np.isfinite(data))
-        padded = padded_map(data, bad, (r_y, r_x), self.background, np.float64)
-        ix, iy = nearest_pixel(x, data.shape[1]), nearest_pixel(y, data.shape[0])
+        padded = padded_map(data, mask, (r_y, r_x), self.background, np.float64)
+        ny, nx = np.shape(data)
+        ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
         flux, var = np.empty(len(ix)), np.empty(len(ix))
         for i in range(0, len(ix), _STAMPS_PER_CHUNK):  # a few MB at a time on large maps
             chunk = slice(i, i + _STAMPS_PER_CHUNK)

@@ -78,8 +78,6 @@ def _cutouts(data, bad, x, y, half, background=0.0):
 
     Pixels outside the map or bad are 0 in the first channel and 0 in the validity channel.
     """
-    data = np.asarray(data, dtype=np.float64)
-    bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
     return _take_cutouts(padded_map(data, bad, half, background), x, y, half)
 
 
@@ -542,8 +540,6 @@ class FluxEstimator(RatioEstimator):
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         if len(x) == 0:
             return np.zeros((0, len(self.levels))), np.zeros(0)
-        data = np.asarray(data, dtype=np.float64)
-        bad = ~np.isfinite(data) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(data))
         padded = padded_map(data, bad, self.half_size, self.background)
         matched = np.nan_to_num(np.asarray(matched, np.float32), nan=0.0, posinf=0.0)
         q, crowd = np.empty((len(x), len(self.levels))), np.empty(len(x), np.float32)
