@@ -245,6 +245,22 @@ def test_dense_network_round_trips_and_runs_in_onnxruntime(tmp_path):
     np.testing.assert_allclose(q_ort, q, atol=1e-4)
 
 
+@pytest.mark.parametrize("half_size", [3, 4, 5])  # 4, 5: sides 3 after the convolutions
+@pytest.mark.parametrize("architecture", ["conv", "strided"])
+def test_onnxruntime_gives_the_torch_quantiles(architecture, half_size):
+    pytest.importorskip("onnxruntime")
+    est = FluxEstimator(half_size=half_size, channels=4, hidden=8, architecture=architecture)
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(24, 24))
+    data[3, 3], data[20, 5] = 1e25, -1e30  # beyond the float32 square: asinh stays finite
+    x, y = np.r_[3.2, 5.0, rng.uniform(0, 23, 9)], np.r_[3.1, 20.0, rng.uniform(0, 23, 9)]
+    matched = np.r_[1e25, -5.0, rng.uniform(1, 50, 9)]
+    q = est.log_quantiles(data, None, x, y, matched)
+    q_ort = est._predict(data, None, x, y, matched, backend="onnxruntime")[0]
+    assert np.isfinite(q).all()
+    np.testing.assert_allclose(q_ort, q, atol=1e-4)
+
+
 def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread):
     from astrotrunc.detection.photometry import (
         _crowding,

@@ -247,6 +247,21 @@ class _Quantiles(nn.Module):
         return torch.cat([below, median[:, None], above], dim=1)
 
 
+class _AvgPool2(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(2)`` of ``n x n`` inputs, exportable to ONNX for every ``n`` (the
+    exporter takes only multiples of 2): the same (overlapping) bins, as slices, when exported."""
+
+    def __init__(self, n):
+        super().__init__(2)
+        self.bins = [(i * n // 2, -(-(i + 1) * n // 2)) for i in range(2)]
+
+    def forward(self, x):
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        return torch.stack([torch.stack([x[..., a:b, c:d].mean((-2, -1)) for c, d in self.bins],
+                                        -1) for a, b in self.bins], -2)
+
+
 class _CutoutNet(nn.Module):
     """Conv features of a cutout + scalar features -> median and positive quantile gaps.
 
@@ -265,7 +280,7 @@ class _CutoutNet(nn.Module):
             *first,
             nn.Conv2d(2 if strided else c, c, 3, stride=2, padding=1), act(),
             nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), act(),
-            nn.AdaptiveAvgPool2d(2))
+            _AvgPool2((size + 3) // 4))  # the side after the two strided convolutions
         self.centre = nn.Conv2d(2, c, 3)  # the 3x3 pixels around the position, unpooled
         self.head = nn.Sequential(nn.Linear(8 * c + c + n_scalars, hidden), act(),
                                   nn.Linear(hidden, hidden), act(), nn.Linear(hidden, n_out))
