@@ -1,8 +1,9 @@
 """Optional ONNX Runtime inference of the detection networks (``pip install "astrotrunc[onnx]"``).
 
 The torch path is the reference; this one runs the same inference networks (r1's BatchNorm-fused
-U-Net and the flux estimator's cutout network, each exported once per set of weights, in memory)
-through ONNX Runtime's CPU kernels, which are faster than torch's for these small convolutions.
+U-Net and the flux estimator's network with its input scaling and quantile assembly, each exported
+once per set of weights, in memory) through ONNX Runtime's CPU kernels, which are faster than
+torch's for these small convolutions.
 Their outputs equal the torch ones to float32 rounding (tested).
 """
 
@@ -43,7 +44,8 @@ def _import():
 
 class OnnxNetwork:
     """An ONNX Runtime session of an inference network (`~astrotrunc.detection.unet.UNet` copy,
-    the flux estimator's cutout network), called like the network on float32 tensors.
+    the flux estimator's `~astrotrunc.detection.photometry._Quantiles`), called like the
+    network on float32 tensors.
 
     Parameters
     ----------
