@@ -156,6 +156,9 @@ def _add_train(sub):
                    help="photometry: new maps the quantiles are calibrated on (0: none)")
     t.add_argument("--crowding-bins", type=int, default=4,
                    help="photometry: crowding bins of the calibration groups")
+    t.add_argument("--latitude-bins", type=int, nargs=2, default=(0, 4), metavar=("NB", "NC"),
+                   help="photometry: also calibration groups for maps with a WCS, by NB bins of "
+                        "|Galactic latitude| x NC crowding bins (NB = 0: none)")
     t.add_argument("--psf-calibration-maps", type=int, default=0,
                    help="photometry: maps the flux_method='psf' errors are calibrated on")
     t.add_argument("--domain-maps", type=int, default=1000,
@@ -238,7 +241,9 @@ def _train(args, model, trainer):
                                    architecture=args.architecture,
                                    calibration_maps=args.calibration_maps,
                                    psf_calibration_maps=args.psf_calibration_maps,
-                                   n_crowding_bins=args.crowding_bins, **trainer)
+                                   n_crowding_bins=args.crowding_bins,
+                                   n_latitude_bins=args.latitude_bins[0],
+                                   latitude_crowding_bins=args.latitude_bins[1], **trainer)
     else:
         if args.store is not None:
             msg = "--store is for the detector; the completeness labels its own simulations"

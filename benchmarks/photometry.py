@@ -84,6 +84,8 @@ def main():
                    help="a FluxEstimator file (default: the shipped one)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="where the networks run (the same fluxes; the speed figures differ)")
+    p.add_argument("--no-wcs", action="store_true",
+                   help="detect without the maps' WCS (no l, b: the crowding calibration groups)")
     p.add_argument("--uncalibrated", action="store_true",
                    help="drop the estimator's conformal calibration (the raw network)")
     args = p.parse_args()
@@ -102,6 +104,7 @@ def main():
                                         flux_method="matched", backend=args.backend)
     print(f"{neural!r}, flux_method={neural.flux_method!r}")
     sims = model.simulate(args.n_maps, seed=args.seed)
+    wcs = None if args.no_wcs else model.wcs  # a user's map has one: the catalog gets l, b
     rows = {m: {k: [] for k in ("true", "b", "flux", "err", "lo", "hi")}
             for m in ("neural", "psf", "matched")}
     t_neural, t_matched, n_det, n_matched = [], [], 0, 0
@@ -109,13 +112,13 @@ def main():
         data = sims.maps[i].numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NoDetectionsWarning on empty maps
-            cat, segm = neural(data, return_segmentation=True)
+            cat, segm = neural(data, wcs=wcs, return_segmentation=True)
             # time both finders on this map, alternating, best of --repeat (shared machine)
             best = {0: np.inf, 1: np.inf}
             for rep in range(args.repeat):
                 for which in ((0, 1) if (i + rep) % 2 else (1, 0)):
                     t0 = time.perf_counter()
-                    (neural if which == 0 else matched_finder)(data)
+                    (neural if which == 0 else matched_finder)(data, wcs=wcs)
                     best[which] = min(best[which], time.perf_counter() - t0)
             t_neural.append(best[0])
             t_matched.append(best[1])

@@ -36,7 +36,7 @@ T() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
 
 CHAINS=${CHAINS:-a b}
 PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture strided --channels 16 --hidden 64 --activation relu \
-    --crowding-bins 8}
+    --crowding-bins 8 --latitude-bins 4 4}
 
 chain_a() {
     [ "${DEPTH:-1}" = 0 ] || python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \

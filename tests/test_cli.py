@@ -159,10 +159,13 @@ def test_train_photometry_calibrated(tmp_path, one_thread):
     assert main(["train", "photometry", "--out", str(out), "--n-maps", "2", "--n-val", "1",
                  "--epochs", "1", "--batch-size", "256", "--channels", "2", "--hidden", "4",
                  "--half-size", "3", "--activation", "relu", "--calibration-maps", "4",
-                 "--architecture", "strided", "--crowding-bins", "2", "--quiet"]) == 0
+                 "--architecture", "strided", "--crowding-bins", "2", "--latitude-bins", "2",
+                 "1", "--quiet"]) == 0
     from astrotrunc.detection import FluxEstimator
 
     est = FluxEstimator.load(out)
     assert est.activation == "relu" and est.calibration["n_maps"] == 4
     assert est.architecture == "strided" and len(est.calibration["crowding_edges"]) == 1
     assert est.calibration["seed"] == 1  # not the training maps (seed 0)
+    lat = est.calibration["latitude"]
+    assert len(lat["latitude_edges"]) == 1 and lat["crowding_edges"] == []

@@ -305,6 +305,59 @@ def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread
         est.calibrate(model, n_maps=1, seed=5, min_group=10**6, progress=False)
 
 
+def test_latitude_calibration_holds_per_group_and_needs_b(model, tmp_path, one_thread):
+    from astrotrunc.detection.photometry import (
+        _crowding,
+        _detection_finder,
+        _matched_detections,
+    )
+
+    torch.manual_seed(0)
+    est = FluxEstimator(half_size=3, channels=2, hidden=4)
+    est.calibrate(model, n_maps=3, seed=5, n_crowding_bins=2, n_latitude_bins=2,
+                  latitude_crowding_bins=1, min_group=20, progress=False)
+    lat = est.calibration["latitude"]
+    assert len(lat["latitude_edges"]) == 1 and len(lat["crowding_edges"]) == 0
+    assert sum(lat["counts"]) == sum(est.calibration["counts"])
+    rows = _matched_detections(model, _detection_finder(None), 3, 5, 3, progress=False)
+    # the detections' |b| (from their positions) is close to their true sources'
+    assert np.median(np.abs(rows["abs_b"] - np.abs(rows["b"]))) < 0.5
+    raw = est._raw_log_quantiles(rows["cutout"], rows["offset"], rows["matched"])
+    crowd = _crowding(rows["cutout"])
+    q = est._calibrated(raw, crowd, rows["abs_b"])
+    groups = est._groups(raw[:, 3], crowd, rows["abs_b"])
+    truth = rows["log_flux"][:, None]
+    for g in np.unique(groups):  # the latitude groups' levels hold on their detections
+        sel = groups == g
+        if sel.sum() >= 20:
+            np.testing.assert_allclose(np.delete((truth[sel] <= q[sel]).mean(0), 3),
+                                       np.delete(est.levels, 3), atol=2.5 / sel.sum() + 1e-9)
+    # without b (or where b is NaN) the crowding groups' factors are used
+    b = np.full(len(raw), np.nan)
+    b[::2] = rows["abs_b"][::2]
+    mixed = est._calibrated(raw, crowd, b)
+    np.testing.assert_array_equal(mixed[::2], q[::2])
+    np.testing.assert_array_equal(mixed[1::2], est._calibrated(raw, crowd)[1::2])
+    assert not np.allclose(q, est._calibrated(raw, crowd))
+    # saved and loaded with both tables; a Quantity b is taken in degrees
+    est.save(tmp_path / "lat.safetensors")
+    back = FluxEstimator.load(tmp_path / "lat.safetensors")
+    assert back.calibration == est.calibration
+    m = model.simulate(1, seed=8).maps[0].numpy()
+    xy = (np.array([20.0, 60.0]), np.array([64.0, 63.0]), np.array([5.0, 30.0]))
+    b_deg = np.array([0.5, 30.0])
+    np.testing.assert_allclose(back.log_quantiles(m, None, *xy, b=b_deg * u.deg),
+                               est.log_quantiles(m, None, *xy, b=b_deg))
+    # a catalog with a celestial WCS uses the latitude groups, one without does not
+    finder = NeuralSourceFinder(photometry=est)
+    with_wcs, without = finder(m, wcs=model.wcs), finder(m)
+    assert np.isfinite(with_wcs["b"]).all() and np.isnan(without["b"]).all()
+    np.testing.assert_array_equal(with_wcs["flux_matched"], without["flux_matched"])
+    assert not np.allclose(with_wcs["flux_err"], without["flux_err"])
+    with pytest.raises(ValueError, match="n_latitude_bins >= 0"):
+        est.calibrate(model, n_maps=1, n_latitude_bins=-1, progress=False)
+
+
 def _cut_args(m, xy):
     from astrotrunc.detection.photometry import _cutouts
 
