@@ -354,6 +354,10 @@ def test_latitude_calibration_holds_per_group_and_needs_b(model, tmp_path, one_t
     assert np.isfinite(with_wcs["b"]).all() and np.isnan(without["b"]).all()
     np.testing.assert_array_equal(with_wcs["flux_matched"], without["flux_matched"])
     assert not np.allclose(with_wcs["flux_err"], without["flux_err"])
+    with pytest.raises(ValueError, match="one latitude per position"):
+        est.log_quantiles(m, None, *xy, b=[1.0, 2.0, 3.0])
+    with pytest.raises(u.UnitsError):
+        est.log_quantiles(m, None, *xy, b=b_deg * u.m)
     with pytest.raises(ValueError, match="n_latitude_bins >= 0"):
         est.calibrate(model, n_maps=1, n_latitude_bins=-1, progress=False)
 

@@ -595,7 +595,11 @@ class FluxEstimator(RatioEstimator):
         -------
         `numpy.ndarray` ``(n, len(levels))``
         """
-        return self._predict(data, bad, x, y, matched, batch_size, abs_b=_abs_latitude(b))[0]
+        abs_b = _abs_latitude(b)
+        if abs_b is not None and abs_b.ndim and abs_b.shape != np.shape(np.atleast_1d(x)):
+            msg = f"b must be a scalar or one latitude per position, got shape {abs_b.shape}"
+            raise ValueError(msg)
+        return self._predict(data, bad, x, y, matched, batch_size, abs_b=abs_b)[0]
 
     def _predict(self, data, bad, x, y, matched, batch_size=4096, backend="torch", abs_b=None):
         """Calibrated quantiles ``(n, k)`` and the crowding ``(n,)`` of detections at (x, y)
