@@ -321,9 +321,10 @@ class NeuralSourceFinder:
                 msg = (f"the WCS describes a {tuple(wcs.array_shape)} image but the data are "
                        f"{data.shape}")
                 raise ValueError(msg)
-            if wcs.has_celestial:
+            if wcs.has_celestial:  # (wcs.celestial deep-copies: not for a 2-D one)
+                sky = wcs if wcs.naxis == 2 else wcs.celestial
                 scale = float(np.mean([abs(p.to_value(u.deg))
-                                       for p in wcs.celestial.proj_plane_pixel_scales()]))
+                                       for p in sky.proj_plane_pixel_scales()]))
         differences = domain_differences(det.domain, data, bad, pixel_scale_deg=scale)
         if differences:
             warnings.warn(f"this map is outside the domain of detector {det.name!r}: "
