@@ -239,7 +239,7 @@ class RegionCatalog:
 
         columns = measure_fluxes(self.flux_method, self.data, self.bad, *self._centroids,
                                  self.detector, self.photometry, matched=self._matched,
-                                 backend=self.backend, b=self.b if self._has_sky else None)
+                                 backend=self.backend, b=self.b)  # NaN without a WCS
         scale = u.Unit(self.detector.flux_unit).to(self.flux_unit) * self.flux_unit
         return tuple(c * scale for c in columns)
 

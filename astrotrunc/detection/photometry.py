@@ -112,6 +112,14 @@ def _crowding(cut):
     return level
 
 
+def _check_bins(n_crowding_bins, n_latitude_bins, latitude_crowding_bins):
+    """Validate the bin counts of `FluxEstimator.calibrate`'s groups."""
+    if int(n_crowding_bins) < 1 or int(latitude_crowding_bins) < 1 or int(n_latitude_bins) < 0:
+        msg = (f"n_crowding_bins and latitude_crowding_bins must be >= 1 and n_latitude_bins >= 0, "
+               f"got {n_crowding_bins}, {latitude_crowding_bins} and {n_latitude_bins}")
+        raise ValueError(msg)
+
+
 def _equal_count_edges(values, n_bins):
     """The inner edges of ``n_bins`` bins of equal counts of ``values`` (a list of floats)."""
     return [float(v) for v in np.quantile(values, np.linspace(0, 1, int(n_bins) + 1)[1:-1])]
@@ -484,11 +492,8 @@ class FluxEstimator(RatioEstimator):
         `FluxEstimator`
             Trained (and calibrated); ``history`` holds the trainer's history.
         """
-        if int(n_crowding_bins) < 1 or int(latitude_crowding_bins) < 1 \
-                or int(n_latitude_bins) < 0:  # before the training, not after it
-            msg = (f"n_crowding_bins and latitude_crowding_bins must be >= 1 and n_latitude_bins "
-                   f">= 0, got {n_crowding_bins}, {latitude_crowding_bins} and {n_latitude_bins}")
-            raise ValueError(msg)
+        # before the training, not after it
+        _check_bins(n_crowding_bins, n_latitude_bins, latitude_crowding_bins)
         finder = _detection_finder(finder)
         net_args = {k: kwargs.pop(k) for k in ("half_size", "channels", "hidden", "levels",
                                                    "activation", "architecture")
@@ -757,14 +762,10 @@ class FluxEstimator(RatioEstimator):
             ``self``, calibrated; `calibration` records the settings, edges and counts.
         """
         edges = np.asarray(flux_edges, dtype=float)
-        if edges.ndim != 1 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0) \
-                or int(n_crowding_bins) < 1 or int(n_latitude_bins) < 0 \
-                or int(latitude_crowding_bins) < 1:
-            msg = (f"flux_edges must increase and be positive, n_crowding_bins and "
-                   f"latitude_crowding_bins >= 1 and n_latitude_bins >= 0, got "
-                   f"{np.ravel(flux_edges).tolist()}, {n_crowding_bins}, "
-                   f"{latitude_crowding_bins} and {n_latitude_bins}")
+        if edges.ndim != 1 or np.any(edges <= 0) or np.any(np.diff(edges) <= 0):
+            msg = f"flux_edges must increase and be positive, got {np.ravel(flux_edges).tolist()}"
             raise ValueError(msg)
+        _check_bins(n_crowding_bins, n_latitude_bins, latitude_crowding_bins)
         finder = _detection_finder(finder)
         rows = _matched_detections(model, finder, int(n_maps), seed, self.half_size,
                                    chunk_size, progress)
