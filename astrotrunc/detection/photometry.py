@@ -31,8 +31,8 @@ The quantiles are then calibrated (`FluxEstimator.calibrate`): split-conformal r
 of quantile regression (Romano et al. 2019) on detections of new maps, per group of predicted
 flux and local crowding (the median of the cutout), each quantile's distance to the median
 scaled so that its level holds in its group. An estimator may also hold factors per group of
-predicted flux, crowding and |Galactic latitude| (``calibrate(n_latitude_bins=...)``), used for
-the detections of maps with a celestial WCS.
+predicted flux, crowding and absolute Galactic latitude (``calibrate(n_latitude_bins=...)``),
+used for the detections of maps with a celestial WCS.
 
 ``flux_err`` is the symmetric error of the predicted distribution: ``flux ± 2 flux_err`` holds
 95 % of it (for a Gaussian, 0.98 of its standard deviation). Use ``flux_lo``/``flux_hi`` for
@@ -126,7 +126,7 @@ def _equal_count_edges(values, n_bins):
 
 
 def _abs_latitude(b):
-    """|b| in degrees of latitudes ``b`` (a Quantity, or plain degrees), or `None`."""
+    """``|b|`` in degrees of latitudes ``b`` (a Quantity, or plain degrees), or `None`."""
     if b is None:
         return None
     return np.abs(b.to_value("deg") if hasattr(b, "to_value") else np.asarray(b, float))
@@ -484,8 +484,8 @@ class FluxEstimator(RatioEstimator):
             Then `calibrate` on this many new maps (seed ``seed + 1``; 0: not), and the PSF
             errors on that many more.
         n_crowding_bins, n_latitude_bins, latitude_crowding_bins : int
-            Crowding bins of the calibration groups, and the latitude groups' |b| and crowding
-            bins (`calibrate`; ``n_latitude_bins=0``: none).
+            Crowding bins of the calibration groups, and the latitude groups' ``|b|`` and
+            crowding bins (`calibrate`; ``n_latitude_bins=0``: none).
 
         Returns
         -------
@@ -591,7 +591,7 @@ class FluxEstimator(RatioEstimator):
             Matched-filter fluxes (`~astrotrunc.SourceDetector.estimate_flux`).
         b : array or `~astropy.units.Quantity`, optional
             Galactic latitudes of the detections (deg when a plain array). With a latitude
-            calibration (`calibrate`'s ``n_latitude_bins``) its groups, which include |b|, are
+            calibration (`calibrate`'s ``n_latitude_bins``) its groups, which include ``|b|``, are
             used where b is finite; elsewhere, and without ``b``, the crowding groups.
         batch_size : int
             Detections per network call.
@@ -608,7 +608,7 @@ class FluxEstimator(RatioEstimator):
 
     def _predict(self, data, bad, x, y, matched, batch_size=4096, backend="torch", abs_b=None):
         """Calibrated quantiles ``(n, k)`` and the crowding ``(n,)`` of detections at (x, y)
-        (|Galactic latitude| ``abs_b`` in deg, for the latitude calibration groups)."""
+        (absolute Galactic latitude ``abs_b`` in deg, for the latitude calibration groups)."""
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         if len(x) == 0:
             return np.zeros((0, len(self.levels))), np.zeros(0)
@@ -641,7 +641,8 @@ class FluxEstimator(RatioEstimator):
     # -- calibration -----------------------------------------------------------------------
     def _groups(self, median, crowding, abs_b=None):
         """Calibration group of each detection: predicted-flux bin x crowding bin, or with
-        ``abs_b`` (|Galactic latitude|, deg) the latitude calibration's flux x crowding x |b|."""
+        ``abs_b`` (absolute Galactic latitude, deg) the latitude calibration's flux x crowding x
+        ``|b|``."""
         edges = self.calibration if abs_b is None else self.calibration["latitude"]
         n_crowd = len(edges["crowding_edges"]) + 1
         groups = (np.digitize(median, np.log(self.calibration["flux_edges"])) * n_crowd
@@ -726,7 +727,7 @@ class FluxEstimator(RatioEstimator):
 
         With ``n_latitude_bins``, a second set of factors is made for catalogs whose map has a
         celestial WCS: groups of predicted flux x crowding (``latitude_crowding_bins``) x
-        |Galactic latitude| of the detection (``n_latitude_bins`` bins of equal counts). The
+        absolute Galactic latitude of the detection (``n_latitude_bins`` bins of equal counts). The
         crowding of the cutout does not tell everything the latitude does about a source's
         surroundings (in the paper's model, a Galactic disk, the 68 % intervals of in-plane
         detections held 66 % with the crowding groups alone and 68 % with these).
@@ -746,7 +747,7 @@ class FluxEstimator(RatioEstimator):
         n_crowding_bins : int
             Crowding bins.
         n_latitude_bins, latitude_crowding_bins : int
-            |b| bins and crowding bins of the latitude groups (``n_latitude_bins=0``: none). The
+            ``|b|`` bins and crowding bins of the latitude groups (``n_latitude_bins=0``: none). The
             latitudes are those of the detections' positions in ``model.wcs``.
         min_group : int
             As above (for the PSF factors, a quarter of it).
@@ -920,8 +921,8 @@ def _matched_detections(model, finder, n_maps, seed, half_size, chunk_size=128, 
 
     Detection ``j`` of a map stands for the source `~astrotrunc.completeness.match_sources`
     gives it (the brightest true source centred in its region); unmatched detections are left
-    out. Also returns the true source's ``b``, the |Galactic latitude| of the detection's position
-    (``abs_b``, deg) and the map index of each row.
+    out. Also returns the true source's ``b``, the absolute Galactic latitude of the detection's
+    position (``abs_b``, deg) and the map index of each row.
     """
     from tqdm.auto import tqdm
 
