@@ -158,7 +158,7 @@ def _add_train(sub):
                    help="photometry: crowding bins of the calibration groups")
     t.add_argument("--latitude-bins", type=int, nargs=2, default=(0, 4), metavar=("NB", "NC"),
                    help="photometry: also calibration groups for maps with a WCS, by NB bins of "
-                        "|Galactic latitude| x NC crowding bins (NB = 0: none)")
+                        "absolute Galactic latitude x NC crowding bins (NB = 0: none)")
     t.add_argument("--psf-calibration-maps", type=int, default=0,
                    help="photometry: maps the flux_method='psf' errors are calibrated on")
     t.add_argument("--domain-maps", type=int, default=1000,
