@@ -98,6 +98,16 @@ def test_find_sources_catalog(model):
     assert np.all(cat["detection_probability"] <= 1)
     assert cat.meta["threshold"] == 5.0 and cat.meta["flux_threshold"] == 10.0
     assert set(np.unique(segm.data)) == {0, 1, 2}
+    # a WCS with a third (spectral) axis: its celestial part gives the same coordinates
+    cube = model.wcs.sub([1, 2, 0])
+    cube.wcs.ctype[2], cube.wcs.crval[2], cube.wcs.cdelt[2] = "FREQ", 1e9, 1e6
+    finder = NeuralSourceFinder(det)
+    bad = np.zeros(data.shape, bool)
+    in_cube = finder.describe(data, finder.detector.log_odds(data), segm, bad,
+                              wcs=cube).to_table()
+    assert cube.naxis == 3 and cube.has_celestial
+    np.testing.assert_array_equal(in_cube["b"], cat["b"])
+    assert in_cube.meta["pixel_scale_deg"] == cat.meta["pixel_scale_deg"]
     # a higher odds threshold shrinks the regions
     cat_hi = find_sources(data, det, wcs=model.wcs, threshold=100.0)
     assert np.all(cat_hi["n_pixels"] < cat["n_pixels"])
