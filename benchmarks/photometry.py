@@ -20,8 +20,10 @@ Methods: ``neural`` (the shipped `FluxEstimator`, the catalog default), ``psf`` 
 and ``matched`` (the matched-filter flux with its Poisson error: the catalog before issue 12).
 Also prints the time the photometry adds to ``find_sources`` (catalog with ``flux_method=
 "neural"`` against ``"matched"``, the best of ``--repeat`` alternating runs per map; target
-<= 20 %). Figures are written to
-``benchmarks/output/photometry.json``.
+<= 20 %) and where the learned photometry's time goes (cutouts, network, crowding, calibration,
+summary; each step timed right after a ``find_sources`` call, on the first 50 maps). The maps are
+detected with their WCS, so the catalogs have ``b`` and the estimator's latitude calibration is
+used (``--no-wcs``: without). Figures are written to ``benchmarks/output/photometry.json``.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/photometry.py [--n-maps 100] [--n-psf-maps 30]``
 (``--photometry FILE`` for another estimator, ``--uncalibrated`` for its network alone).
@@ -38,7 +40,15 @@ import torch
 
 from astrotrunc import NeuralSourceFinder, PointSourceModel
 from astrotrunc.completeness import match_sources
-from astrotrunc.detection.photometry import FluxEstimator, _rows_of_sources, measure_fluxes
+from astrotrunc._utils import padded_map
+from astrotrunc.detection.photometry import (
+    FluxEstimator,
+    _crowding,
+    _rows_of_sources,
+    _take_cutouts,
+    flux_summary,
+    measure_fluxes,
+)
 
 DECADES = ((1.0, 10.0), (10.0, 100.0), (100.0, np.inf))
 LATITUDES = (("all", 0.0, np.inf), ("|b|<2", 0.0, 2.0), ("|b|>10", 10.0, np.inf))
@@ -50,6 +60,49 @@ def _stats(true, flux, err, lo, hi):
     return {"n": int(len(true)), "median_log_ratio": float(q50), "scatter": float((q84 - q16) / 2),
             "coverage_68": float(np.mean((lo <= true) & (true <= hi))),
             "coverage_2sigma": float(np.mean(np.abs(flux - true) <= 2 * err))}
+
+
+def _photometry_stages(finder, maps, wcs, repeat):
+    """Where the learned photometry's time goes, ms/map (medians over maps of the best of
+    ``repeat``). Each step is timed right after a whole ``finder(m)``, as it runs in a catalog:
+    the network's first call after the detector's work costs more than a repeated one."""
+    est, det, backend = finder.photometry, finder.detector, finder.backend
+    steps = ("cutouts", "network", "crowding", "calibration", "summary")
+    best = {k: [] for k in steps}
+    for data in maps:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NoDetectionsWarning on empty maps
+            cat = finder(data, wcs=wcs)
+        if cat is None:
+            continue
+        x, y = cat["x_centroid"].value, cat["y_centroid"].value
+        matched = det.estimate_flux(data, x, y)[0].astype(np.float32)
+        b = cat["b"].to_value("deg")
+        times = {k: np.inf for k in steps}
+        for _ in range(repeat):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                finder(data, wcs=wcs)  # the caches as a catalog leaves them
+            t = [time.perf_counter()]
+            padded = padded_map(data, None, est.half_size, est.background)
+            cut, offset = _take_cutouts(padded, x, y, est.half_size)
+            t.append(time.perf_counter())
+            q = est._raw_log_quantiles(cut, offset, matched, backend=backend)
+            t.append(time.perf_counter())
+            crowd = _crowding(cut)
+            t.append(time.perf_counter())
+            q = est._calibrated(q, crowd, np.abs(b))
+            t.append(time.perf_counter())
+            flux_summary(q, est.levels)
+            t.append(time.perf_counter())
+            for k, t0, t1 in zip(steps, t, t[1:]):
+                times[k] = min(times[k], t1 - t0)
+        for k in steps:
+            best[k].append(times[k])
+    out = {k: float(1e3 * np.median(v)) for k, v in best.items()}
+    print("the learned photometry's steps, ms/map (each right after a find_sources call): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in out.items()))
+    return out
 
 
 def _print_misses(cells):
@@ -187,6 +240,8 @@ def main():
     figures["time_neural_ms"] = float(1e3 * np.median(tn))
     figures["photometry_time_fraction"] = float(added)
     figures["photometry_time_fraction_median"] = float(np.median(tn / tm - 1))
+    figures["photometry_steps_ms"] = _photometry_stages(
+        neural, [sims.maps[i].numpy() for i in range(min(args.n_maps, 50))], wcs, args.repeat)
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "photometry.json"), "w") as f:

@@ -659,10 +659,14 @@ class FluxEstimator(RatioEstimator):
         """
         k = self.levels.index(0.5)
         med = q[:, k:k + 1]
-        scale = self._calibration.detach().cpu().double().numpy()[
-            self._groups(q[:, k], crowding)]
-        if abs_b is not None and "latitude" in self.calibration:
-            has_b = np.isfinite(abs_b)
+        has_b = (np.isfinite(abs_b) if abs_b is not None and "latitude" in self.calibration
+                 else np.zeros(len(q), bool))
+        if has_b.all() and len(q):  # every row has a latitude: its groups only
+            scale = self._calibration_lat.detach().cpu().double().numpy()[
+                self._groups(q[:, k], crowding, abs_b)]
+        else:
+            scale = self._calibration.detach().cpu().double().numpy()[
+                self._groups(q[:, k], crowding)]
             if has_b.any():
                 scale[has_b] = self._calibration_lat.detach().cpu().double().numpy()[
                     self._groups(q[has_b, k], crowding[has_b], abs_b[has_b])]
