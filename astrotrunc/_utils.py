@@ -67,6 +67,15 @@ def available_device(device):
     return dev
 
 
+def celestial_wcs(wcs):
+    """The 2-D celestial part of ``wcs``, or `None` when it has none. A 2-D celestial WCS is
+    returned as it is: astropy's ``WCS.celestial`` deep-copies the WCS on every access (about
+    1.5 ms)."""
+    if wcs is None or not wcs.has_celestial:
+        return None
+    return wcs if wcs.naxis == 2 else wcs.celestial
+
+
 def padded_map(data, bad, half, background=0.0, dtype=np.float32):
     """The map minus ``background`` (0 where bad) and its validity (1 where good), stacked
     ``(2, ny + 2 hy, nx + 2 hx)`` and zero-padded by ``half = (hy, hx)`` (or one int) pixels.

@@ -84,18 +84,12 @@ def evaluate(cal, tests, grouping, levels, flux_edges=(10.0, 100.0), min_group=2
     k = levels.index(0.5)
     edges = {name: np.quantile(cal[name], np.linspace(0, 1, n + 1)[1:-1]) for name, n in grouping}
     n_inner = int(np.prod([n for _, n in grouping]))
-    q = cal["q"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = (cal["log_flux"][:, None] - q[:, k:k + 1]) / (q - q[:, k:k + 1])
-    ratio[:, k] = 1.0
-    level = np.where(np.array(levels) > 0.5, levels, 1 - np.array(levels))
-    scale = phot._group_quantiles(ratio, level, _groups(cal, grouping, edges, flux_edges),
-                                  (len(flux_edges) + 1) * n_inner, n_inner, min_group)
+    scale = phot._conformal_factors(cal["q"], cal["log_flux"], levels,
+                                    _groups(cal, grouping, edges, flux_edges),
+                                    (len(flux_edges) + 1) * n_inner, n_inner, min_group)
     out = []
     for rows in tests:
-        q, med = rows["q"], rows["q"][:, k:k + 1]
-        calibrated = np.sort(med + scale[_groups(rows, grouping, edges, flux_edges)] * (q - med),
-                             axis=1)
+        calibrated = phot._scaled(rows["q"], scale[_groups(rows, grouping, edges, flux_edges)], k)
         flux, err, lo, hi = phot.flux_summary(calibrated, levels)
         true, abs_b = np.exp(rows["log_flux"]), np.abs(rows["b"])
         inside = (lo <= true) & (true <= hi)

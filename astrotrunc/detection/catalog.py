@@ -14,6 +14,8 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import QTable
 
+from .._utils import celestial_wcs
+
 __all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS",
            "COLUMN_DESCRIPTIONS", "FLUX_DESCRIPTIONS"]
 
@@ -198,11 +200,7 @@ class RegionCatalog:
 
     @functools.cached_property
     def _sky_wcs(self):
-        """The celestial part of the WCS, or `None` (taken once: astropy's ``WCS.celestial``
-        deep-copies the WCS on every access, about 1.5 ms)."""
-        if self.wcs is None or not self.wcs.has_celestial:
-            return None
-        return self.wcs if self.wcs.naxis == 2 else self.wcs.celestial
+        return celestial_wcs(self.wcs)
 
     @property
     def _has_sky(self):

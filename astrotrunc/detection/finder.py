@@ -19,7 +19,7 @@ from photutils.segmentation import SegmentationImage
 from photutils.utils import NoDetectionsWarning
 from scipy import ndimage
 
-from .._utils import validate_map
+from .._utils import celestial_wcs, validate_map
 from ..exceptions import AstrotruncWarning, OutOfDomainWarning
 from ._onnx import check_backend
 from .catalog import RegionCatalog
@@ -321,8 +321,8 @@ class NeuralSourceFinder:
                 msg = (f"the WCS describes a {tuple(wcs.array_shape)} image but the data are "
                        f"{data.shape}")
                 raise ValueError(msg)
-            if wcs.has_celestial:  # (wcs.celestial deep-copies: not for a 2-D one)
-                sky = wcs if wcs.naxis == 2 else wcs.celestial
+            sky = celestial_wcs(wcs)
+            if sky is not None:
                 scale = float(np.mean([abs(p.to_value(u.deg))
                                        for p in sky.proj_plane_pixel_scales()]))
         differences = domain_differences(det.domain, data, bad, pixel_scale_deg=scale)

@@ -132,6 +132,25 @@ def _abs_latitude(b):
     return np.abs(b.to_value("deg") if hasattr(b, "to_value") else np.asarray(b, float))
 
 
+def _conformal_factors(q, log_flux, levels, groups, n_groups, n_crowd, min_group):
+    """Per group, the factor of each quantile's gap to the median that makes its level hold on
+    detections with true ``log_flux`` (split-conformal; the median's factor is 1). Returns
+    ``(n_groups, k)``; see `_group_quantiles` for small groups."""
+    k = list(levels).index(0.5)
+    with np.errstate(invalid="ignore", divide="ignore"):  # the median's own column
+        ratio = (np.asarray(log_flux)[:, None] - q[:, k:k + 1]) / (q - q[:, k:k + 1])
+    ratio[:, k] = 1.0  # the median is not moved
+    level = np.asarray(levels)
+    level = np.where(level > 0.5, level, 1 - level)  # below the median the gap is negative
+    return _group_quantiles(ratio, level, groups, n_groups, n_crowd, min_group)
+
+
+def _scaled(q, scale, k):
+    """Quantiles ``q`` with each gap to the median (column ``k``) times ``scale``, sorted."""
+    med = q[:, k:k + 1]
+    return np.sort(med + scale * (q - med), axis=1)
+
+
 def _group_quantiles(values, levels, groups, n_groups, n_crowd, min_group):
     """Per calibration group, the quantile at ``levels[j]`` of each column ``j`` of ``values``.
 
@@ -658,7 +677,6 @@ class FluxEstimator(RatioEstimator):
         Rows with a finite ``abs_b`` take the latitude calibration's factors where there is one.
         """
         k = self.levels.index(0.5)
-        med = q[:, k:k + 1]
         has_b = (np.isfinite(abs_b) if abs_b is not None and "latitude" in self.calibration
                  else np.zeros(len(q), bool))
         if has_b.all() and len(q):  # every row has a latitude: its groups only
@@ -670,7 +688,7 @@ class FluxEstimator(RatioEstimator):
             if has_b.any():
                 scale[has_b] = self._calibration_lat.detach().cpu().double().numpy()[
                     self._groups(q[has_b, k], crowding[has_b], abs_b[has_b])]
-        return np.sort(med + scale * (q - med), axis=1)
+        return _scaled(q, scale, k)
 
     def psf_errors(self, flux, fit_err, q, crowding):
         """``flux_err, flux_lo, flux_hi`` of PSF-fit fluxes: fit error + learned confusion term.
@@ -784,15 +802,11 @@ class FluxEstimator(RatioEstimator):
         self.calibration = dict(flux_edges=[float(v) for v in flux_edges],
                                 crowding_edges=_equal_count_edges(crowd, n_crowding_bins),
                                 n_maps=int(n_maps), seed=int(seed), min_group=int(min_group))
-        with np.errstate(invalid="ignore", divide="ignore"):  # the median's own column
-            ratio = (rows["log_flux"][:, None] - q[:, k:k + 1]) / (q - q[:, k:k + 1])
-        level = np.asarray(self.levels)
-        level = np.where(level > 0.5, level, 1 - level)  # below the median the gap is negative
-        ratio[:, k] = 1.0  # the median is not moved
         n_flux = len(self.calibration["flux_edges"]) + 1
         n_inner = int(n_crowding_bins)
         groups = self._groups(q[:, k], crowd)
-        scale = _group_quantiles(ratio, level, groups, n_flux * n_inner, n_inner, min_group)
+        scale = _conformal_factors(q, rows["log_flux"], self.levels, groups, n_flux * n_inner,
+                                   n_inner, min_group)
         self.calibration["counts"] = np.bincount(groups, minlength=n_flux * n_inner).tolist()
         self.calibration["psf_maps"] = 0  # set by _calibrate_psf once its factors exist
         self.register_buffer("_calibration", torch.as_tensor(scale, dtype=torch.float32))
@@ -805,7 +819,8 @@ class FluxEstimator(RatioEstimator):
                 latitude_edges=_equal_count_edges(abs_b, n_latitude_bins))
             n_inner = int(latitude_crowding_bins) * int(n_latitude_bins)
             groups = self._groups(q[:, k], crowd, abs_b)
-            scale = _group_quantiles(ratio, level, groups, n_flux * n_inner, n_inner, min_group)
+            scale = _conformal_factors(q, rows["log_flux"], self.levels, groups,
+                                       n_flux * n_inner, n_inner, min_group)
             self.calibration["latitude"]["counts"] = np.bincount(
                 groups, minlength=n_flux * n_inner).tolist()
             self.register_buffer("_calibration_lat", torch.as_tensor(scale, dtype=torch.float32))
