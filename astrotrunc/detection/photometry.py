@@ -255,10 +255,11 @@ def _asinh(x):
     """``torch.asinh`` by ``log`` and ``sqrt`` (3x faster on CPUs) where no value overflows."""
     a = x.abs()
     if torch.onnx.is_in_onnx_export():  # no data-dependent branch, no aten::asinh in ONNX:
-        big = 1e18                      # asinh(a) = asinh(big) + ln(a / big) beyond big
-        m = a.clamp_max(big)
-        return torch.sign(x) * (torch.log(m + torch.sqrt(m * m + 1))
-                                + torch.log(a.clamp_min(big) / big))
+        # one logarithm: ln(m + sqrt(m^2 + 1)) for a = m <= 1e18, and ln(2 a) (= asinh(a) to
+        # float rounding) beyond, where m stops at 1e18 and a - m takes over (up to 1e38, near
+        # float32's largest value; the finder's maps are finite)
+        m = a.clamp_max(1e18)
+        return torch.sign(x) * torch.log(m + torch.sqrt(m * m + 1) + 2 * (a - m).clamp_max(1e38))
     if a.numel() == 0 or a.max() > 1e18:
         return torch.asinh(x)
     return torch.copysign(torch.log(a + torch.sqrt(a * a + 1)), x)
@@ -294,11 +295,14 @@ class _AvgPool2(nn.AdaptiveAvgPool2d):
 
     def __init__(self, n):
         super().__init__(2)
+        self.n = int(n)
         self.bins = [(i * n // 2, -(-(i + 1) * n // 2)) for i in range(2)]
 
     def forward(self, x):
         if not torch.onnx.is_in_onnx_export():
             return super().forward(x)
+        if self.n % 2 == 0:  # the bins do not overlap: one pooling node, not 4 slices and means
+            return nn.functional.avg_pool2d(x, self.n // 2)
         return torch.stack([torch.stack([x[..., a:b, c:d].mean((-2, -1)) for c, d in self.bins],
                                         -1) for a, b in self.bins], -2)
 
