@@ -95,9 +95,14 @@ def padded_map(data, bad, half, background=0.0, dtype=np.float32):
     return padded
 
 
-def take_stamps(padded, ix, iy, half):
-    """``(2, n, 2 hy + 1, 2 hx + 1)``: the windows of a `padded_map` centred on pixels (ix, iy)."""
+def take_stamps(padded, ix, iy, half, channels_first=True):
+    """``(2, n, 2 hy + 1, 2 hx + 1)``: the windows of a `padded_map` centred on pixels (ix, iy)
+    (``channels_first=False``: ``(n, 2, ...)``, contiguous)."""
     hy, hx = (half, half) if np.ndim(half) == 0 else half
+    if not channels_first:  # whole window rows copied at once: faster than a flat gather
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * hy + 1, 2 * hx + 1),
+                                                           axis=(1, 2))
+        return windows.transpose(1, 2, 0, 3, 4)[iy, ix]
     width = padded.shape[2]
     # flat index of window pixel (i, j): the window's top-left corner in the padded map + i, j
     index = (iy * width + ix)[:, None, None] \

@@ -85,12 +85,15 @@ class OnnxNetwork:
         self.names, self.multiple = names, multiple
 
     def __call__(self, *inputs):
-        arrays = [np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
-                  for t in inputs]
+        return torch.from_numpy(self.run(*(t.detach().cpu().numpy() for t in inputs)))
+
+    def run(self, *arrays):
+        """The network's output for numpy inputs, as a numpy array."""
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
         h, w = arrays[0].shape[-2:]
         if self.multiple:
             ph, pw = (-h) % self.multiple, (-w) % self.multiple
             if ph or pw:  # the zero padding the U-Net itself applies
                 arrays[0] = np.pad(arrays[0], ((0, 0), (0, 0), (0, ph), (0, pw)))
         out = self.session.run(None, dict(zip(self.names, arrays)))[0]
-        return torch.from_numpy(out[..., :h, :w] if self.multiple else out)
+        return out[..., :h, :w] if self.multiple else out

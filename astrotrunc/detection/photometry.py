@@ -87,9 +87,9 @@ def _take_cutouts(padded, x, y, half):
     """`_cutouts` of positions (x, y) from a `~astrotrunc._utils.padded_map` of the map."""
     ny, nx = padded.shape[1] - 2 * half, padded.shape[2] - 2 * half
     ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-    cut = take_stamps(padded, ix, iy, half).transpose(1, 0, 2, 3)
+    cut = take_stamps(padded, ix, iy, half, channels_first=False)
     offset = np.stack([np.asarray(x, float) - ix, np.asarray(y, float) - iy], axis=1)
-    return np.ascontiguousarray(cut), offset.astype(np.float32)
+    return cut, offset.astype(np.float32)
 
 
 def _crowding(cut):
@@ -110,6 +110,12 @@ def _crowding(cut):
         mid = 0.5 * (part[rows, np.maximum(n_valid - 1, 0) // 2] + part[rows, n_valid // 2])
         level[partial] = np.where(n_valid > 0, mid, 0.0)
     return level
+
+
+def _nan_to_0(a):
+    """``a`` with NaN as 0 (`numpy.nan_to_num` without its checks, infinities kept)."""
+    a = np.asarray(a)
+    return np.where(a == a, a, 0)
 
 
 def _check_bins(n_crowding_bins, n_latitude_bins, latitude_crowding_bins):
@@ -584,12 +590,14 @@ class FluxEstimator(RatioEstimator):
     def _onnx_net(self):
         """`_inference_net` as an ONNX Runtime session (``backend="onnxruntime"``; rebuilt
         likewise)."""
-        size = 2 * self.half_size + 1
-        example = (torch.zeros(1, 2, size, size), torch.zeros(1, 2), torch.ones(1))
-        # one thread: a few hundred cutouts are too little work to share (and a second thread
-        # pool would spin against the detector's)
-        return self._cached("_onnx_copy", self._weights_key(),
-                            lambda: OnnxNetwork(self._inference_net(), example, threads=1))
+        def build():
+            size = 2 * self.half_size + 1
+            example = (torch.zeros(1, 2, size, size), torch.zeros(1, 2), torch.ones(1))
+            # one thread: a few hundred cutouts are too little work to share (and a second
+            # thread pool would spin against the detector's)
+            return OnnxNetwork(self._inference_net(), example, threads=1)
+
+        return self._cached("_onnx_copy", self._weights_key(), build)
 
     def loss(self, batch) -> torch.Tensor:
         """Pinball (quantile) loss of ``batch["log_flux"]`` (true ``ln F``), mean over levels."""
@@ -651,9 +659,15 @@ class FluxEstimator(RatioEstimator):
     def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096, backend="torch"):
         """The network's quantiles ``(n, k)`` (float64) of cutouts, offsets and matched fluxes;
         the network runs in torch or (``backend="onnxruntime"``) ONNX Runtime."""
-        device = self._levels.device
-        net = self._onnx_net() if backend == "onnxruntime" else self._inference_net()
         out = np.empty((len(cut), len(self.levels)))
+        if backend == "onnxruntime":  # numpy in and out, no tensors
+            net = self._onnx_net()
+            for i in range(0, len(cut), batch_size):
+                chunk = slice(i, i + batch_size)
+                out[chunk] = net.run(cut[chunk], offset[chunk], matched[chunk])
+            return out
+        device = self._levels.device
+        net = self._inference_net()
         with torch.inference_mode():  # inference mode: a third faster
             for i in range(0, len(cut), batch_size):
                 chunk = slice(i, i + batch_size)
@@ -668,12 +682,28 @@ class FluxEstimator(RatioEstimator):
         ``|b|``."""
         edges = self.calibration if abs_b is None else self.calibration["latitude"]
         n_crowd = len(edges["crowding_edges"]) + 1
-        groups = (np.digitize(median, np.log(self.calibration["flux_edges"])) * n_crowd
-                  + np.digitize(np.nan_to_num(crowding), edges["crowding_edges"]))
+        # np.digitize's bins, by searchsorted (its cost is most of digitize's); NaN -> 0 as
+        # np.nan_to_num would (infinities fall in the end bins either way)
+        groups = (np.searchsorted(np.log(self.calibration["flux_edges"]), median, "right")
+                  * n_crowd + np.searchsorted(edges["crowding_edges"], _nan_to_0(crowding),
+                                              "right"))
         if abs_b is None:
             return groups
         return groups * (len(edges["latitude_edges"]) + 1) \
-            + np.digitize(np.nan_to_num(abs_b), edges["latitude_edges"])
+            + np.searchsorted(edges["latitude_edges"], _nan_to_0(abs_b), "right")
+
+    def _factor_arrays(self):
+        """The calibration factors (crowding groups, latitude groups or None) as float64
+        arrays, kept until a table is replaced or changed."""
+        tables = (self._calibration, getattr(self, "_calibration_lat", None))
+        versions = tuple(None if t is None else t._version for t in tables)
+        cached = self.__dict__.get("_factor_cache")
+        if cached is None or cached[1] != versions \
+                or any(a is not b for a, b in zip(cached[0], tables)):
+            arrays = tuple(None if t is None else t.detach().cpu().double().numpy()
+                           for t in tables)
+            cached = self.__dict__["_factor_cache"] = (tables, versions, arrays)
+        return cached[2]
 
     def _calibrated(self, q, crowding, abs_b=None):
         """Quantiles with each gap to the median scaled by its group's factor (then sorted).
@@ -683,15 +713,14 @@ class FluxEstimator(RatioEstimator):
         k = self.levels.index(0.5)
         has_b = (np.isfinite(abs_b) if abs_b is not None and "latitude" in self.calibration
                  else np.zeros(len(q), bool))
+        factors, factors_lat = self._factor_arrays()
         if has_b.all() and len(q):  # every row has a latitude: its groups only
-            scale = self._calibration_lat.detach().cpu().double().numpy()[
-                self._groups(q[:, k], crowding, abs_b)]
+            scale = factors_lat[self._groups(q[:, k], crowding, abs_b)]
         else:
-            scale = self._calibration.detach().cpu().double().numpy()[
-                self._groups(q[:, k], crowding)]
+            scale = factors[self._groups(q[:, k], crowding)]
             if has_b.any():
-                scale[has_b] = self._calibration_lat.detach().cpu().double().numpy()[
-                    self._groups(q[has_b, k], crowding[has_b], abs_b[has_b])]
+                scale[has_b] = factors_lat[self._groups(q[has_b, k], crowding[has_b],
+                                                        abs_b[has_b])]
         return _scaled(q, scale, k)
 
     def psf_errors(self, flux, fit_err, q, crowding):
