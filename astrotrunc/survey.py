@@ -582,7 +582,7 @@ def find_sources_healpix(hpx_map, *, nside=None, nest=False, frame="galactic", d
                          resolution=None, patch_size=128, overlap=32, projection="CAR",
                          client=None, workers=None, threshold=5.0, flux_threshold=None,
                          n_pixels=1, match_radius=None, max_stretch=1.05, progress=True,
-                         backend="torch"):
+                         backend="auto"):
     """Detect point sources on a whole HEALPix map: one all-sky catalog.
 
     The sphere is cut into overlapping patches at the detector's pixel scale
@@ -686,7 +686,7 @@ def find_sources_healpix(hpx_map, *, nside=None, nest=False, frame="galactic", d
     patches = healpix_patches(res, patch_size, overlap, projection, hmap.frame, max_stretch)
     inner = (_band_px(patches[0], max_stretch), overlap / 2)
     settings = {"threshold": float(threshold), "flux_threshold": f_th, "n_pixels": n_pixels,
-                "backend": check_backend(backend)}
+                "backend": check_backend(backend, detector.psf_stamp.device)}
 
     was_training = detector.training
     detector.eval()  # the pool threads share the network: no mode switches while they run
@@ -864,7 +864,7 @@ def _detect_map(detector, settings, key, healpix_kwargs, item, name, path, inner
 
 def find_sources_many(maps, *, out_dir, detector=None, client=None, workers=None,
                       overwrite=False, names=None, threshold=5.0, flux_threshold=None,
-                      n_pixels=1, healpix_kwargs=None, progress=True, backend="torch"):
+                      n_pixels=1, healpix_kwargs=None, progress=True, backend="auto"):
     """Detect sources in many maps: one catalog per map plus a merged one, resumable.
 
     Every map is a Dask task that reads it, detects (:func:`~astrotrunc.find_sources` for
@@ -956,7 +956,8 @@ def find_sources_many(maps, *, out_dir, detector=None, client=None, workers=None
     settings = {"threshold": float(threshold), "flux_threshold": f_th, "n_pixels": int(n_pixels)}
     healpix_kwargs = dict(healpix_kwargs or {})
     key = _run_key(detector, {**settings, **{k: str(v) for k, v in healpix_kwargs.items()}})
-    settings["backend"] = check_backend(backend)  # same catalogs: not part of the run's key
+    # the same catalogs either way: not part of the run's key
+    settings["backend"] = check_backend(backend, detector.psf_stamp.device)
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():

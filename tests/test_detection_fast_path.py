@@ -1,9 +1,11 @@
 """The optimised r1 path (fused network, region-pixel segmentation and catalog) against the
 reference path it replaced: the same regions and catalog rows, to float tolerance."""
 
+import importlib.util
 import math
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from scipy import ndimage
 
 from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector
 from astrotrunc.detection import default_detector, detection_regions, peak_centroids
+from astrotrunc.detection._onnx import check_backend
 from astrotrunc.detection.estimator import _tile_shape
 from astrotrunc.detection.unet import inference_copy
 
@@ -145,7 +148,8 @@ def test_onnxruntime_backend_gives_the_torch_logits(space_to_depth):
 def test_onnxruntime_finder_gives_the_torch_catalog(one_thread):
     pytest.importorskip("onnxruntime")
     maps = PointSourceModel.paper().simulate(2, seed=8).maps.numpy()
-    torch_finder, ort_finder = NeuralSourceFinder(), NeuralSourceFinder(backend="onnxruntime")
+    torch_finder = NeuralSourceFinder(backend="torch")
+    ort_finder = NeuralSourceFinder(backend="onnxruntime")
     for m in maps:
         a, b = torch_finder(m), ort_finder(m)
         assert len(a) == len(b) > 10
@@ -154,12 +158,29 @@ def test_onnxruntime_finder_gives_the_torch_catalog(one_thread):
     np.testing.assert_array_equal(torch_finder.find_batch(maps), ort_finder.find_batch(maps))
 
 
+def test_onnxruntime_finder_from_several_threads():
+    # the first maps of a survey's thread pool export the networks at the same time
+    pytest.importorskip("onnxruntime")
+    finder = NeuralSourceFinder(SourceDetector.load_default(), backend="onnxruntime")  # a copy
+    maps = PointSourceModel.paper().simulate(4, seed=9).maps.numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ThreadPoolExecutor(4) as pool:
+            cats = list(pool.map(finder, maps))
+        assert [len(c) for c in cats] == [len(finder(m)) for m in maps]
+
+
 def test_backend_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         NeuralSourceFinder(backend="tensorrt")
+    assert check_backend("auto", "cuda") == "torch"  # ONNX Runtime runs on the CPU only
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert NeuralSourceFinder().backend == "onnxruntime"  # the default: 'auto'
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
     with pytest.raises(ImportError, match=r"astrotrunc\[onnx\]"):
         NeuralSourceFinder(backend="onnxruntime")
+    assert NeuralSourceFinder().backend == "torch"
+    assert check_backend("auto") == "torch"
 
 
 @pytest.mark.parametrize("deblend", [True, False])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -18,17 +19,32 @@ import torch
 
 __all__ = []
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+# torch's exporter keeps its state in globals: two threads exporting at once (the first maps of
+# a survey's thread pool) break each other
+_EXPORT_LOCK = threading.Lock()
 
 
-def check_backend(backend):
-    """Validate a backend name; ``'onnxruntime'`` must be importable."""
+def check_backend(backend, device="cpu"):
+    """Validate a backend name and resolve ``'auto'``: ONNX Runtime when it is installed and
+    the network is on ``device`` ``'cpu'``, else torch. ``'onnxruntime'`` must be importable."""
     if backend not in BACKENDS:
         msg = f"backend must be one of {BACKENDS}, got {backend!r}"
         raise ValueError(msg)
+    if backend == "auto":
+        return "onnxruntime" if torch.device(device).type == "cpu" and _installed() else "torch"
     if backend == "onnxruntime":
         _import()
     return backend
+
+
+def _installed():
+    try:
+        _import()
+    except ImportError:
+        return False
+    return True
 
 
 def _import():
@@ -70,7 +86,7 @@ class OnnxNetwork:
         if multiple:
             axes["x0"].update({2: "h", 3: "w"})
         buf = io.BytesIO()
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracing
+        with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter's deprecation and tracing
             warnings.simplefilter("ignore")
             torch.onnx.export(net, tuple(example), buf, input_names=names, output_names=["y"],
                               dynamic_axes=axes, dynamo=False)

@@ -380,9 +380,10 @@ class SourceDetector(RatioEstimator):
             evenly sized tiles of at most that shape).
         batch_size : int
             Tiles per network call, at most (and at most about half a megapixel per call).
-        backend : {'torch', 'onnxruntime'}
+        backend : {'torch', 'onnxruntime', 'auto'}
             Where the network runs: torch (the reference) or ONNX Runtime, faster on CPUs
             (``pip install "astrotrunc[onnx]"``); the same logits to float32 rounding.
+            ``'auto'``: ONNX Runtime when it is installed and the detector is on the CPU.
 
         Returns
         -------
@@ -390,7 +391,7 @@ class SourceDetector(RatioEstimator):
             Float64 log-odds; ``-inf`` at bad pixels (filled at the network's input with the
             mean of their valid neighbours, see `fill_bad_pixels`).
         """
-        check_backend(backend)
+        backend = check_backend(backend, self.psf_stamp.device)
         data, bad, _ = validate_map(data, mask)
         bad |= ~np.isfinite(data)
         k = self.channel(flux_threshold)
