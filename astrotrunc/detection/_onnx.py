@@ -42,7 +42,7 @@ def check_backend(backend, device="cpu"):
 def _installed():
     try:
         _import()
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or its compiled libraries do not load
         return False
     return True
 
