@@ -1,5 +1,7 @@
 """The forward model: priors, rendering, noise, geometry, reproducibility, bad input."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,17 @@ def test_cli_simulate(tmp_path, capsys):
     assert t["l"].unit == u.deg and t["flux"].unit == u.dimensionless_unscaled
     assert [int((t["map_id"] == i).sum()) for i in range(2)] == n_true
     assert main(["simulate", "--out", str(tmp_path / "x.fits"), "--n-maps", "0"]) == 2
+
+
+def test_simulate_leaves_no_threads_behind():
+    # the Poisson draws run on the intra-op threads' number of worker threads; a pool kept alive
+    # after them (they have run torch operations) made torch half as fast on the main thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = threading.active_count()
+        model = PointSourceModel.paper()
+        model.simulate(4, seed=0)
+        assert threading.active_count() == before
+    finally:
+        torch.set_num_threads(threads)
