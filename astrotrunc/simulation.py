@@ -558,7 +558,7 @@ class PointSourceModel:
         parts = rate.chunk(n_threads)
         # threads that end with the call: idle pool threads that have run torch operations keep
         # their OpenMP teams, and while they lived torch ran about half as fast on the main
-        # thread (find_sources 25-30 instead of 15-18 ms per map on two threads, measured)
+        # thread (find_sources 24-32 instead of 13-18 ms per map on two threads, measured)
         with ThreadPoolExecutor(n_threads) as pool:
             return torch.cat(list(pool.map(lambda a: torch.poisson(a[0], generator=a[1]),
                                            zip(parts, gens))))

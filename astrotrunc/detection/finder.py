@@ -196,8 +196,9 @@ class NeuralSourceFinder:
     backend : {'auto', 'torch', 'onnxruntime'}
         Where the detector's and the flux estimator's networks run: torch (the reference) or
         ONNX Runtime, faster on CPUs for single maps (``pip install "astrotrunc[onnx]"``); the
-        same catalogs to float32 rounding. ``'auto'`` (the default): ONNX Runtime when it is installed
-        and the detector is on the CPU, else torch. The attribute ``backend`` holds the choice.
+        same catalogs to float32 rounding. ``'auto'`` (the default): ONNX Runtime when it is
+        installed and the detector is on the CPU, else torch. The attribute ``backend`` holds
+        the choice.
 
     Raises
     ------

@@ -59,7 +59,7 @@ from torch import nn
 
 from .._utils import nearest_pixel, padded_map, take_stamps
 from ..nre import RatioEstimator, Trainer
-from ._onnx import OnnxNetwork
+from ._onnx import OnnxNetwork, check_backend
 
 __all__ = ["FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry",
            "flux_summary", "measure_fluxes", "QUANTILE_LEVELS", "FLUX_METHODS"]
@@ -1189,8 +1189,9 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
         Required by ``'neural'``.
     matched : tuple of arrays, optional
         Precomputed ``detector.estimate_flux(data, x, y, bad)``.
-    backend : {'torch', 'onnxruntime'}
-        Where the flux estimator's network runs.
+    backend : {'torch', 'onnxruntime', 'auto'}
+        Where the flux estimator's network runs (``'auto'``: ONNX Runtime when it is installed
+        and the estimator is on the CPU).
     b : array or `~astropy.units.Quantity`, optional
         Galactic latitudes of the positions (deg when plain): ``'neural'`` then uses the
         estimator's latitude calibration groups, where it has them (`FluxEstimator.calibrate`).
@@ -1209,6 +1210,7 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
         raise ValueError(msg)
     q = crowding = None
     if photometry is not None:  # the PSF factors were calibrated on the crowding groups' q
+        backend = check_backend(backend, photometry._levels.device)
         q, crowding = photometry._predict(data, bad, x, y, m_flux, backend=backend,
                                           abs_b=_abs_latitude(b) if method == "neural" else None)
     if method == "neural":
