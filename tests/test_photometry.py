@@ -178,6 +178,8 @@ def test_psf_path_on_a_tiny_map():
     est = FluxEstimator(half_size=3, channels=2, hidden=4)
     f2, e2, lo, hi = measure_fluxes("psf", data, None, x, y, det, est)
     np.testing.assert_allclose(f2, flux)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        measure_fluxes("psf", data, None, x, y, det, est, backend="onnx")
     assert np.all(e2 >= err) and np.all(lo < f2) and np.all(f2 < hi)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # masked pixels are fine
