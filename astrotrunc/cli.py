@@ -136,6 +136,9 @@ def _add_train(sub):
     t.add_argument("--conditional", action="store_true",
                    help="completeness: S(F, l, b | θ), conditional on the population (crowding)")
     t.add_argument("--depth", type=int, default=3, help="detector: U-Net depth")
+    t.add_argument("--widths", type=int, nargs="+", metavar="W", default=None,
+                   help="detector: the U-Net's channels at each level, full resolution first, "
+                        "instead of --channels doubled --depth times (e.g. 8 8 16 32)")
     t.add_argument("--init", help="detector: start from this detector file's weights (same "
                                   "--channels, --depth and --space-to-depth)")
     t.add_argument("--simulation-device", default=None,
@@ -218,7 +221,7 @@ def _train(args, model, trainer):
         est = SourceDetector.fit_to(model, PAPER_FLUX_THRESHOLDS, n_train=args.n_train,
                                     n_val=args.n_val, seed=args.seed,
                                     base_channels=args.channels, depth=args.depth,
-                                    space_to_depth=args.space_to_depth,
+                                    space_to_depth=args.space_to_depth, widths=args.widths,
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold,
                                     store=args.store, client=args.client, init=args.init,

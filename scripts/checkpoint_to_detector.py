@@ -31,6 +31,7 @@ def main():
     p.add_argument("--channels", type=int, default=16, help="the run's --channels")
     p.add_argument("--depth", type=int, default=3, help="the run's --depth")
     p.add_argument("--space-to-depth", type=int, default=1, help="the run's --space-to-depth")
+    p.add_argument("--widths", type=int, nargs="+", default=None, help="the run's --widths")
     p.add_argument("--default-flux-threshold", type=float, default=1.0)
     p.add_argument("--name", default="astrotrunc-paper-r1 (checkpoint)")
     p.add_argument("--domain-maps", type=int, default=1000)
@@ -43,7 +44,7 @@ def main():
     det = SourceDetector.from_model(
         PointSourceModel.paper(), PAPER_FLUX_THRESHOLDS, domain_maps=args.domain_maps,
         base_channels=args.channels, depth=args.depth, space_to_depth=args.space_to_depth,
-        name=args.name, default_flux_threshold=args.default_flux_threshold)
+        widths=args.widths, name=args.name, default_flux_threshold=args.default_flux_threshold)
     det.load_state_dict(best)  # strict: the architecture must be the run's
     det.eval().save(args.out, overwrite=args.overwrite)
     print(f"{args.out}: best weights after epoch {summary['epoch']} (validation loss "

@@ -148,6 +148,12 @@ def test_train_detector_and_completeness(tmp_path):
     assert SourceDetector.load(tuned).metadata["training"]["init"] == d.identity
     assert main(["train", "detector", "--out", str(tuned), "--overwrite", "--init", str(det),
                  "--channels", "4", "--depth", "1", "--n-train", "4", "--quiet"]) == 2
+    # the U-Net's channels per level
+    narrow = tmp_path / "narrow.safetensors"
+    assert main(["train", "detector", "--out", str(narrow), "--n-train", "4", "--n-val", "4",
+                 "--epochs", "1", "--batch-size", "4", "--widths", "2", "2", "4",
+                 "--domain-maps", "0", "--quiet"]) == 0
+    assert SourceDetector.load(narrow).widths == (2, 2, 4)
     # a model file is never an output over its own input
     assert main(["train", "completeness", "--detector", str(det), "--out", str(det),
                  "--overwrite", "--n-maps", "4", "--quiet"]) == 2

@@ -245,6 +245,10 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
         SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "base_channels": 6})
     with pytest.raises(ValueError, match="architecture"):
         SourceDetector.fit_to(model, [11.0], init=a, **kw)
+    with pytest.raises(ValueError, match="architecture"):
+        SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "widths": [4, 4]})
+    # a's architecture given as widths is a's architecture
+    SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "widths": [4, 8]})
     # thresholds equal to float rounding (as a file's JSON may write them) are the same
     SourceDetector.fit_to(model, [10.0 * (1 + 1e-15)], init=a, **kw)
     # simulations on a named device (the trainer's GPU in practice) are recorded

@@ -126,6 +126,28 @@ def test_space_to_depth_detector(tmp_path):
         SourceDetector(space_to_depth=0)
 
 
+def test_detector_with_widths(tmp_path):
+    """A U-Net with its own channels per level: built so, its own identity, saved and loaded as
+    such, the same through the fast paths; earlier files keep theirs."""
+    torch.manual_seed(0)
+    det = SourceDetector.from_model(PointSourceModel.paper(), [1.0, 10.0], widths=[4, 4, 8])
+    assert (det.base_channels, det.depth, det.widths) == (4, 2, (4, 4, 8))
+    assert [b[0].out_channels for b in det.net.down] == [4, 4, 8]
+    assert det.config["widths"] == [4, 4, 8] and "widths" not in default_detector().config
+    assert det.identity != _tiny_detector().identity  # base 4, depth 2 doubles: 4, 8, 16
+    maps = PointSourceModel.paper().simulate(2, seed=4).maps
+    assert torch.allclose(det._inference_logits(maps, 1), _reference_logits(det, maps, 1),
+                          atol=1e-4, rtol=1e-4)
+    det.save(tmp_path / "w.safetensors")
+    back = SourceDetector.load(tmp_path / "w.safetensors")
+    assert back.widths == (4, 4, 8) and back.identity == det.identity
+    assert SourceDetector(widths=[4, 8, 16]).config == SourceDetector(base_channels=4,
+                                                                        depth=2).config
+    for bad in ([], [4, 0], [4, 2.5], "448", [True, 4]):
+        with pytest.raises(ValueError, match="widths"):
+            SourceDetector(widths=bad)
+
+
 @pytest.mark.parametrize("space_to_depth", [1, 2])
 def test_onnxruntime_backend_gives_the_torch_logits(space_to_depth):
     pytest.importorskip("onnxruntime")

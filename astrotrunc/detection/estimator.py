@@ -64,6 +64,11 @@ class SourceDetector(RatioEstimator):
         Scalar background of the model, subtracted before the flux estimate.
     base_channels, depth : int
         U-Net size.
+    widths : sequence of int, optional
+        The U-Net's channels at each level, full resolution first, instead of
+        ``base_channels`` doubled ``depth`` times (``base_channels`` and ``depth`` are then
+        ``widths[0]`` and ``len(widths) - 1``; see `~astrotrunc.detection.unet.UNet`). The
+        attribute is `None` for doubling widths.
     space_to_depth : int
         Run the U-Net on ``f x f`` pixel blocks folded into channels (1: full resolution; 2:
         about four times faster at the same widths; see `~astrotrunc.detection.unet.UNet`).
@@ -92,13 +97,23 @@ class SourceDetector(RatioEstimator):
     def __init__(self, flux_thresholds=(10.0,), shape=(128, 128), exposure=100.0,
                  psf_stamp=((1.0,),), normalization=1.0, background=0.0, base_channels=16,
                  depth=3, flux_unit="", name="r1", default_flux_threshold=None, domain=None,
-                 space_to_depth=1):
+                 space_to_depth=1, widths=None):
         super().__init__()
         thr = [float(f) for f in flux_thresholds]
         if not thr or any(b <= a for a, b in zip(thr, thr[1:])) or not thr[0] > 0 \
                 or not all(math.isfinite(t) for t in thr):
             msg = f"flux_thresholds must be positive, finite and increasing, got {flux_thresholds}"
             raise ValueError(msg)
+        if widths is not None:
+            if isinstance(widths, (str, bytes)) or not 1 <= len(widths) <= 9 or not all(
+                    isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1
+                    for w in widths):
+                msg = f"widths must be 1 to 9 integers >= 1, got {widths!r}"
+                raise ValueError(msg)
+            widths = tuple(int(w) for w in widths)
+            base_channels, depth = widths[0], len(widths) - 1
+            if widths == tuple(base_channels * 2**i for i in range(depth + 1)):
+                widths = None  # the doubling widths: one architecture, one configuration
         if int(base_channels) < 1 or not 0 <= int(depth) <= 8:
             msg = f"base_channels must be >= 1 and depth in [0, 8], got {base_channels}, {depth}"
             raise ValueError(msg)
@@ -121,7 +136,7 @@ class SourceDetector(RatioEstimator):
             msg = f"space_to_depth must be an integer in [1, 8], got {space_to_depth!r}"
             raise ValueError(msg)
         self.base_channels, self.depth = int(base_channels), int(depth)
-        self.space_to_depth = int(space_to_depth)
+        self.space_to_depth, self.widths = int(space_to_depth), widths
         if domain is not None and not isinstance(domain, dict):
             msg = f"domain must be a dict (see instrument_domain), got {type(domain).__name__}"
             raise TypeError(msg)
@@ -131,7 +146,8 @@ class SourceDetector(RatioEstimator):
             msg = f"psf_stamp must be a 2-D array, got shape {tuple(stamp.shape)}"
             raise ValueError(msg)
         self.register_buffer("psf_stamp", stamp / stamp.sum())
-        self.net = UNet(1, len(thr), self.base_channels, self.depth, self.space_to_depth)
+        self.net = UNet(1, len(thr), self.base_channels, self.depth, self.space_to_depth,
+                        self.widths)
         self._channel(None)  # the default channel exists
 
     @classmethod
@@ -163,7 +179,8 @@ class SourceDetector(RatioEstimator):
     def fit_to(cls, model, flux_thresholds=PAPER_FLUX_THRESHOLDS, *, n_train=20000, n_val=1000,
                seed=0, domain_maps=1000, base_channels=16, depth=3, name="r1",
                default_flux_threshold=None, resume=False, store=None, client=None,
-               space_to_depth=1, init=None, simulation_device=None, **trainer_kwargs):
+               space_to_depth=1, init=None, simulation_device=None, widths=None,
+               **trainer_kwargs):
         """A detector trained on fresh simulations of ``model`` (the one-liner).
 
         Equivalent to ``det = SourceDetector.from_model(model, ...)`` then
@@ -181,7 +198,7 @@ class SourceDetector(RatioEstimator):
             Seed of the simulations, of the network initialisation and of the trainer.
         domain_maps : int
             Simulations whose statistics are recorded as the detector's domain.
-        base_channels, depth, space_to_depth, name, default_flux_threshold
+        base_channels, depth, space_to_depth, widths, name, default_flux_threshold
             See `SourceDetector`.
         resume : bool
             Continue from the trainer's checkpoint (``checkpoint_dir``).
@@ -231,7 +248,7 @@ class SourceDetector(RatioEstimator):
             det = cls.from_model(model, flux_thresholds, domain_maps=domain_maps,
                                  base_channels=base_channels, depth=depth, name=name,
                                  default_flux_threshold=default_flux_threshold,
-                                 space_to_depth=space_to_depth)
+                                 space_to_depth=space_to_depth, widths=widths)
         init_id = None if init is None else _initial_weights(det, init)
         if store is None:
             data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed,
@@ -258,6 +275,8 @@ class SourceDetector(RatioEstimator):
                    name=self.name, default_flux_threshold=self.default_flux_threshold)
         if self.space_to_depth != 1:  # absent at 1: earlier files keep their identity
             cfg["space_to_depth"] = self.space_to_depth
+        if self.widths is not None:  # likewise
+            cfg["widths"] = list(self.widths)
         if self.domain is not None:
             cfg["domain"] = self.domain
         return cfg
@@ -273,7 +292,7 @@ class SourceDetector(RatioEstimator):
         key = (self._weights_key(), self.flux_thresholds, self.shape, self.exposure,
                self.normalization,
                self.background, self.base_channels, self.depth, self.flux_unit, self.name,
-               self.default_flux_threshold, self.space_to_depth)
+               self.default_flux_threshold, self.space_to_depth, self.widths)
 
         def digest():
             cfg = self.config
@@ -564,14 +583,15 @@ def _initial_weights(det, init):
     """
     if not isinstance(init, SourceDetector):
         init = SourceDetector.load(init)
-    mine = (det.base_channels, det.depth, det.space_to_depth, det.flux_thresholds)
-    theirs = (init.base_channels, init.depth, init.space_to_depth, init.flux_thresholds)
+    mine = (det.base_channels, det.depth, det.space_to_depth, det.widths, det.flux_thresholds)
+    theirs = (init.base_channels, init.depth, init.space_to_depth, init.widths,
+              init.flux_thresholds)
     # flux thresholds equal to float rounding (a file's JSON may hold them to fewer digits)
-    same_thr = len(mine[3]) == len(theirs[3]) and all(
-        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(mine[3], theirs[3]))
-    if mine[:3] != theirs[:3] or not same_thr:
+    same_thr = len(mine[4]) == len(theirs[4]) and all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(mine[4], theirs[4]))
+    if mine[:4] != theirs[:4] or not same_thr:
         msg = ("init must have the architecture asked for (base_channels, depth, "
-               f"space_to_depth, flux_thresholds): it has {theirs}, the detector {mine}")
+               f"space_to_depth, widths, flux_thresholds): it has {theirs}, the detector {mine}")
         raise ValueError(msg)
     det.net.load_state_dict(init.net.state_dict())
     return init.identity

@@ -37,6 +37,10 @@ class UNet(nn.Module):
         output back (`torch.nn.functional.pixel_unshuffle` / ``pixel_shuffle``): the U-Net then
         runs at ``1/f`` of the resolution, about ``f**2`` times cheaper per map at the same
         widths, and still outputs every pixel. 1 (the default) runs at full resolution.
+    widths : sequence of int, optional
+        Channels at each level, full resolution first, instead of ``base_channels`` doubled
+        ``depth`` times (``depth`` is then ``len(widths) - 1``). Narrower deep levels make a
+        cheaper network: most of the time goes to the first two levels.
 
     Examples
     --------
@@ -46,12 +50,16 @@ class UNet(nn.Module):
     torch.Size([2, 3, 37, 50])
     >>> UNet(1, 3, base_channels=4, depth=2, space_to_depth=2)(torch.zeros(2, 1, 37, 50)).shape
     torch.Size([2, 3, 37, 50])
+    >>> UNet(1, 3, widths=(8, 8, 16))(torch.zeros(2, 1, 37, 50)).shape
+    torch.Size([2, 3, 37, 50])
     """
 
     def __init__(self, in_channels=1, out_channels=1, base_channels=16, depth=3,
-                 space_to_depth=1):
+                 space_to_depth=1, widths=None):
         super().__init__()
-        chans = [base_channels * 2**i for i in range(depth + 1)]
+        chans = ([base_channels * 2**i for i in range(depth + 1)] if widths is None
+                 else [int(w) for w in widths])
+        depth = len(chans) - 1
         self.depth, self.space_to_depth = depth, int(space_to_depth)
         f2 = self.space_to_depth**2
         self.down = nn.ModuleList([_ConvBlock(in_channels * f2, chans[0])]
