@@ -140,7 +140,7 @@ def _add_train(sub):
                    help="detector: the U-Net's channels at each level, full resolution first, "
                         "instead of --channels doubled --depth times (e.g. 8 8 16 32)")
     t.add_argument("--init", help="detector: start from this detector file's weights (same "
-                                  "--channels, --depth and --space-to-depth)")
+                                  "--channels, --depth, --widths and --space-to-depth)")
     t.add_argument("--simulation-device", default=None,
                    help="detector: simulate the training maps on this device (e.g. cuda, to "
                         "keep a GPU busy; default: the CPU)")

@@ -143,7 +143,7 @@ def test_detector_with_widths(tmp_path):
     assert back.widths == (4, 4, 8) and back.identity == det.identity
     assert SourceDetector(widths=[4, 8, 16]).config == SourceDetector(base_channels=4,
                                                                         depth=2).config
-    for bad in ([], [4, 0], [4, 2.5], "448", [True, 4]):
+    for bad in ([], [4, 0], [4, 2.5], "448", [True, 4], 8):
         with pytest.raises(ValueError, match="widths"):
             SourceDetector(widths=bad)
 

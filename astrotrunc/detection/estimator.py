@@ -105,10 +105,13 @@ class SourceDetector(RatioEstimator):
             msg = f"flux_thresholds must be positive, finite and increasing, got {flux_thresholds}"
             raise ValueError(msg)
         if widths is not None:
-            if isinstance(widths, (str, bytes)) or not 1 <= len(widths) <= 9 or not all(
+            given = widths
+            widths = () if isinstance(widths, (str, bytes)) or not np.iterable(widths) \
+                else tuple(widths)
+            if not 1 <= len(widths) <= 9 or not all(
                     isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1
                     for w in widths):
-                msg = f"widths must be 1 to 9 integers >= 1, got {widths!r}"
+                msg = f"widths must be 1 to 9 integers >= 1, got {given!r}"
                 raise ValueError(msg)
             widths = tuple(int(w) for w in widths)
             base_channels, depth = widths[0], len(widths) - 1
