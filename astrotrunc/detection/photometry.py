@@ -57,7 +57,7 @@ import torch
 from scipy import special
 from torch import nn
 
-from .._utils import nearest_pixel, padded_map, take_stamps
+from .._utils import celestial_wcs, nearest_pixel, padded_map, take_stamps
 from ..nre import RatioEstimator, Trainer
 from ._onnx import OnnxNetwork, check_backend
 
@@ -981,7 +981,7 @@ def _matched_detections(model, finder, n_maps, seed, half_size, chunk_size=128, 
     from ..completeness import match_sources
     from .catalog import peak_centroids
 
-    det = finder.detector
+    det, sky_wcs = finder.detector, celestial_wcs(model.wcs)
     cols = {k: [] for k in ("cutout", "offset", "matched", "log_flux", "flux", "b", "abs_b",
                             "map")}
     n_det = n_matched = 0
@@ -1016,7 +1016,7 @@ def _matched_detections(model, finder, n_maps, seed, half_size, chunk_size=128, 
             cols["flux"].append(flux[i, src])
             cols["b"].append(sims.b.numpy()[i, src])
             cols["abs_b"].append(_abs_latitude(
-                model.wcs.celestial.pixel_to_world(px[row], py[row]).galactic.b))
+                sky_wcs.pixel_to_world(px[row], py[row]).galactic.b))
             cols["map"].append(np.full(len(src), start + i))
         start += len(sims)
         bar.update(len(sims))
