@@ -139,8 +139,11 @@ def _add_train(sub):
     t.add_argument("--widths", type=int, nargs="+", metavar="W", default=None,
                    help="detector: the U-Net's channels at each level, full resolution first, "
                         "instead of --channels doubled --depth times (e.g. 8 8 16 32)")
-    t.add_argument("--init", help="detector: start from this detector file's weights (same "
-                                  "--channels, --depth, --widths and --space-to-depth)")
+    t.add_argument("--init", help="detector: start from this detector file's weights ('default':"
+                                  " the shipped detector's; same --depth and --space-to-depth, "
+                                  "and a wider one gives its strongest channels)")
+    t.add_argument("--teacher", help="detector: distil this detector file ('default': the shipped "
+                                     "one): learn its per-pixel odds instead of the true sources")
     t.add_argument("--simulation-device", default=None,
                    help="detector: simulate the training maps on this device (e.g. cuda, to "
                         "keep a GPU busy; default: the CPU)")
@@ -189,7 +192,7 @@ def _add_train(sub):
 
 def _cmd_train(args):
     (out,) = _check_outputs([args.out], args.overwrite,
-                            inputs=[f for f in (args.detector, args.init) if f])
+                            inputs=[f for f in (args.detector, args.init, args.teacher) if f])
     if args.resume and not args.checkpoint_dir:
         msg = "--resume needs --checkpoint-dir (where the checkpoint is)"
         raise ValueError(msg)
@@ -225,6 +228,7 @@ def _train(args, model, trainer):
                                     domain_maps=args.domain_maps, name=args.name,
                                     default_flux_threshold=args.default_flux_threshold,
                                     store=args.store, client=args.client, init=args.init,
+                                    teacher=args.teacher,
                                     simulation_device=args.simulation_device,
                                     **trainer)
     elif args.what == "photometry":

@@ -154,6 +154,13 @@ def test_train_detector_and_completeness(tmp_path):
                  "--epochs", "1", "--batch-size", "4", "--widths", "2", "2", "4",
                  "--domain-maps", "0", "--quiet"]) == 0
     assert SourceDetector.load(narrow).widths == (2, 2, 4)
+    # distilled from it into a narrower one, started from its strongest channels
+    student = tmp_path / "student.safetensors"
+    assert main(["train", "detector", "--out", str(student), "--n-train", "4", "--n-val", "4",
+                 "--epochs", "1", "--batch-size", "4", "--widths", "2", "1", "2", "--init",
+                 str(narrow), "--teacher", str(narrow), "--domain-maps", "0", "--quiet"]) == 0
+    training = SourceDetector.load(student).metadata["training"]
+    assert training["teacher"] == training["init"] == SourceDetector.load(narrow).identity
     # a model file is never an output over its own input
     assert main(["train", "completeness", "--detector", str(det), "--out", str(det),
                  "--overwrite", "--n-maps", "4", "--quiet"]) == 2

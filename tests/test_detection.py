@@ -241,12 +241,17 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
     b.save(tmp_path / "b.safetensors")
     assert SourceDetector.load(tmp_path / "b.safetensors").metadata["training"]["init"] == (
         a.identity)
-    with pytest.raises(ValueError, match="architecture"):
-        SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "base_channels": 6})
-    with pytest.raises(ValueError, match="architecture"):
+    for bad in ({"base_channels": 6}, {"depth": 2}, {"space_to_depth": 2}):  # wider, deeper
+        with pytest.raises(ValueError, match="init must have"):
+            SourceDetector.fit_to(model, [10.0], init=a, **{**kw, **bad})
+    with pytest.raises(ValueError, match="init must have"):
         SourceDetector.fit_to(model, [11.0], init=a, **kw)
-    with pytest.raises(ValueError, match="architecture"):
-        SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "widths": [4, 4]})
+    # a narrower network starts from a's strongest channels (full resolution: all of them)
+    n = SourceDetector.fit_to(model, [10.0], init=a, learning_rate=1e-12,
+                              **{**kw, "widths": [4, 4]})
+    assert n.history.meta["trainer"]["init"] == a.identity
+    assert torch.allclose(n.net.down[0][0].weight, a.net.down[0][0].weight, atol=1e-8)
+    assert not torch.allclose(n.net.down[1][0].weight, a.net.down[1][0].weight[:4], atol=1e-8)
     # a's architecture given as widths is a's architecture
     SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "widths": [4, 8]})
     # thresholds equal to float rounding (as a file's JSON may write them) are the same
@@ -486,3 +491,52 @@ def test_shipped_detector_records_its_instrument():
     r4 = DetectedCatalogRatio.load_default()
     assert r4.completeness == completeness_record(ConditionalCompleteness.load_default())
     assert r4.completeness["detector_id"] == det.identity
+
+
+def test_distillation_labels_are_the_teachers_probabilities(model, tmp_path):
+    """teacher= gives soft labels (the teacher's sigmoid odds) in place of the true sources, in
+    fresh and in stored simulations, and fit_to records the teacher."""
+    from astrotrunc import SimulationStore
+    from astrotrunc.detection import StoredDetectionSimulations, teacher_labels
+
+    torch.manual_seed(0)
+    teacher = SourceDetector.from_model(model, [1.0, 10.0], base_channels=4, depth=1)
+    data = DetectionSimulations(model, [1.0, 10.0], n_train=4, n_val=2, seed=5, teacher=teacher)
+    truth = DetectionSimulations(model, [1.0, 10.0], n_train=4, n_val=2, seed=5)
+    (soft,), (hard,) = list(data.val_batches(2)), list(truth.val_batches(2))
+    assert torch.equal(soft["x"], hard["x"]) and soft["labels"].shape == hard["labels"].shape
+    expect = torch.sigmoid(teacher.eval()(soft["x"]))
+    assert torch.allclose(soft["labels"], expect, atol=1e-5)
+    assert torch.allclose(teacher_labels(teacher, soft["x"]), expect, atol=1e-5)
+    assert not torch.equal(soft["labels"], hard["labels"]) and "teacher=" in repr(data)
+    with pytest.raises(ValueError, match="teacher's flux thresholds"):
+        DetectionSimulations(model, [10.0], n_train=4, n_val=2, teacher=teacher)
+    stored = StoredDetectionSimulations.fill(model, SimulationStore(), 4, [1.0, 10.0],
+                                             chunk_size=2, client="sync", progress=False,
+                                             teacher=teacher)
+    batch = next(iter(stored.batch_source(0.5, torch.Generator().manual_seed(0))
+                      .train_batches(2, 0)))
+    assert torch.allclose(batch["labels"], torch.sigmoid(teacher(batch["x"])), atol=1e-5)
+    # a narrower student, started from the teacher and trained on its odds
+    teacher.save(tmp_path / "t.safetensors")
+    student = SourceDetector.fit_to(model, [1.0, 10.0], widths=[4, 4], init=teacher,
+                                    teacher=tmp_path / "t.safetensors", n_train=4, n_val=2,
+                                    domain_maps=0, max_epochs=1, batch_size=2, progress=False)
+    meta = student.history.meta["trainer"]
+    assert meta["teacher"] == meta["init"] == teacher.identity
+    assert next(teacher.parameters()).requires_grad  # the caller's teacher is left as it was
+
+
+def test_narrowed_weights_refuses_what_it_cannot_narrow():
+    from astrotrunc.detection import narrowed_weights
+
+    wide = UNet(1, 2, widths=(4, 8, 16))
+    for narrow in (UNet(1, 2, widths=(4, 16, 16)), UNet(1, 2, widths=(4, 8)),
+                   UNet(1, 3, widths=(4, 4, 8)), UNet(2, 2, widths=(4, 4, 8)),
+                   UNet(1, 2, widths=(4, 4, 8), space_to_depth=2)):
+        with pytest.raises(ValueError, match="narrowed_weights needs a wider network"):
+            narrowed_weights(wide, narrow)
+    narrow = UNet(1, 2, widths=(4, 8, 16))  # as wide: a copy
+    narrow.load_state_dict(narrowed_weights(wide, narrow))
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.allclose(narrow.eval()(x), wide.eval()(x), atol=1e-6)

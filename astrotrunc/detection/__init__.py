@@ -17,15 +17,20 @@ from .catalog import CATALOG_COLUMNS, RegionCatalog, empty_catalog, peak_centroi
 from .domain import instrument_domain, map_statistics
 from .estimator import PAPER_FLUX_THRESHOLDS, SourceDetector, default_detector
 from .finder import NeuralSourceFinder, detection_regions, find_sources
-from .labels import DetectionSimulations, StoredDetectionSimulations, detection_labels
+from .labels import (
+    DetectionSimulations,
+    StoredDetectionSimulations,
+    detection_labels,
+    teacher_labels,
+)
 from .photometry import FluxEstimator, PhotometrySimulations, default_photometry, psf_photometry
 from .regions import catalog_to_regions
 from .tiling import tiled as _tiled  # noqa: F401 - the name used before 0.2
-from .unet import UNet
+from .unet import UNet, narrowed_weights
 
 __all__ = ["SourceDetector", "NeuralSourceFinder", "find_sources", "DetectionSimulations",
-           "StoredDetectionSimulations",
-           "detection_labels", "detection_regions", "default_detector", "catalog_to_regions",
-           "peak_centroids", "RegionCatalog", "empty_catalog", "instrument_domain",
-           "map_statistics", "UNet", "PAPER_FLUX_THRESHOLDS", "CATALOG_COLUMNS",
-           "FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry"]
+           "StoredDetectionSimulations", "detection_labels", "teacher_labels",
+           "detection_regions", "default_detector", "catalog_to_regions", "peak_centroids",
+           "RegionCatalog", "empty_catalog", "instrument_domain", "map_statistics", "UNet",
+           "narrowed_weights", "PAPER_FLUX_THRESHOLDS", "CATALOG_COLUMNS", "FluxEstimator",
+           "PhotometrySimulations", "default_photometry", "psf_photometry"]

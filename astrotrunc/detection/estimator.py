@@ -13,6 +13,7 @@ one output channel per flux threshold F_th (cumulative: channel k is "a source b
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -28,9 +29,9 @@ from ..exceptions import AstrotruncWarning
 from ..nre import RatioEstimator, Trainer
 from ._onnx import OnnxNetwork, check_backend
 from .domain import instrument_domain
-from .labels import DetectionSimulations, StoredDetectionSimulations
+from .labels import DetectionSimulations, StoredDetectionSimulations, _same_thresholds
 from .tiling import tiled
-from .unet import UNet, inference_copy
+from .unet import UNet, inference_copy, narrowed_weights
 
 __all__ = ["SourceDetector", "default_detector", "PAPER_FLUX_THRESHOLDS"]
 
@@ -183,7 +184,7 @@ class SourceDetector(RatioEstimator):
                seed=0, domain_maps=1000, base_channels=16, depth=3, name="r1",
                default_flux_threshold=None, resume=False, store=None, client=None,
                space_to_depth=1, init=None, simulation_device=None, widths=None,
-               **trainer_kwargs):
+               teacher=None, **trainer_kwargs):
         """A detector trained on fresh simulations of ``model`` (the one-liner).
 
         Equivalent to ``det = SourceDetector.from_model(model, ...)`` then
@@ -216,14 +217,23 @@ class SourceDetector(RatioEstimator):
         init : `SourceDetector`, str or path-like, optional
             Start from this detector's network weights instead of random ones (fine-tuning:
             a longer schedule, or the shipped detector adapted to another instrument of the
-            same map shape). Its ``base_channels``, ``depth``, ``space_to_depth`` and flux
-            thresholds must be those asked for; the instrument (PSF, exposure...) is
-            ``model``'s. Its identity is recorded with the training settings
+            same map shape; ``"default"``: the shipped detector). Its ``depth``,
+            ``space_to_depth`` and flux thresholds must be those asked for; a wider one gives
+            the weights of its strongest channels
+            (`~astrotrunc.detection.unet.narrowed_weights`). The instrument (PSF, exposure...)
+            is ``model``'s. Its identity is recorded with the training settings
             (``history.meta["trainer"]["init"]``, in a saved file ``metadata["training"]``).
         simulation_device : str or `torch.device`, optional
             Simulate the training maps there (`DetectionSimulations`' ``device``; e.g.
             ``"cuda"`` when the trainer's ``device`` is a GPU, which CPU simulations cannot
             keep busy). `None`: on the CPU. Not with ``store``.
+        teacher : `SourceDetector`, str or path-like, optional
+            Distillation: train on this detector's per-pixel probabilities instead of the true
+            sources (`~astrotrunc.detection.teacher_labels`; ``"default"``: the shipped
+            detector), e.g. a narrower network (``widths``, ``init=teacher``) that should find
+            what the teacher finds. Its flux thresholds must be those asked for. It runs where
+            the maps are simulated; its identity is recorded as
+            ``history.meta["trainer"]["teacher"]``.
         **trainer_kwargs
             Passed to `~astrotrunc.nre.Trainer` (``max_epochs``, ``batch_size``,
             ``learning_rate``, ``checkpoint_dir``, ``progress``, ``nproc``...; with
@@ -253,17 +263,23 @@ class SourceDetector(RatioEstimator):
                                  default_flux_threshold=default_flux_threshold,
                                  space_to_depth=space_to_depth, widths=widths)
         init_id = None if init is None else _initial_weights(det, init)
+        if teacher is not None:  # a copy, moved to where the maps are made
+            teacher = _as_detector(teacher)
+            teacher_id = teacher.identity
+            teacher = copy.deepcopy(teacher).to(simulation_device or "cpu").eval()
         if store is None:
             data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed,
-                                        device=simulation_device)
+                                        device=simulation_device, teacher=teacher)
         else:
             data = _stored(model, store, det.flux_thresholds, n_train + n_val, min(64, n_val),
-                           seed, client, trainer_kwargs)
+                           seed, client, trainer_kwargs, teacher)
             trainer_kwargs.setdefault("val_fraction", n_val / (n_train + n_val))
         trainer_kwargs.setdefault("seed", seed)
         det.history = Trainer(**trainer_kwargs).fit(det, data, resume=resume)
         if init_id is not None:
             det.history.meta["trainer"]["init"] = init_id
+        if teacher is not None:
+            det.history.meta["trainer"]["teacher"] = teacher_id
         if simulation_device is not None:
             det.history.meta["trainer"]["simulation_device"] = str(data.device)
         return det
@@ -538,17 +554,19 @@ def fill_bad_pixels(data, bad):
     return out
 
 
-def _stored(model, store, flux_thresholds, n, chunk_size, seed, client, trainer_kwargs):
+def _stored(model, store, flux_thresholds, n, chunk_size, seed, client, trainer_kwargs,
+            teacher=None):
     """The store-backed batch source; in a torchrun group only rank 0 fills, the others wait."""
     from ..nre._ddp import env_rank, launched
 
     if launched() and env_rank() != 0:
         return StoredDetectionSimulations.wait(getattr(store, "path", store), n,
                                                flux_thresholds,
-                                               trainer_kwargs.get("timeout", 1800.0))
+                                               trainer_kwargs.get("timeout", 1800.0), teacher)
     return StoredDetectionSimulations.fill(model, store, n, flux_thresholds,
                                            chunk_size=chunk_size, seed=seed, client=client,
-                                           progress=trainer_kwargs.get("progress", True))
+                                           progress=trainer_kwargs.get("progress", True),
+                                           teacher=teacher)
 
 
 def _domain(model, n_maps):
@@ -583,18 +601,28 @@ def _psf_stamp(model) -> np.ndarray:
 
 def _initial_weights(det, init):
     """Copy the network weights of ``init`` (a detector or its file) into ``det``; its identity.
+
+    A wider ``init`` of the same depth gives the weights of its strongest channels
+    (`~astrotrunc.detection.unet.narrowed_weights`).
     """
-    if not isinstance(init, SourceDetector):
-        init = SourceDetector.load(init)
-    mine = (det.base_channels, det.depth, det.space_to_depth, det.widths, det.flux_thresholds)
-    theirs = (init.base_channels, init.depth, init.space_to_depth, init.widths,
-              init.flux_thresholds)
-    # flux thresholds equal to float rounding (a file's JSON may hold them to fewer digits)
-    same_thr = len(mine[4]) == len(theirs[4]) and all(
-        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(mine[4], theirs[4]))
-    if mine[:4] != theirs[:4] or not same_thr:
-        msg = ("init must have the architecture asked for (base_channels, depth, "
-               f"space_to_depth, widths, flux_thresholds): it has {theirs}, the detector {mine}")
+    init = _as_detector(init)
+    mine = (det.space_to_depth, det.depth, det.flux_thresholds)
+    theirs = (init.space_to_depth, init.depth, init.flux_thresholds)
+    narrower = all(n <= w for n, w in zip(det.net.widths, init.net.widths))
+    if mine[:2] != theirs[:2] or not _same_thresholds(mine[2], theirs[2]) or not narrower:
+        msg = ("init must have the depth, space_to_depth and flux_thresholds asked for, and no "
+               f"narrower level: it has widths {init.net.widths}, {theirs}, the detector "
+               f"{det.net.widths}, {mine}")
         raise ValueError(msg)
-    det.net.load_state_dict(init.net.state_dict())
+    if det.net.widths == init.net.widths:
+        det.net.load_state_dict(init.net.state_dict())
+    else:
+        det.net.load_state_dict(narrowed_weights(init.net, det.net))
     return init.identity
+
+
+def _as_detector(det):
+    """A `SourceDetector` from a detector, a file or ``"default"`` (the shipped one)."""
+    if isinstance(det, SourceDetector):
+        return det
+    return SourceDetector.load_default() if det == "default" else SourceDetector.load(det)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from types import SimpleNamespace
 
@@ -9,7 +10,8 @@ import torch
 
 from .._utils import available_device, nearest_pixel
 
-__all__ = ["detection_labels", "DetectionSimulations", "StoredDetectionSimulations"]
+__all__ = ["detection_labels", "teacher_labels", "DetectionSimulations",
+           "StoredDetectionSimulations"]
 
 _STORED = ("maps", "flux", "x", "y", "in_map")
 
@@ -40,6 +42,44 @@ def detection_labels(sims, flux_thresholds) -> torch.Tensor:
     return labels.view(n, len(thr), ny, nx)
 
 
+def teacher_labels(teacher, maps) -> torch.Tensor:
+    """Soft per-pixel labels ``(n, n_thresholds, H, W)``: a trained detector's probabilities.
+
+    Distillation (Hinton et al. 2015): a smaller detector trained on these labels, instead of
+    the true source centres of `detection_labels`, learns the teacher's posterior odds of every
+    pixel, which carry more information per map than the 0/1 truth (the teacher has averaged
+    over many maps like it). The loss stays the binary cross-entropy, whose minimum is then at
+    the teacher's odds.
+
+    Parameters
+    ----------
+    teacher : `~astrotrunc.SourceDetector`
+        The trained detector (evaluation mode, on any device).
+    maps : `torch.Tensor`
+        Maps ``(n, H, W)``.
+
+    Returns
+    -------
+    `torch.Tensor`
+        Probabilities in ``[0, 1]``, one channel per F_th of the teacher, on ``maps``' device.
+    """
+    return torch.sigmoid(teacher._inference_logits(maps)).to(maps.device)
+
+
+def _same_thresholds(a, b):
+    """Flux thresholds equal to float rounding (a file's JSON may hold them to fewer digits)."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b))
+
+
+def _check_teacher(teacher, flux_thresholds):
+    """``teacher`` when its F_th channels are ``flux_thresholds`` (to float rounding)."""
+    if teacher is not None and not _same_thresholds(teacher.flux_thresholds, flux_thresholds):
+        msg = (f"the teacher's flux thresholds {list(teacher.flux_thresholds)} are not the "
+               f"labels' {list(flux_thresholds)}: a teacher labels the same F_th channels")
+        raise ValueError(msg)
+    return teacher
+
+
 class DetectionSimulations:
     """r1 training data as a batch source of `~astrotrunc.nre.Trainer.fit`.
 
@@ -61,6 +101,10 @@ class DetectionSimulations:
         Where the maps are simulated and labelled (``"cuda"``: on the GPU that trains, so that
         the simulations keep up with it; the same statistics, other random numbers). `None`:
         the CPU.
+    teacher : `~astrotrunc.SourceDetector`, optional
+        Distillation: label each map with this trained detector's per-pixel probabilities
+        (`teacher_labels`) instead of its true sources. Its flux thresholds must be
+        ``flux_thresholds``.
 
     Examples
     --------
@@ -74,23 +118,27 @@ class DetectionSimulations:
     (1, False)
     """
 
-    def __init__(self, model, flux_thresholds, n_train=20000, n_val=1000, seed=0, device=None):
+    def __init__(self, model, flux_thresholds, n_train=20000, n_val=1000, seed=0, device=None,
+                 teacher=None):
         if int(n_train) < 1 or int(n_val) < 1:
             msg = f"n_train and n_val must be at least 1, got {n_train}, {n_val}"
             raise ValueError(msg)
         self.model, self.flux_thresholds = model, tuple(float(f) for f in flux_thresholds)
         self.n_train, self.n_val, self.seed = int(n_train), int(n_val), int(seed)
         self.device = None if device is None else available_device(device)
+        self.teacher = _check_teacher(teacher, self.flux_thresholds)
 
     def __repr__(self):
         where = "" if self.device is None else f", device='{self.device}'"
+        if self.teacher is not None:
+            where += f", teacher='{self.teacher.name}'"
         return (f"DetectionSimulations(n_train={self.n_train}, n_val={self.n_val}, "
                 f"flux_thresholds={self.flux_thresholds}, seed={self.seed}{where})")
 
     def _batches(self, n, seed, batch_size, chunks=None):
         for sims in self.model.iter_simulate(n, seed=seed, chunk_size=batch_size, chunks=chunks,
                                              device=self.device):
-            yield {"x": sims.maps, "labels": detection_labels(sims, self.flux_thresholds)}
+            yield {"x": sims.maps, "labels": _labels(sims, self.flux_thresholds, self.teacher)}
 
     def _chunks(self, n, batch_size, rank, world_size, pad):
         """The batches (chunks of the simulation stream) of ``rank``: dealt out in turn."""
@@ -143,6 +191,8 @@ class StoredDetectionSimulations:
         Rows with at least ``maps, flux, x, y, in_map``.
     flux_thresholds : sequence of float
         F_th of the label channels (those of the detector to train).
+    teacher : `~astrotrunc.SourceDetector`, optional
+        Distillation, as in `DetectionSimulations`.
 
     Examples
     --------
@@ -157,13 +207,14 @@ class StoredDetectionSimulations:
     (12, 1)
     """
 
-    def __init__(self, store, flux_thresholds):
+    def __init__(self, store, flux_thresholds, teacher=None):
         missing = set(_STORED) - set(store.keys())
         if missing:
             msg = (f"the simulation store lacks {sorted(missing)}: fill it with "
                    "PointSourceModel.simulate_arrays (StoredDetectionSimulations.fill)")
             raise ValueError(msg)
         self.store, self.flux_thresholds = store, tuple(float(f) for f in flux_thresholds)
+        self.teacher = _check_teacher(teacher, self.flux_thresholds)
 
     def __repr__(self):
         return (f"StoredDetectionSimulations({len(self.store)} maps, "
@@ -171,7 +222,7 @@ class StoredDetectionSimulations:
 
     @classmethod
     def fill(cls, model, store, n, flux_thresholds, *, chunk_size=64, seed=0, client=None,
-             progress=True):
+             progress=True, teacher=None):
         """Simulate ``n`` maps of ``model`` into ``store`` (only the missing chunks) and wrap it.
 
         Parameters
@@ -192,6 +243,8 @@ class StoredDetectionSimulations:
             Where to simulate (see `~astrotrunc.store.SimulationStore.fill`).
         progress : bool
             Progress bar.
+        teacher : `~astrotrunc.SourceDetector`, optional
+            Distillation (see the class).
 
         Returns
         -------
@@ -203,10 +256,10 @@ class StoredDetectionSimulations:
             store = SimulationStore(store)
         store.fill(model.simulate_arrays, n, chunk_size=chunk_size, seed=seed, client=client,
                    progress=progress)
-        return cls(store, flux_thresholds)
+        return cls(store, flux_thresholds, teacher)
 
     @classmethod
-    def wait(cls, path, n, flux_thresholds, timeout=1800.0):
+    def wait(cls, path, n, flux_thresholds, timeout=1800.0, teacher=None):
         """The store at ``path`` once it holds ``n`` complete rows (another process fills it).
 
         Raises
@@ -222,7 +275,7 @@ class StoredDetectionSimulations:
                 store = SimulationStore(path, mode="r")
                 if store.capacity >= n and len(store.complete_chunks) == store.n_chunks \
                         and set(_STORED) <= set(store.keys()):
-                    return cls(store, flux_thresholds)
+                    return cls(store, flux_thresholds, teacher)
             except OSError:
                 pass  # not created yet
             if time.monotonic() > deadline:
@@ -233,7 +286,14 @@ class StoredDetectionSimulations:
     def batch_source(self, val_fraction=0.1, generator=None):
         """The trainer's view (chunk-level validation split; see `Trainer`)."""
         inner = self.store.batch_source(val_fraction, generator, keys=list(_STORED))
-        return _LabelledSource(inner, self.flux_thresholds)
+        return _LabelledSource(inner, self.flux_thresholds, self.teacher)
+
+
+def _labels(sims, flux_thresholds, teacher):
+    """The labels of a batch: the true sources', or the teacher's probabilities."""
+    if teacher is None:
+        return detection_labels(sims, flux_thresholds)
+    return teacher_labels(teacher, sims.maps)
 
 
 class _LabelledSource:
@@ -241,14 +301,14 @@ class _LabelledSource:
 
     checked = False
 
-    def __init__(self, inner, flux_thresholds):
-        self.inner, self.flux_thresholds = inner, flux_thresholds
+    def __init__(self, inner, flux_thresholds, teacher=None):
+        self.inner, self.flux_thresholds, self.teacher = inner, flux_thresholds, teacher
 
     def _label(self, batches):
         for b in batches:
             sims = SimpleNamespace(maps=b["maps"], flux=b["flux"], x=b["x"], y=b["y"],
                                    in_map=b["in_map"].bool())
-            yield {"x": b["maps"], "labels": detection_labels(sims, self.flux_thresholds)}
+            yield {"x": b["maps"], "labels": _labels(sims, self.flux_thresholds, self.teacher)}
 
     def train_batches(self, batch_size, epoch):
         return self._label(self.inner.train_batches(batch_size, epoch))
@@ -262,4 +322,5 @@ class _LabelledSource:
     def shard(self, rank, world_size):
         from ..nre._ddp import shard
 
-        return _LabelledSource(shard(self.inner, rank, world_size), self.flux_thresholds)
+        return _LabelledSource(shard(self.inner, rank, world_size), self.flux_thresholds,
+                               self.teacher)

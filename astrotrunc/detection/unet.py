@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["UNet", "inference_copy"]
+__all__ = ["UNet", "inference_copy", "narrowed_weights"]
 
 
 class _ConvBlock(nn.Sequential):
@@ -73,6 +73,11 @@ class UNet(nn.Module):
         # source centres are rare (~1 % of pixels): start at low prior odds, not at 1:1
         nn.init.constant_(self.head.bias, -5.0)
 
+    @property
+    def widths(self):
+        """Channels at each level, full resolution first."""
+        return [block[0].out_channels for block in self.down]
+
     def forward(self, x):
         h, w = x.shape[-2:]
         f = self.space_to_depth
@@ -93,6 +98,84 @@ class UNet(nn.Module):
         if f > 1:
             x = nn.functional.pixel_shuffle(x, f)
         return x[..., :h, :w]
+
+
+def _strongest(bn, k):
+    """Indices (increasing) of the ``k`` channels of ``bn`` with the largest ``|scale|``."""
+    return torch.argsort(bn.weight.detach().abs(), descending=True)[:k].sort().values
+
+
+def _narrow_block(state, name, wide, narrow, in_sel):
+    """``state`` entries of `_ConvBlock` ``narrow`` from ``wide``; the output channels kept."""
+    c1, b1, _, c2, b2, _ = wide
+    mid, out = _strongest(b1, narrow[0].out_channels), _strongest(b2, narrow[3].out_channels)
+    state[f"{name}.0.weight"] = c1.weight[mid][:, in_sel]
+    state[f"{name}.3.weight"] = c2.weight[out][:, mid]
+    for i, bn, sel in ((1, b1, mid), (4, b2, out)):
+        for key, value in bn.state_dict().items():
+            state[f"{name}.{i}.{key}"] = value if value.ndim == 0 else value[sel]
+    return out
+
+
+def narrowed_weights(wide, narrow):
+    """Weights for ``narrow`` from a wider trained `UNet` of the same depth (network slimming).
+
+    Each convolution keeps the channels whose batch normalisation has the largest scales (the
+    criterion of Liu et al. 2017, "Learning efficient convolutional networks through network
+    slimming"), and every later layer the weights of the channels kept. The narrower network
+    does not compute the wider one's function, but starts near it: fine-tuning or distilling
+    (`~astrotrunc.detection.teacher_labels`) from there is far shorter than from random weights.
+    The full-resolution level, where most of the time goes, is often as wide in both and is
+    then copied whole.
+
+    Parameters
+    ----------
+    wide : `UNet`
+        The trained network.
+    narrow : `UNet`
+        The network to initialise: the same depth, space-to-depth factor and input and output
+        channels, and no level wider than ``wide``'s.
+
+    Returns
+    -------
+    dict
+        A state dict for ``narrow`` (``narrow.load_state_dict(...)``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from astrotrunc.detection.unet import UNet, narrowed_weights
+    >>> wide, narrow = UNet(1, 2, widths=(4, 8, 16)), UNet(1, 2, widths=(4, 4, 8))
+    >>> narrow.load_state_dict(narrowed_weights(wide, narrow))
+    <All keys matched successfully>
+    >>> torch.equal(narrow.down[0][0].weight, wide.down[0][0].weight)  # level 0: copied whole
+    True
+    """
+    same = ((wide.depth, wide.space_to_depth, wide.down[0][0].in_channels, wide.head.out_channels)
+            == (narrow.depth, narrow.space_to_depth, narrow.down[0][0].in_channels,
+                narrow.head.out_channels))
+    if not same or any(n > w for n, w in zip(narrow.widths, wide.widths)):
+        msg = ("narrowed_weights needs a wider network of the same depth, space-to-depth factor "
+               f"and input and output channels: widths {wide.widths} -> {narrow.widths}, depth "
+               f"{wide.depth} -> {narrow.depth}, space_to_depth {wide.space_to_depth} -> "
+               f"{narrow.space_to_depth}")
+        raise ValueError(msg)
+    state = {}
+    with torch.no_grad():
+        sel, skips = torch.arange(wide.down[0][0].in_channels), []
+        for i, (w, n) in enumerate(zip(wide.down, narrow.down)):
+            sel = _narrow_block(state, f"down.{i}", w, n, sel)
+            skips.append((sel, w[3].out_channels))
+        skips.pop()
+        for i, (wu, nu, wm, nm) in enumerate(zip(wide.up, narrow.up, wide.merge, narrow.merge)):
+            # the up-convolution's outputs: those with the largest weights from the kept inputs
+            norms = wu.weight[sel].pow(2).sum((0, 2, 3))
+            up = torch.argsort(norms, descending=True)[:nu.out_channels].sort().values
+            state[f"up.{i}.weight"], state[f"up.{i}.bias"] = wu.weight[sel][:, up], wu.bias[up]
+            skip, offset = skips.pop()
+            sel = _narrow_block(state, f"merge.{i}", wm, nm, torch.cat([up, skip + offset]))
+        state["head.weight"], state["head.bias"] = wide.head.weight[:, sel], wide.head.bias
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def inference_copy(net, channels=None):
