@@ -17,8 +17,9 @@ import sys
 from sphinx_astropy.conf.v2 import *  # noqa: F401,F403
 from sphinx_astropy.conf.v2 import intersphinx_mapping as _astropy_intersphinx
 
-sys.path.insert(0, os.path.abspath(".."))
-sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))  # _gallery.py
+_here = os.path.dirname(os.path.abspath(__file__))  # the build may run from any directory
+sys.path.insert(0, os.path.dirname(_here))
+sys.path.insert(0, _here)  # _gallery.py
 import astrotrunc  # noqa: E402
 
 # sphinx-astropy lists a few optional extensions (sphinx-copybutton, ...): use those installed
