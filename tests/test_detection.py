@@ -525,6 +525,14 @@ def test_distillation_labels_are_the_teachers_probabilities(model, tmp_path):
     meta = student.history.meta["trainer"]
     assert meta["teacher"] == meta["init"] == teacher.identity
     assert next(teacher.parameters()).requires_grad  # the caller's teacher is left as it was
+    # a teacher of another instrument labels maps it was not trained on: said, not silent
+    from astrotrunc.exceptions import OutOfDomainWarning
+
+    other = SourceDetector(**{**teacher.config, "exposure": 50.0})
+    with pytest.warns(OutOfDomainWarning, match="another instrument.*exposure"):
+        SourceDetector.fit_to(model, [1.0, 10.0], base_channels=4, depth=1, teacher=other,
+                              n_train=2, n_val=2, domain_maps=0, max_epochs=1, batch_size=2,
+                              progress=False)
 
 
 def test_narrowed_weights_refuses_what_it_cannot_narrow():

@@ -25,7 +25,7 @@ from astropy import units as u
 from torch import nn
 
 from .._utils import nearest_pixel, padded_map, take_stamps, validate_map, weights_identity
-from ..exceptions import AstrotruncWarning
+from ..exceptions import AstrotruncWarning, OutOfDomainWarning
 from ..nre import RatioEstimator, Trainer
 from ._onnx import OnnxNetwork, check_backend
 from .domain import instrument_domain
@@ -263,10 +263,8 @@ class SourceDetector(RatioEstimator):
                                  default_flux_threshold=default_flux_threshold,
                                  space_to_depth=space_to_depth, widths=widths)
         init_id = None if init is None else _initial_weights(det, init)
-        if teacher is not None:  # a copy, moved to where the maps are made
-            teacher = _as_detector(teacher)
-            teacher_id = teacher.identity
-            teacher = copy.deepcopy(teacher).to(simulation_device or "cpu").eval()
+        if teacher is not None:
+            teacher, teacher_id = _teacher_for(teacher, det, simulation_device)
         if store is None:
             data = DetectionSimulations(model, det.flux_thresholds, n_train, n_val, seed,
                                         device=simulation_device, teacher=teacher)
@@ -619,6 +617,31 @@ def _initial_weights(det, init):
     else:
         det.net.load_state_dict(narrowed_weights(init.net, det.net))
     return init.identity
+
+
+def _teacher_for(teacher, det, device):
+    """A copy of ``teacher`` (a detector, file or ``"default"``) on ``device``, and its identity.
+
+    Warns when it was trained for another instrument than ``det``'s: its odds would not be
+    those of the maps it labels.
+    """
+    teacher = _as_detector(teacher)
+    mine, theirs = det.config, teacher.config
+    differ = [k for k in ("shape", "exposure", "psf_stamp", "normalization", "background",
+                          "flux_unit") if not _same_setting(mine.get(k), theirs.get(k))]
+    if differ:
+        warnings.warn(f"the teacher {teacher.name!r} was trained for another instrument (its "
+                      f"{', '.join(differ)} differ): its odds are not those of these maps",
+                      OutOfDomainWarning, stacklevel=3)
+    return copy.deepcopy(teacher).to(device or "cpu").eval(), teacher.identity
+
+
+def _same_setting(a, b):
+    """Two configuration values equal (numbers and arrays of them to float32 rounding)."""
+    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
+        return a == b
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=0.0)
 
 
 def _as_detector(det):
