@@ -1,5 +1,6 @@
 """r1: labels, the U-Net, tiling, the finder and its catalogs, training, the shipped detector."""
 
+import importlib.util
 import json
 import math
 import os
@@ -525,6 +526,11 @@ def test_distillation_labels_are_the_teachers_probabilities(model, tmp_path):
     meta = student.history.meta["trainer"]
     assert meta["teacher"] == meta["init"] == teacher.identity
     assert next(teacher.parameters()).requires_grad  # the caller's teacher is left as it was
+    if importlib.util.find_spec("onnxruntime") is not None:  # a teacher holding a session
+        teacher._inference_logits(soft["x"], backend="onnxruntime")
+        SourceDetector.fit_to(model, [1.0, 10.0], base_channels=4, depth=1, teacher=teacher,
+                              n_train=2, n_val=2, domain_maps=0, max_epochs=1, batch_size=2,
+                              progress=False)
     # a teacher of another instrument labels maps it was not trained on: said, not silent
     from astrotrunc.exceptions import OutOfDomainWarning
 
