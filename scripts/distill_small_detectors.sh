@@ -29,8 +29,10 @@
 # F50 1.29, the bins 0.1 to 10: 0.234 0.340 0.451 0.548 0.659 0.768, and above 10 within 0.003 of
 # the shipped detector's: its depth, within the errors (0.005-0.009) in every bin. With
 # matched-filter fluxes (no flux estimator trained for it yet) and ONNX Runtime, two threads, in
-# alternating runs with the shipped detector: 8.0-9.2 against 11.5-13.6 ms per 128^2 map,
-# find_batch 3.5-3.7 against 3.8-4.9 ms/map, 1.38-1.44 against 1.95-2.24 s for 2048^2.
+# alternating runs with the shipped detector (which has its learned fluxes, 2.4-2.7 ms of the
+# map's time against 0.4-0.7): 8.0-9.2 against 11.5-13.6 ms per 128^2 map, find_batch 3.5-3.7
+# against 3.8-4.9 ms/map, 1.38-1.44 against 1.95-2.24 s for 2048^2. Its network alone: 2.7-3.4
+# ms/map in batches, against 3.8-4.0.
 set -euo pipefail
 out=$(realpath -m "${1:-distilled_detectors}")
 device=${2:-cpu}
