@@ -603,13 +603,17 @@ def _initial_weights(det, init):
     (`~astrotrunc.detection.unet.narrowed_weights`).
     """
     init = _as_detector(init)
-    mine = (det.space_to_depth, det.depth, det.flux_thresholds)
-    theirs = (init.space_to_depth, init.depth, init.flux_thresholds)
-    narrower = all(n <= w for n, w in zip(det.net.widths, init.net.widths))
-    if mine[:2] != theirs[:2] or not _same_thresholds(mine[2], theirs[2]) or not narrower:
-        msg = ("init must have the depth, space_to_depth and flux_thresholds asked for, and no "
-               f"narrower level: it has widths {init.net.widths}, {theirs}, the detector "
-               f"{det.net.widths}, {mine}")
+    differ = [f"{name} {getattr(init, name)} (asked for: {getattr(det, name)})"
+              for name in ("depth", "space_to_depth") if getattr(init, name) != getattr(det, name)]
+    if not _same_thresholds(det.flux_thresholds, init.flux_thresholds):
+        differ.append(f"flux_thresholds {list(init.flux_thresholds)} (asked for: "
+                      f"{list(det.flux_thresholds)})")
+    if not differ and any(n > w for n, w in zip(det.net.widths, init.net.widths)):
+        differ.append(f"widths {init.net.widths}, narrower than those asked for "
+                      f"({det.net.widths})")
+    if differ:
+        msg = ("init must have the depth, space_to_depth and flux thresholds asked for, and no "
+               f"narrower level; it has {'; '.join(differ)}")
         raise ValueError(msg)
     if det.net.widths == init.net.widths:
         det.net.load_state_dict(init.net.state_dict())
