@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from astrotrunc import NeuralSourceFinder, PointSourceModel, SourceDetector
 from astrotrunc.detection import default_detector, detection_regions, peak_centroids
+from astrotrunc.detection.finder import _regions_batch
 from astrotrunc.detection._onnx import check_backend
 from astrotrunc.detection.estimator import _tile_shape
 from astrotrunc.detection.unet import inference_copy
@@ -210,6 +211,7 @@ def test_backend_is_checked(monkeypatch):
 def test_regions_equal_the_reference(deblend, n_pixels):
     rng = np.random.default_rng(3)
     # smooth maps with many maxima, plateaus (quantised values), masks and border regions
+    stack, masks = [], []
     for i in range(6):
         lo = ndimage.gaussian_filter(rng.normal(size=(61, 47)), 1.5) * 12
         if i % 2:
@@ -222,6 +224,17 @@ def test_regions_equal_the_reference(deblend, n_pixels):
             if ref is not None:
                 np.testing.assert_array_equal(got.data, ref.data)
                 np.testing.assert_array_equal(got.labels, ref.labels)
+        stack.append(lo)
+        masks.append(np.zeros(lo.shape, bool) if mask is None else mask)
+    # the batch path (find_batch) segments a stack at once; a map without regions in between
+    stack.insert(2, np.full_like(stack[0], -np.inf))
+    masks.insert(2, np.zeros(stack[0].shape, bool))
+    for threshold in (0.5, 3.0):
+        batch = _regions_batch(np.stack(stack), threshold, n_pixels, np.stack(masks), deblend)
+        assert batch.dtype == np.int32
+        for lo, mask, got in zip(stack, masks, batch):
+            ref = detection_regions(lo, threshold, n_pixels, mask, deblend)
+            np.testing.assert_array_equal(got, 0 if ref is None else ref.data)
 
 
 def test_shipped_detector_catalogs_equal_the_reference_path(monkeypatch, one_thread):

@@ -94,16 +94,26 @@ def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=Tr
 
 
 _EIGHT = np.ones((3, 3), dtype=int)
+# 8-connected within each map of a stack (n, H, W), never across maps
+_EIGHT_IN_PLANE = np.stack([np.zeros((3, 3), int), _EIGHT, np.zeros((3, 3), int)])
+
+
+def _label(image):
+    """`scipy.ndimage.label` with 8-connectivity in the last two axes (of a map or a stack of
+    maps): labels 1..n in raster order, so those of map ``i`` of a stack follow map ``i - 1``'s."""
+    return ndimage.label(image, structure=_EIGHT if image.ndim == 2 else _EIGHT_IN_PLANE)
 
 
 def _segments(log_odds, level, n_pixels, mask):
     """`photutils.segmentation.detect_sources` (8-connected pixels > ``level``, at least
-    ``n_pixels`` of them, labels 1..n in raster order) without its per-segment Python loop."""
+    ``n_pixels`` of them, labels 1..n in raster order) without its per-segment Python loop.
+
+    ``log_odds`` is a map or a stack of maps ``(n, H, W)`` (labels then run over the stack)."""
     with np.errstate(invalid="ignore"):
         above = log_odds > level
     if mask is not None:
         above &= ~np.asarray(mask, dtype=bool)
-    segments, n = ndimage.label(above, structure=_EIGHT)
+    segments, n = _label(above)
     if n == 0:
         return None
     if n_pixels > 1:
@@ -125,14 +135,14 @@ def _deblend(log_odds, segments):
     to its highest neighbour in the same segment when that one is higher than itself (the first
     in raster order on ties), and pointer jumping follows the steepest ascent to its end.
     (scipy's watershed_ift let distant markers flood across the background and take pixels of
-    other segments.)
+    other segments.) A stack of maps ``(n, H, W)`` is deblended at once, map by map.
     """
-    ny, nx = segments.shape
+    ny, nx = segments.shape[-2:]
     flat_seg, flat_val = segments.ravel(), log_odds.ravel()
     index = np.flatnonzero(flat_seg)  # the segment pixels, raster order
     seg, value = flat_seg[index], flat_val[index]
-    y, x = np.divmod(index, nx)
-    position = np.empty(ny * nx, dtype=np.intp)  # flat index -> position in `index`
+    y, x = np.divmod(index % (ny * nx), nx)  # position inside its own map
+    position = np.empty(flat_seg.size, dtype=np.intp)  # flat index -> position in `index`
     position[index] = np.arange(index.size)
     best, parent = value.copy(), np.arange(index.size)
     peak = np.ones(index.size, dtype=bool)
@@ -152,12 +162,28 @@ def _deblend(log_odds, segments):
         if np.array_equal(jumped, parent):
             break
         parent = jumped
-    peaks = np.zeros(ny * nx, dtype=bool)
+    peaks = np.zeros(flat_seg.size, dtype=bool)
     peaks[index[peak]] = True
-    markers, _ = ndimage.label(peaks.reshape(ny, nx), structure=_EIGHT)
+    markers, _ = _label(peaks.reshape(segments.shape))
     basins = np.zeros_like(markers)
     basins.ravel()[index] = markers.ravel()[index[parent]]
     return basins
+
+
+def _regions_batch(log_odds, threshold, n_pixels, mask, deblend):
+    """`detection_regions` of every map of a stack ``(n, H, W)`` at once: labels ``(n, H, W)``
+    (``int32``), each map's numbered 1..k in raster order as `detection_regions` numbers them."""
+    out = np.zeros(log_odds.shape, dtype=np.int32)
+    labels = _segments(log_odds, math.log(threshold), n_pixels, mask)
+    if labels is None:
+        return out
+    if deblend:
+        labels = _deblend(log_odds, labels)
+    # labels run over the stack in map order: map i's start after the largest of maps < i
+    top = labels.reshape(len(labels), -1).max(axis=1)
+    offset = np.maximum.accumulate(np.concatenate([[0], top[:-1]]))
+    np.subtract(labels, offset[:, None, None], out=out, where=labels > 0, casting="unsafe")
+    return out
 
 
 class NeuralSourceFinder:
@@ -443,12 +469,8 @@ class NeuralSourceFinder:
             ``int32`` labels; region ``j`` of map ``i`` is ``labels[i] == j``.
         """
         maps, bad = self._batch(maps, mask)
-        out = np.zeros(maps.shape, dtype=np.int32)
-        for i, (lo, b) in enumerate(zip(self._log_odds_batches(maps, bad), bad.numpy())):
-            segm = self.segment(lo, b)
-            if segm is not None:
-                out[i] = segm.data
-        return out
+        log_odds = np.stack(list(self._log_odds_batches(maps, bad)))
+        return _regions_batch(log_odds, self.threshold, self.n_pixels, bad.numpy(), self.deblend)
 
     def log_odds_batch(self, maps, mask=None):
         """The detector's log-odds ``(n, H, W)`` of a batch of maps (this finder's channel).
