@@ -8,11 +8,19 @@
 # slimming) and learns its per-pixel odds on fresh simulations (--teacher default). DEVICE
 # (default: cpu) is where the maps are simulated and the teacher labels them; on a GPU, raise
 # EPOCHS and N_TRAIN (the trainer uses the GPU by default). Candidates (widths, full resolution
-# first; ONNX Runtime network time in batches of 16 on the 2-core CPU, against 3.8-4.0 ms/map for
-# the shipped network):
+# first; ONNX Runtime network time in batches of 16 on the 2-core CPU, two threads, six
+# interleaved rounds in one process, 2026-11-26, session 10; medians, fastest in brackets):
 #
-#   8 8 16 32    32,497 parameters, 2.2-2.6 ms/map
-#   8 16 16 32   41,945 parameters, 2.7-3.4 ms/map
+#   8 16 32 64   (shipped) 121,141 parameters, 3.66 (3.34) ms/map
+#   8 8 16 32    32,797 parameters, 3.22 (2.82) ms/map
+#   8 16 16 32   42,277 parameters, 3.21 (2.95) ms/map
+#
+# Session 9 had timed these two at 2.2-2.6 and 2.7-3.4 against 3.8-4.0 ms/map, in separate runs
+# at a slow hour; interleaved, the saving is about 12 %, not a quarter: halving level 1 (64^2
+# pixels, 16 -> 8 channels) saved nothing measurable. In the same rounds, with random weights,
+# 16-16-32-64 took 4.50 ms (level 0 twice as wide: +23 %) and the same U-Net on 2 x 2 pixel
+# blocks (--space-to-depth 2, widths 16 32 64, 118,372 parameters) 1.80 ms: the full-resolution
+# level is where the time goes. (Parameters of UNet(1, 13, ...): the 13 flux-threshold channels.)
 #
 # Run on 2026-11-26 on the 2-core CPU (the same recipe by a scratch script, 16 epochs of 8000
 # maps, learning rate 2e-3, batch 32; 2827 s): 8-8-16-32 reached a validation soft
