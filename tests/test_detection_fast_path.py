@@ -291,3 +291,11 @@ def test_large_maps_use_even_tiles_and_bounded_calls(monkeypatch):
     lo = det.log_odds(big, batch_size=64)
     assert lo.shape == big.shape and np.isfinite(lo).all()
     assert all(n * h * w <= 2**19 for n, h, w in calls)
+
+
+def test_empty_batch_gives_empty_stacks():
+    finder = NeuralSourceFinder(default_detector())
+    empty = np.zeros((0, 32, 40))
+    labels, log_odds = finder.find_batch(empty), finder.log_odds_batch(empty)
+    assert labels.shape == log_odds.shape == (0, 32, 40)
+    assert labels.dtype == np.int32 and log_odds.dtype == np.float64

@@ -469,7 +469,7 @@ class NeuralSourceFinder:
             ``int32`` labels; region ``j`` of map ``i`` is ``labels[i] == j``.
         """
         maps, bad = self._batch(maps, mask)
-        log_odds = np.stack(list(self._log_odds_batches(maps, bad)))
+        log_odds = self._stacked_log_odds(maps, bad)
         return _regions_batch(log_odds, self.threshold, self.n_pixels, bad.numpy(), self.deblend)
 
     def log_odds_batch(self, maps, mask=None):
@@ -483,7 +483,7 @@ class NeuralSourceFinder:
             float64.
         """
         maps, bad = self._batch(maps, mask)
-        return np.stack(list(self._log_odds_batches(maps, bad)))
+        return self._stacked_log_odds(maps, bad)
 
     def _batch(self, maps, mask):
         import torch
@@ -500,6 +500,14 @@ class NeuralSourceFinder:
             maps = torch.stack([torch.as_tensor(fill_bad_pixels(m.numpy(), b.numpy()),
                                                 dtype=torch.float32) for m, b in zip(maps, bad)])
         return maps, bad
+
+    def _stacked_log_odds(self, maps, bad):
+        """The log-odds maps ``(n, H, W)`` (float64) of a batch; an empty batch gives an empty
+        stack."""
+        out = np.empty(maps.shape, dtype=np.float64)
+        for i, lo in enumerate(self._log_odds_batches(maps, bad)):
+            out[i] = lo
+        return out
 
     def _log_odds_batches(self, maps, bad):
         """Yield the log-odds map of every map, computed in batches."""
