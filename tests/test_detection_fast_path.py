@@ -299,3 +299,14 @@ def test_empty_batch_gives_empty_stacks():
     labels, log_odds = finder.find_batch(empty), finder.log_odds_batch(empty)
     assert labels.shape == log_odds.shape == (0, 32, 40)
     assert labels.dtype == np.int32 and log_odds.dtype == np.float64
+
+
+def test_find_batch_segments_in_parts_as_in_one(monkeypatch):
+    from astrotrunc.detection import finder as finder_module
+
+    maps = PointSourceModel.paper().simulate(5, seed=4).maps.numpy()
+    finder = NeuralSourceFinder(default_detector())
+    whole = finder.find_batch(maps)
+    monkeypatch.setattr(finder_module, "_PIXELS_PER_SEGMENTATION", 2 * 128 * 128)
+    np.testing.assert_array_equal(finder.find_batch(maps), whole)  # parts of 2, 2 and 1 maps
+    assert whole.max() > 0

@@ -186,6 +186,10 @@ def _regions_batch(log_odds, threshold, n_pixels, mask, deblend):
     return out
 
 
+# pixels segmented per pass in find_batch (256 maps of 128 x 128)
+_PIXELS_PER_SEGMENTATION = 256 * 128 * 128
+
+
 class NeuralSourceFinder:
     """Detect point sources with an r1 detector: one catalog row per region with odds > threshold.
 
@@ -469,8 +473,15 @@ class NeuralSourceFinder:
             ``int32`` labels; region ``j`` of map ``i`` is ``labels[i] == j``.
         """
         maps, bad = self._batch(maps, mask)
-        log_odds = self._stacked_log_odds(maps, bad)
-        return _regions_batch(log_odds, self.threshold, self.n_pixels, bad.numpy(), self.deblend)
+        out = np.zeros(maps.shape, dtype=np.int32)
+        # segmented a few megapixels at a time: the float64 log-odds stack stays small
+        step = max(1, _PIXELS_PER_SEGMENTATION // max(1, maps.shape[1] * maps.shape[2]))
+        for i in range(0, len(maps), step):
+            part = slice(i, i + step)
+            log_odds = self._stacked_log_odds(maps[part], bad[part])
+            out[part] = _regions_batch(log_odds, self.threshold, self.n_pixels,
+                                       bad[part].numpy(), self.deblend)
+        return out
 
     def log_odds_batch(self, maps, mask=None):
         """The detector's log-odds ``(n, H, W)`` of a batch of maps (this finder's channel).
