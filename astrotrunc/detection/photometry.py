@@ -278,13 +278,24 @@ class _Quantiles(nn.Module):
     positive gaps) in one module, so that ONNX Runtime runs all of it as one graph.
     """
 
-    def __init__(self, net, gain, flux_floor, median_index):
+    def __init__(self, net, gain, flux_floor, median_index, scaled_input=False):
         super().__init__()
         self.net, self.gain, self.k = net, float(gain), int(median_index)
         self.floor, self.log_floor = float(flux_floor), math.log(flux_floor)
+        # the cutouts' first channel arrives as asinh(cutout * gain) already (`scale_cutouts`)
+        self.scaled_input = bool(scaled_input)
+
+    def scale_cutouts(self, cutout):
+        """The network's input image of numpy cutouts ``(n, 2, s, s)``: ``asinh(gain *
+        cutout)`` and the validity channel, for a copy made with ``scaled_input=True``.
+        (``np.arcsinh`` costs a fifth of the same function as graph nodes in ONNX Runtime.)"""
+        image = np.array(cutout, dtype=np.float32)
+        np.arcsinh(image[:, 0] * np.float32(self.gain), out=image[:, 0])
+        return image
 
     def forward(self, cutout, offset, matched):
-        image = torch.cat([_asinh(cutout[:, :1] * self.gain), cutout[:, 1:]], dim=1)
+        image = cutout if self.scaled_input else torch.cat(
+            [_asinh(cutout[:, :1] * self.gain), cutout[:, 1:]], dim=1)
         base = torch.log(matched.clamp_min(self.floor))
         out = self.net(image, torch.cat([offset, (base - self.log_floor)[:, None]], dim=1))
         k = self.k
@@ -568,10 +579,10 @@ class FluxEstimator(RatioEstimator):
         """
         return self._quantiles(self.net)(batch["cutout"], batch["offset"], batch["matched"])
 
-    def _quantiles(self, net):
+    def _quantiles(self, net, scaled_input=False):
         """`_Quantiles` of ``net`` (this estimator's network or a copy of it)."""
         return _Quantiles(net, self.exposure / self._scale(), self.flux_floor,
-                          self.levels.index(0.5))
+                          self.levels.index(0.5), scaled_input)
 
     def _inference_net(self):
         """`_Quantiles` of the network's channels-last copy, for inference (rebuilt when the
@@ -589,13 +600,15 @@ class FluxEstimator(RatioEstimator):
 
     def _onnx_net(self):
         """`_inference_net` as an ONNX Runtime session (``backend="onnxruntime"``; rebuilt
-        likewise)."""
+        likewise) that takes cutouts scaled by numpy, and the `_Quantiles` whose
+        ``scale_cutouts`` does that."""
         def build():
             size = 2 * self.half_size + 1
             example = (torch.zeros(1, 2, size, size), torch.zeros(1, 2), torch.ones(1))
+            quantiles = self._quantiles(self._inference_net().net, scaled_input=True).eval()
             # one thread: a few hundred cutouts are too little work to share (and a second
             # thread pool would spin against the detector's)
-            return OnnxNetwork(self._inference_net(), example, threads=1)
+            return OnnxNetwork(quantiles, example, threads=1), quantiles
 
         return self._cached("_onnx_copy", self._weights_key(), build)
 
@@ -661,10 +674,11 @@ class FluxEstimator(RatioEstimator):
         the network runs in torch or (``backend="onnxruntime"``) ONNX Runtime."""
         out = np.empty((len(cut), len(self.levels)))
         if backend == "onnxruntime":  # numpy in and out, no tensors
-            net = self._onnx_net()
+            net, quantiles = self._onnx_net()
             for i in range(0, len(cut), batch_size):
                 chunk = slice(i, i + batch_size)
-                out[chunk] = net.run(cut[chunk], offset[chunk], matched[chunk])
+                out[chunk] = net.run(quantiles.scale_cutouts(cut[chunk]), offset[chunk],
+                                     matched[chunk])
             return out
         device = self._levels.device
         net = self._inference_net()
