@@ -41,6 +41,16 @@
 # map's time against 0.4-0.7): 8.0-9.2 against 11.5-13.6 ms per 128^2 map, find_batch 3.5-3.7
 # against 3.8-4.9 ms/map, 1.38-1.44 against 1.95-2.24 s for 2048^2. Its network alone: 2.7-3.4
 # ms/map in batches, against 3.8-4.0.
+# Remade in session 10 by the same command (1948 s; 0.0078143): completeness 0.611, F50 1.29, bins
+# 0.1 to 1000 0.235 0.340 0.452 0.549 0.660 0.768 0.846 0.895 0.938 0.955 0.983 0.987. Timed in
+# one process against the shipped detector, both with their own learned photometry (5 and 8
+# interleaved rounds, medians): 12.8 / 13.9 against 13.5 / 13.7 ms per 128^2 map, find_batch 4.48
+# / 4.60 against 4.54 / 4.67 ms/map, 2048^2 1.48 / 1.75 against 1.77 / 1.83 s; not enough to
+# replace the shipped models (its retrained photometry also had two 68 % cells at 71-72 %).
+# s2-16-32-64 (2 x 2 pixel blocks; the network in half the time), this script's command with
+# --n-train 6000 --epochs 10 on the CPU (1195 s, 1.1 GB): validation soft cross-entropy 0.0151
+# after epoch 1, 0.01014 at the end (teacher 0.0077); completeness 0.573, F50 1.84, bins 0.1 to
+# 10: 0.163 0.282 0.396 0.502 0.618 0.738 (at odds > 5: 0.339 against 0.415). S2C_RESULT
 set -euo pipefail
 out=$(realpath -m "${1:-distilled_detectors}")
 device=${2:-cpu}
@@ -51,12 +61,19 @@ N_TRAIN=${N_TRAIN:-8000}
 sim=()
 [ "$device" = cpu ] || sim=(--simulation-device "$device")
 
-for widths in "8 8 16 32" "8 16 16 32"; do
-    name=w${widths// /-}
+# CANDIDATES: which ones (default all three); s2-16-32-64 runs on 2 x 2 pixel blocks and cannot
+# start from the shipped detector's weights (another space-to-depth), so it learns from scratch
+for name in ${CANDIDATES:-w8-8-16-32 w8-16-16-32 s2-16-32-64}; do
+    widths=${name#w}; widths=${widths#s2-}; widths=${widths//-/ }  # w8-8-16-32 -> 8 8 16 32
+    case $name in
+        w*) arch="--widths $widths --init default" lr=2e-3 ;;
+        s2-*) arch="--widths $widths --space-to-depth 2" lr=3e-3 ;;
+        *) echo "unknown candidate $name" >&2; exit 2 ;;
+    esac
     # shellcheck disable=SC2086
-    python -m astrotrunc.cli train detector --widths $widths --init default --teacher default \
+    python -m astrotrunc.cli train detector $arch --teacher default \
         --default-flux-threshold 1 --n-train "$N_TRAIN" --n-val 480 --epochs "$EPOCHS" \
-        --batch-size 32 --learning-rate 2e-3 --seed 7 --domain-maps 1000 "${sim[@]}" \
+        --batch-size 32 --learning-rate "$lr" --seed 7 --domain-maps 1000 "${sim[@]}" \
         --name "astrotrunc-paper-r1-$name (distilled)" --checkpoint-dir "$out/ck_$name" \
         --out "$out/$name.safetensors" --quiet > "$out/train_$name.log" 2>&1
     OMP_NUM_THREADS=1 python benchmarks/detection.py --threads 1 --speed-repeats 0 \

@@ -261,6 +261,17 @@ def test_onnxruntime_gives_the_torch_quantiles(architecture, half_size):
     q_ort = est._predict(data, None, x, y, matched, backend="onnxruntime")[0]
     assert np.isfinite(q).all()
     np.testing.assert_allclose(q_ort, q, atol=1e-4)
+    # both scale the cutouts with numpy before the network: the network's own forward (training)
+    # scales them inside, and gives the same quantiles
+    from astrotrunc._utils import padded_map
+    from astrotrunc.detection.photometry import _take_cutouts
+
+    cut, offset = _take_cutouts(padded_map(data, None, half_size), x, y, half_size)
+    with torch.no_grad():
+        q_net = est.eval()({"cutout": torch.as_tensor(cut), "offset": torch.as_tensor(offset),
+                            "matched": torch.as_tensor(matched, dtype=torch.float32)})
+    np.testing.assert_allclose(est._raw_log_quantiles(cut, offset, matched.astype(np.float32)),
+                               q_net.numpy(), atol=1e-4)
 
 
 def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread):
