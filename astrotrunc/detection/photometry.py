@@ -275,7 +275,8 @@ class _Quantiles(nn.Module):
     """A `FluxEstimator`'s inputs -> increasing quantiles of ``ln F`` (uncalibrated).
 
     The input scaling, the network and the assembly of the quantiles (the median plus cumulated
-    positive gaps) in one module, so that ONNX Runtime runs all of it as one graph.
+    positive gaps) in one module, so that ONNX Runtime runs all of it as one graph. The inference
+    copies (``scaled_input=True``) leave the scaling to `scale_cutouts`, in numpy.
     """
 
     def __init__(self, net, gain, flux_floor, median_index, scaled_input=False):
