@@ -513,29 +513,22 @@ class NeuralSourceFinder:
         return maps, bad
 
     def _stacked_log_odds(self, maps, bad):
-        """The log-odds maps ``(n, H, W)`` (float64) of a batch; an empty batch gives an empty
-        stack."""
-        out = np.empty(maps.shape, dtype=np.float64)
-        for i, lo in enumerate(self._log_odds_batches(maps, bad)):
-            out[i] = lo
-        return out
-
-    def _log_odds_batches(self, maps, bad):
-        """Yield the log-odds map of every map, computed in batches."""
+        """The log-odds maps ``(n, H, W)`` (float64; ``-inf`` where bad) of a batch, computed in
+        batches of ``batch_size`` (maps larger than four training shapes one by one, tiled)."""
         det, k = self.detector, self.channel
         large = maps.shape[1] > 4 * det.shape[0] or maps.shape[2] > 4 * det.shape[1]
         step = 1 if large else self.batch_size
+        out = np.empty(maps.shape, dtype=np.float64)  # an empty batch gives an empty stack
         for start in range(0, len(maps), step):
-            chunk = maps[start:start + step]
+            part = slice(start, start + step)
             if large:
-                logits = det.log_odds(chunk[0], bad[start].numpy(),
-                                      flux_threshold=self.flux_threshold,
-                                      tile_overlap=self.tile_overlap, backend=self.backend)[None]
+                out[start] = det.log_odds(maps[start], bad[start].numpy(),
+                                          flux_threshold=self.flux_threshold,
+                                          tile_overlap=self.tile_overlap, backend=self.backend)
             else:
-                logits = det._inference_logits(chunk, k, self.backend)[:, 0]
-                logits = logits.cpu().numpy().astype(np.float64)
-                logits[bad[start:start + step].numpy()] = -np.inf
-            yield from logits
+                out[part] = det._inference_logits(maps[part], k, self.backend)[:, 0].cpu().numpy()
+                out[part][bad[part].numpy()] = -np.inf
+        return out
 
 
 def as_finder(finder, *, threshold=None, flux_threshold=None, n_pixels=None):

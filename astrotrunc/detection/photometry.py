@@ -673,15 +673,15 @@ class FluxEstimator(RatioEstimator):
         """The network's quantiles ``(n, k)`` (float64) of cutouts, offsets and matched fluxes;
         the network runs in torch or (``backend="onnxruntime"``) ONNX Runtime."""
         out = np.empty((len(cut), len(self.levels)))
-        scale = self._inference_net().scale_cutouts  # numpy's arcsinh: faster than in the net
+        net = self._inference_net()
+        scale = net.scale_cutouts  # numpy's arcsinh: faster than inside the network
         if backend == "onnxruntime":  # numpy in and out, no tensors
-            net = self._onnx_net()
+            session = self._onnx_net()
             for i in range(0, len(cut), batch_size):
                 chunk = slice(i, i + batch_size)
-                out[chunk] = net.run(scale(cut[chunk]), offset[chunk], matched[chunk])
+                out[chunk] = session.run(scale(cut[chunk]), offset[chunk], matched[chunk])
             return out
         device = self._levels.device
-        net = self._inference_net()
         with torch.inference_mode():  # inference mode: a third faster
             for i in range(0, len(cut), batch_size):
                 chunk = slice(i, i + batch_size)
