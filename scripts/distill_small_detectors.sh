@@ -50,7 +50,14 @@
 # s2-16-32-64 (2 x 2 pixel blocks; the network in half the time), this script's command with
 # --n-train 6000 --epochs 10 on the CPU (1195 s, 1.1 GB): validation soft cross-entropy 0.0151
 # after epoch 1, 0.01014 at the end (teacher 0.0077); completeness 0.573, F50 1.84, bins 0.1 to
-# 10: 0.163 0.282 0.396 0.502 0.618 0.738 (at odds > 5: 0.339 against 0.415). S2C_RESULT
+# 10: 0.163 0.282 0.396 0.502 0.618 0.738 (at odds > 5: 0.339 against 0.415). Twelve more epochs
+# (--init that file --learning-rate 1e-3 --seed 8; 2623 s): 0.00952 (seed 8's validation maps),
+# completeness 0.579, F50 1.84, bins 0.177 0.287 0.401 0.506 0.627 0.744 (odds > 5: 0.355).
+# Still improving, slowly: it needs the GPU's map rate (EPOCHS and N_TRAIN 20-50x). Its network:
+# 2.64 against 5.49 ms/map for the shipped one (interleaved, a slow hour); with matched-filter
+# fluxes for both, find_batch 3.41 against 6.16 ms/map, 2048^2 1.28 against 2.09 s, single maps
+# 12.6 against 15.9 ms. Starting it from the shipped detector's levels 1-3 (which have its levels'
+# resolutions and widths) did not help: 0.01252 against 0.01268 after two epochs.
 set -euo pipefail
 out=$(realpath -m "${1:-distilled_detectors}")
 device=${2:-cpu}
