@@ -528,6 +528,9 @@ def test_distillation_labels_are_the_teachers_probabilities(model, tmp_path):
     assert next(teacher.parameters()).requires_grad  # the caller's teacher is left as it was
     if importlib.util.find_spec("onnxruntime") is not None:  # a teacher holding a session
         teacher._inference_logits(soft["x"], backend="onnxruntime")
+        import copy
+
+        assert "_onnx_net" not in copy.deepcopy(teacher).__dict__  # copies leave caches behind
         SourceDetector.fit_to(model, [1.0, 10.0], base_channels=4, depth=1, teacher=teacher,
                               n_train=2, n_val=2, domain_maps=0, max_epochs=1, batch_size=2,
                               progress=False)

@@ -13,6 +13,7 @@ one output channel per flux threshold F_th (cumulative: channel k is "a source b
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -636,11 +637,7 @@ def _teacher_for(teacher, det, device):
         warnings.warn(f"the teacher {teacher.name!r} was trained for another instrument (its "
                       f"{', '.join(differ)} differ): its odds are not those of these maps",
                       OutOfDomainWarning, stacklevel=3)
-    # a new detector from the configuration and weights, not a deep copy: the caller's may hold
-    # inference sessions (ONNX Runtime's cannot be copied)
-    clone = SourceDetector(**teacher.config)
-    clone.load_state_dict(teacher.state_dict())
-    return clone.to(device or "cpu").eval(), teacher.identity
+    return copy.deepcopy(teacher).to(device or "cpu").eval(), teacher.identity
 
 
 def _same_setting(a, b):

@@ -128,7 +128,17 @@ class RatioEstimator(nn.Module):
         cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
             cached = self.__dict__[name] = (key, build())
+            self.__dict__.setdefault("_cache_names", set()).add(name)
         return cached[1]
+
+    def __getstate__(self):
+        # copies and pickles leave the caches behind: they are rebuilt on use, and some cannot
+        # be copied at all (ONNX Runtime sessions)
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__")
+                     else self.__dict__)
+        for name in state.pop("_cache_names", ()):
+            state.pop(name, None)
+        return state
 
     def loss(self, batch) -> torch.Tensor:
         """Contrastive NRE loss of a batch (see `contrastive_loss`); override it for others."""
