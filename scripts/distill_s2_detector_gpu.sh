@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Distil the shipped detector into a U-Net on 2x2 pixel blocks (widths 16 32 64, space-to-depth
+# 2) on one GPU, the maps simulated on the GPU and labelled there by the teacher (issue 11).
+#
+#   bash scripts/distill_s2_detector_gpu.sh INIT.safetensors OUT_DIR
+#
+# INIT is the CPU-distilled s2 detector of scripts/distill_small_detectors.sh (candidate
+# s2-16-32-64 after its 22 epochs). Two runs share the GPU, each starting from INIT with a cosine
+# schedule over epochs of 20000 fresh maps: "a" (batch 64, learning rate 2e-3, seed 21) and "b"
+# (batch 32, learning rate 1e-3, seed 22). A one-epoch probe of both side by side measures maps/s,
+# and each run gets the epochs that fit CAP seconds; a run the time limit stops gives the best
+# weights of its checkpoint instead (scripts/checkpoint_to_detector.py). SIM (default cuda)
+# names the simulation device, N_TRAIN the maps per epoch (a dry run on the CPU: SIM=cpu
+# N_TRAIN=64 PROBE=64 CAP=60). PYTHON names the interpreter (default python; python3 on the lent
+# GPU machines, whose venv interpreter must be called by its own name).
+#
+# Not yet run on a GPU. Its first try (2026-11-26, a lent H100) never reached the first step:
+# a shell wrapper named python that exec'd python3 hung until the time limit, so the script now
+# takes the interpreter from PYTHON instead. The CPU dry run above worked (both runs, the probe
+# and the checkpoint fallback).
+set -euo pipefail
+init=$(realpath "$1")
+out=$(realpath -m "$2")
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+CAP=${CAP:-400}
+SIM=${SIM:-cuda}
+N_TRAIN=${N_TRAIN:-20000}
+PY=${PYTHON:-python}
+PROBE=${PROBE:-1280}
+runs=("a 64 2e-3 21" "b 32 1e-3 22")
+
+rate() {  # batch: maps/s of one distillation epoch after a warm-up
+    "$PY" - "$1" "$SIM" "$PROBE" <<'PY'
+import sys, time
+from astrotrunc import PointSourceModel, SourceDetector, Trainer
+from astrotrunc.detection import DetectionSimulations
+from astrotrunc.detection.estimator import default_detector
+bs, device, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+teacher = default_detector().to(device).eval()
+det = SourceDetector.from_model(PointSourceModel.paper(), teacher.flux_thresholds,
+                                widths=(16, 32, 64), space_to_depth=2)
+data = DetectionSimulations(PointSourceModel.paper(), det.flux_thresholds, n, 64, seed=123,
+                            device=device, teacher=teacher)
+for timed in (False, True):
+    t = time.perf_counter()
+    Trainer(max_epochs=1, batch_size=bs, progress=False, device=device).fit(det, data)
+print(int(n / (time.perf_counter() - t)))
+PY
+}
+
+for r in "${runs[@]}"; do
+    set -- $r
+    rate "$2" > "$out/rate_$1" 2> "$out/rate_$1.err" &
+done
+wait
+for r in "${runs[@]}"; do
+    set -- $r
+    maps_s=$(tail -n 1 "$out/rate_$1" 2>/dev/null || true)
+    epochs=$("$PY" -c "print(max(1, min(80, int($CAP * ${maps_s:-1000} * 0.85 / $N_TRAIN))))")
+    echo "run $1: ${maps_s:-?} maps/s in the probe -> $epochs epochs of $N_TRAIN maps"
+    (
+        T0=$(date +%s)
+        timeout "$CAP" "$PY" -m astrotrunc.cli train detector --out "$out/$1.safetensors" \
+            --init "$init" --widths 16 32 64 --space-to-depth 2 --teacher default \
+            --default-flux-threshold 1 --n-train "$N_TRAIN" --n-val 480 --epochs "$epochs" \
+            --batch-size "$2" --learning-rate "$3" --seed "$4" --domain-maps 1000 \
+            --simulation-device "$SIM" --quiet --checkpoint-dir "$out/ck_$1" \
+            --name "astrotrunc-paper-r1-s2-$1 (GPU)" > "$out/log_$1" 2>&1 || true
+        [ -f "$out/$1.safetensors" ] || "$PY" scripts/checkpoint_to_detector.py "$out/ck_$1" \
+            "$out/$1.safetensors" --widths 16 32 64 --space-to-depth 2 \
+            --name "astrotrunc-paper-r1-s2-$1 (GPU, checkpoint)" >> "$out/log_$1" 2>&1
+        echo "run $1: $(( $(date +%s) - T0 )) s -> $out/$1.safetensors"
+    ) &
+done
+wait
