@@ -69,8 +69,11 @@ for r in "${runs[@]}"; do
             --name "astrotrunc-paper-r1-s2-$1 (GPU)" > "$out/log_$1" 2>&1 || true
         [ -f "$out/$1.safetensors" ] || "$PY" scripts/checkpoint_to_detector.py "$out/ck_$1" \
             "$out/$1.safetensors" --widths 16 32 64 --space-to-depth 2 \
-            --name "astrotrunc-paper-r1-s2-$1 (GPU, checkpoint)" >> "$out/log_$1" 2>&1
-        echo "run $1: $(( $(date +%s) - T0 )) s -> $out/$1.safetensors"
+            --name "astrotrunc-paper-r1-s2-$1 (GPU, checkpoint)" >> "$out/log_$1" 2>&1 \
+            || echo "run $1: stopped before its first epoch ended (no checkpoint)"
+        if [ -f "$out/$1.safetensors" ]; then
+            echo "run $1: $(( $(date +%s) - T0 )) s -> $out/$1.safetensors"
+        fi
     ) &
 done
 wait

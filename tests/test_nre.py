@@ -184,6 +184,8 @@ def test_trainer_reproducible_and_resume_finished(tmp_path):
         Trainer(max_epochs=3, progress=False, checkpoint_dir=tmp_path).fit(e3, data, resume=True)
     with pytest.raises(ValueError, match="not an astrotrunc checkpoint"):
         Trainer.best_weights(tmp_path)
+    with pytest.raises(FileNotFoundError, match="wrote none yet"):
+        Trainer.best_weights(tmp_path / "empty")
 
 
 def test_seeded_trainer_leaves_the_global_rng_alone():

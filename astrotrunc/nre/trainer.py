@@ -510,6 +510,9 @@ class Trainer:
 
 
 def _read_checkpoint_meta(path) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint {path}: the run wrote none yet (it writes one "
+                                "after each epoch)")
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {})["astrotrunc-checkpoint"])
