@@ -20,10 +20,12 @@ Methods: ``neural`` (the shipped `FluxEstimator`, the catalog default), ``psf`` 
 and ``matched`` (the matched-filter flux with its Poisson error: the catalog before issue 12).
 Also prints the time the photometry adds to ``find_sources`` (catalog with ``flux_method=
 "neural"`` against ``"matched"``, the best of ``--repeat`` alternating runs per map; target
-<= 20 %) and where the learned photometry's time goes (cutouts, network, crowding, calibration,
-summary; each step timed right after a ``find_sources`` call, on the first 50 maps). The maps are
-detected with their WCS, so the catalogs have ``b`` and the estimator's latitude calibration is
-used (``--no-wcs``: without). Figures are written to ``benchmarks/output/photometry.json``.
+<= 20 %; the networks run where ``find_sources`` runs them by default, ONNX Runtime when it is
+installed, or as ``--backend`` says) and where the learned photometry's time goes (cutouts,
+network, crowding, calibration, summary; each step timed right after a ``find_sources`` call, on
+the first 50 maps). The maps are detected with their WCS, so the catalogs have ``b`` and the
+estimator's latitude calibration is used (``--no-wcs``: without). Figures are written to
+``benchmarks/output/photometry.json``.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/photometry.py [--n-maps 100] [--n-psf-maps 30]``
 (``--photometry FILE`` for another estimator, ``--uncalibrated`` for its network alone).
@@ -136,8 +138,9 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--photometry", default=None,
                    help="a FluxEstimator file (default: the shipped one)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="where the networks run (the same fluxes; the speed figures differ)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="where the networks run (default: as find_sources, ONNX Runtime when it "
+                        "is installed; the same fluxes, the speed figures differ)")
     p.add_argument("--no-wcs", action="store_true",
                    help="detect without the maps' WCS (no l, b: the crowding calibration groups)")
     p.add_argument("--uncalibrated", action="store_true",
@@ -236,10 +239,11 @@ def main():
     print(f"find_sources per map (best of {args.repeat}): {1e3 * np.median(tm):.1f} ms without "
           f"the learned photometry (flux_method='matched'), {1e3 * np.median(tn):.1f} ms with "
           f"it (medians); the photometry adds {added:+.1%} in total over {len(tn)} maps, median "
-          f"per map {np.median(tn / tm - 1):+.1%} (target <= 20 %)")
+          f"per map {np.median(tn / tm - 1):+.1%} (target <= 20 %; backend {neural.backend!r})")
     figures["time_matched_ms"] = float(1e3 * np.median(tm))
     figures["time_neural_ms"] = float(1e3 * np.median(tn))
     figures["photometry_time_fraction"] = float(added)
+    figures["backend"] = neural.backend
     figures["photometry_time_fraction_median"] = float(np.median(tn / tm - 1))
     figures["photometry_steps_ms"] = _photometry_stages(
         neural, [sims.maps[i].numpy() for i in range(min(args.n_maps, 50))], wcs, args.repeat)
