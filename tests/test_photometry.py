@@ -210,6 +210,22 @@ def test_crowding_is_the_median_of_valid_pixels():
     np.testing.assert_array_equal(_crowding(cut), expected)
 
 
+def test_pooling_and_cutout_layouts_give_the_same_values():
+    from astrotrunc.detection.photometry import _AvgPool2, _Quantiles
+
+    rng = np.random.default_rng(4)
+    for n in range(2, 7):  # even n: plain pooling; odd n: overlapping bins
+        x = torch.as_tensor(rng.normal(size=(5, 3, n, n)), dtype=torch.float32)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(_AvgPool2(n)(x.contiguous(memory_format=fmt)),
+                                       torch.nn.functional.adaptive_avg_pool2d(x, 2))
+    cut = rng.normal(size=(6, 2, 7, 7)).astype(np.float32)
+    q = _Quantiles(torch.nn.Identity(), 3.0, 0.1, 1, scaled_input=True)
+    last = q.scale_cutouts(cut, channels_last=True)
+    np.testing.assert_array_equal(last, q.scale_cutouts(cut))
+    assert torch.as_tensor(last).is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("architecture", ["conv", "strided", "dense"])
 def test_fast_inference_copy_follows_the_weights(architecture):
     est = FluxEstimator(half_size=3, channels=4, hidden=8, activation="relu",
