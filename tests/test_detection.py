@@ -109,6 +109,23 @@ def test_find_sources_catalog(model):
     assert cube.naxis == 3 and cube.has_celestial
     np.testing.assert_array_equal(in_cube["b"], cat["b"])
     assert in_cube.meta["pixel_scale_deg"] == cat.meta["pixel_scale_deg"]
+    # l and b are the Galactic coordinates of the centroids, read straight from a Galactic WCS
+    # or through the frame transformation of another, latitude axis first or not
+    np.testing.assert_allclose(cat["l"].to_value(u.deg), sky.l.wrap_at(180 * u.deg).deg,
+                               atol=1e-9)
+    np.testing.assert_allclose(cat["b"].to_value(u.deg), sky.b.deg, atol=1e-9)
+    equatorial = model.wcs.deepcopy()
+    equatorial.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    equatorial.wcs.crval = [266.4, -28.9]
+    for w in (equatorial, model.wcs.swapaxes(0, 1), equatorial.swapaxes(0, 1)):
+        got = finder.describe(data, finder.detector.log_odds(data), segm, bad,
+                              wcs=w).to_table()
+        ref = w.pixel_to_world(got["x_centroid"].value, got["y_centroid"].value).galactic
+        assert got["sky_centroid"].frame.name == "galactic"
+        assert np.allclose(got["sky_centroid"].separation(ref).deg, 0, atol=1e-9)
+        np.testing.assert_allclose(got["l"].to_value(u.deg), ref.l.wrap_at(180 * u.deg).deg,
+                                   atol=1e-9)
+        np.testing.assert_allclose(got["b"].to_value(u.deg), ref.b.deg, atol=1e-9)
     # a higher odds threshold shrinks the regions
     cat_hi = find_sources(data, det, wcs=model.wcs, threshold=100.0)
     assert np.all(cat_hi["n_pixels"] < cat["n_pixels"])

@@ -12,6 +12,7 @@ import functools
 import numpy as np
 from astropy import units as u
 from astropy.coordinates import SkyCoord
+from astropy.wcs.utils import wcs_to_celestial_frame
 from astropy.table import QTable
 
 from .._utils import celestial_wcs
@@ -207,10 +208,23 @@ class RegionCatalog:
         return self._sky_wcs is not None
 
     @functools.cached_property
+    def _galactic(self):
+        """Galactic (l, b) of the centroids in deg, l in [-180, 180), and their `SkyCoord`."""
+        w = self._sky_wcs
+        if wcs_to_celestial_frame(w).name == "galactic":
+            # the WCS's own angles: SkyCoord's frame machinery would double the time
+            world = w.all_pix2world(*self._centroids, 0)
+            l, b = world[w.wcs.lng], world[w.wcs.lat]
+            sky = SkyCoord(l * u.deg, b * u.deg, frame="galactic")
+        else:
+            sky = w.pixel_to_world(*self._centroids).galactic
+            l, b = sky.l.deg, sky.b.deg
+        return (l + 180) % 360 - 180, b, sky
+
+    @property
     def sky_centroid(self):
         if self._has_sky:
-            sky = self._sky_wcs.pixel_to_world(*self._centroids)
-            return sky.galactic if hasattr(sky, "galactic") else sky
+            return self._galactic[2]
         nan = np.full(len(self), np.nan) * u.deg
         return SkyCoord(nan, nan, frame="galactic")
 
@@ -218,13 +232,13 @@ class RegionCatalog:
     def l(self):  # noqa: E743
         if not self._has_sky:  # NaN: no need to go through the coordinates
             return np.full(len(self), np.nan) * u.deg
-        return self.sky_centroid.l.wrap_at(180 * u.deg).to(u.deg)
+        return self._galactic[0] * u.deg
 
     @property
     def b(self):
         if not self._has_sky:
             return np.full(len(self), np.nan) * u.deg
-        return self.sky_centroid.b.to(u.deg)
+        return self._galactic[1] * u.deg
 
     @functools.cached_property
     def _matched(self):
