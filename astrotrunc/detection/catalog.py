@@ -214,12 +214,12 @@ class RegionCatalog:
         if wcs_to_celestial_frame(w).name == "galactic":
             # the WCS's own angles: SkyCoord's frame machinery would double the time
             world = w.all_pix2world(*self._centroids, 0)
-            l, b = world[w.wcs.lng], world[w.wcs.lat]
-            sky = SkyCoord(l * u.deg, b * u.deg, frame="galactic")
+            lon, lat = world[w.wcs.lng], world[w.wcs.lat]
+            sky = SkyCoord(lon * u.deg, lat * u.deg, frame="galactic")
         else:
             sky = w.pixel_to_world(*self._centroids).galactic
-            l, b = sky.l.deg, sky.b.deg
-        return (l + 180) % 360 - 180, b, sky
+            lon, lat = sky.l.deg, sky.b.deg
+        return (lon + 180) % 360 - 180, lat, sky
 
     @property
     def sky_centroid(self):
