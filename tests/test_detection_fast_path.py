@@ -168,6 +168,46 @@ def test_onnxruntime_backend_gives_the_torch_logits(space_to_depth):
                           rtol=1e-4)
 
 
+def test_onnx_export_without_the_deprecated_exporter(monkeypatch):
+    # torch's TorchScript-based exporter is deprecated: where it is gone, torch.export's makes
+    # the same networks (the U-Net with dynamic map sides, the flux estimator's)
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from astrotrunc.detection import _onnx
+    from astrotrunc.detection.photometry import FluxEstimator
+    from astrotrunc.detection.unet import inference_copy
+
+    det = _tiny_detector(space_to_depth=2)
+    net = inference_copy(det.net, [1])
+    est = FluxEstimator(half_size=3, channels=4, hidden=8, architecture="strided")
+    phot = est._inference_net()
+    rng = np.random.default_rng(0)
+    maps = torch.as_tensor(rng.normal(size=(3, 1, 40, 52)), dtype=torch.float32)
+    cut = (torch.as_tensor(rng.normal(size=(5, 2, 7, 7)), dtype=torch.float32),
+           torch.zeros(5, 2), torch.full((5,), 3.0))
+    real = torch.onnx.export
+
+    def no_legacy(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript-based exporter is gone")
+        return real(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_legacy)
+    m = det.space_to_depth * 2**det.depth
+    with torch.no_grad():
+        onnx_net = _onnx.OnnxNetwork(net, (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m)
+        torch.testing.assert_close(onnx_net(maps), net(maps), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_onnx.OnnxNetwork(phot, tuple(t[:1] for t in cut))(*cut),
+                                   phot(*cut), atol=1e-4, rtol=1e-4)
+
+    def broken(*args, **kwargs):
+        raise ValueError("no exporter")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="use backend='torch'.*TorchScript-based exporter"):
+        _onnx.OnnxNetwork(net, (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m)
+
+
 def test_onnxruntime_finder_gives_the_torch_catalog(one_thread):
     pytest.importorskip("onnxruntime")
     maps = PointSourceModel.paper().simulate(2, seed=8).maps.numpy()

@@ -4,13 +4,15 @@ The torch path is the reference; this one runs the same inference networks (r1's
 U-Net and the flux estimator's network with its input scaling and quantile assembly, each exported
 once per set of weights, in memory) through ONNX Runtime's CPU kernels, which are faster than
 torch's for these small convolutions.
-Their outputs equal the torch ones to float32 rounding (tested).
+Their outputs equal the torch ones to float32 rounding (tested). The export uses torch's
+TorchScript-based exporter (fast), or its ``torch.export``-based one where that is gone.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import logging
 import threading
 import warnings
 
@@ -58,6 +60,54 @@ def _import():
     return onnxruntime
 
 
+def _export(net, example, names, multiple=None, legacy=True):
+    """The ONNX model (bytes) of ``net``, its inputs' first axis dynamic (and the last two of the
+    first input, in steps of ``multiple``).
+
+    torch's TorchScript-based exporter takes about 0.3 s for the U-Net. It is deprecated (since
+    torch 2.9; "will be removed"), so where it is gone or fails, the ``torch.export``-based one
+    (the ``onnxscript`` package) makes the same model, in seconds; ``legacy=False`` goes to it
+    directly.
+    """
+    with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter's deprecation and tracing
+        warnings.simplefilter("ignore")
+        failure = None
+        if legacy:
+            axes = {name: {0: "n"} for name in names}
+            if multiple:
+                axes["x0"].update({2: "h", 3: "w"})
+            buf = io.BytesIO()
+            try:
+                torch.onnx.export(net, example, buf, input_names=names, output_names=["y"],
+                                  dynamic_axes=axes, dynamo=False)
+                return buf.getvalue()
+            except Exception as exc:  # whatever a torch without it raises
+                failure = exc
+        try:
+            # batches of 2: torch.export takes an axis of length 1 for a constant
+            example = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in example)
+            shapes = [{0: torch.export.Dim("n")} for _ in example]
+            if multiple:
+                shapes[0].update({2: multiple * torch.export.Dim("h"),
+                                  3: multiple * torch.export.Dim("w")})
+            logger = logging.getLogger("torch.onnx")  # its notes on torchvision's operators
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            try:
+                program = torch.onnx.export(net, example, input_names=names,
+                                            output_names=["y"], dynamic_shapes=tuple(shapes),
+                                            dynamo=True, optimize=True, verbose=False)
+            finally:
+                logger.setLevel(level)
+            return program.model_proto.SerializeToString()
+        except Exception as exc:
+            msg = (f"torch could not export the network to ONNX ({type(exc).__name__}: {exc}); "
+                   "use backend='torch'")
+            if failure is not None:
+                msg += f" (the TorchScript-based exporter: {type(failure).__name__}: {failure})"
+            raise RuntimeError(msg) from exc
+
+
 class OnnxNetwork:
     """An ONNX Runtime session of an inference network (`~astrotrunc.detection.unet.UNet` copy,
     the flux estimator's `~astrotrunc.detection.photometry._Quantiles`), called like the
@@ -82,21 +132,14 @@ class OnnxNetwork:
         # must stay as it is
         net = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
         names = [f"x{i}" for i in range(len(example))]
-        axes = {name: {0: "n"} for name in names}
-        if multiple:
-            axes["x0"].update({2: "h", 3: "w"})
-        buf = io.BytesIO()
-        with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter's deprecation and tracing
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, tuple(example), buf, input_names=names, output_names=["y"],
-                              dynamic_axes=axes, dynamo=False)
+        model = _export(net, tuple(example), names, multiple)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
         # no spinning between calls: idle ONNX Runtime threads would take the cores from the
         # torch and numpy work in between (measured: 25 % slower per 128 x 128 map with it)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(buf.getvalue(), options,
+        self.session = ort.InferenceSession(model, options,
                                             providers=["CPUExecutionProvider"])
         self.names, self.multiple = names, multiple
 
