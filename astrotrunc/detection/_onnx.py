@@ -60,29 +60,26 @@ def _import():
     return onnxruntime
 
 
-def _export(net, example, names, multiple=None, legacy=True):
+def _export(net, example, names, multiple=None):
     """The ONNX model (bytes) of ``net``, its inputs' first axis dynamic (and the last two of the
     first input, in steps of ``multiple``).
 
     torch's TorchScript-based exporter takes about 0.3 s for the U-Net. It is deprecated (since
     torch 2.9; "will be removed"), so where it is gone or fails, the ``torch.export``-based one
-    (the ``onnxscript`` package) makes the same model, in seconds; ``legacy=False`` goes to it
-    directly.
+    (the ``onnxscript`` package) makes the same model, in seconds.
     """
     with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter's deprecation and tracing
         warnings.simplefilter("ignore")
-        failure = None
-        if legacy:
-            axes = {name: {0: "n"} for name in names}
-            if multiple:
-                axes["x0"].update({2: "h", 3: "w"})
-            buf = io.BytesIO()
-            try:
-                torch.onnx.export(net, example, buf, input_names=names, output_names=["y"],
-                                  dynamic_axes=axes, dynamo=False)
-                return buf.getvalue()
-            except Exception as exc:  # whatever a torch without it raises
-                failure = exc
+        axes = {name: {0: "n"} for name in names}
+        if multiple:
+            axes["x0"].update({2: "h", 3: "w"})
+        buf = io.BytesIO()
+        try:
+            torch.onnx.export(net, example, buf, input_names=names, output_names=["y"],
+                              dynamic_axes=axes, dynamo=False)
+            return buf.getvalue()
+        except Exception as exc:  # whatever a torch without it raises
+            failure = exc
         try:
             # batches of 2: torch.export takes an axis of length 1 for a constant
             example = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in example)
@@ -101,10 +98,9 @@ def _export(net, example, names, multiple=None, legacy=True):
                 logger.setLevel(level)
             return program.model_proto.SerializeToString()
         except Exception as exc:
-            msg = (f"torch could not export the network to ONNX ({type(exc).__name__}: {exc}); "
+            msg = (f"torch could not export the network to ONNX ({type(exc).__name__}: {exc}; "
+                   f"the TorchScript-based exporter: {type(failure).__name__}: {failure}); "
                    "use backend='torch'")
-            if failure is not None:
-                msg += f" (the TorchScript-based exporter: {type(failure).__name__}: {failure})"
             raise RuntimeError(msg) from exc
 
 
