@@ -14,7 +14,7 @@
 # N_TRAIN=64 PROBE=64 CAP=60). PYTHON names the interpreter (default python; python3 on the lent
 # GPU machines, whose venv interpreter must be called by its own name).
 #
-# Not yet run on a GPU. Its first try (2026-11-27, a lent H100) never reached the first step: an
+# Not yet run on a GPU. Its first try (2026-11-26, a lent H100) never reached the first step: an
 # import check run through a shell wrapper named python (exec python3) printed nothing until the
 # time limit. The cause is not known (the likeliest: the wrapper ran itself, if the image's
 # python3 calls python), so the script now takes the interpreter from PYTHON, and a driver should
