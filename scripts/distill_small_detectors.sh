@@ -53,7 +53,11 @@
 # 10: 0.163 0.282 0.396 0.502 0.618 0.738 (at odds > 5: 0.339 against 0.415). Twelve more epochs
 # (--init that file --learning-rate 1e-3 --seed 8; 2623 s): 0.00952 (seed 8's validation maps),
 # completeness 0.579, F50 1.84, bins 0.177 0.287 0.401 0.506 0.627 0.744 (odds > 5: 0.355).
-# Still improving, slowly: it needs the GPU's map rate (EPOCHS and N_TRAIN 20-50x). Its network:
+# Twelve more (--init that file --learning-rate 1e-3 --seed 9, one thread; 1776 s, session 11):
+# 0.00943 (seed 9's), completeness 0.582, F50 1.84, bins 0.186 0.294 0.403 0.507 0.631 0.746
+# (odds > 5: 0.361). So 0.573, 0.579, 0.582 after 60,000, 132,000 and 204,000 maps: about
+# +0.005 per doubling of the maps, which would need millions of maps to reach 0.611 -- the
+# network's capacity, not only the training's length, holds it back. Its network:
 # 2.64 against 5.49 ms/map for the shipped one (interleaved, a slow hour); with matched-filter
 # fluxes for both, find_batch 3.41 against 6.16 ms/map, 2048^2 1.28 against 2.09 s, single maps
 # 12.6 against 15.9 ms. Starting it from the shipped detector's levels 1-3 (which have its levels'
