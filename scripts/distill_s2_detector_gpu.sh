@@ -5,14 +5,17 @@
 #   bash scripts/distill_s2_detector_gpu.sh INIT.safetensors OUT_DIR
 #
 # INIT is the CPU-distilled s2 detector of scripts/distill_small_detectors.sh (candidate
-# s2-16-32-64 after its 22 epochs). Two runs share the GPU, each starting from INIT with a cosine
-# schedule over epochs of 20000 fresh maps: "a" (batch 64, learning rate 2e-3, seed 21) and "b"
-# (batch 32, learning rate 1e-3, seed 22). A one-epoch probe of both side by side measures maps/s,
-# and each run gets the epochs that fit CAP seconds; a run the time limit stops gives the best
-# weights of its checkpoint instead (scripts/checkpoint_to_detector.py). SIM (default cuda)
-# names the simulation device, N_TRAIN the maps per epoch (a dry run on the CPU: SIM=cpu
-# N_TRAIN=64 PROBE=64 CAP=60). PYTHON names the interpreter (default python; python3 on the lent
-# GPU machines, whose venv interpreter must be called by its own name).
+# s2-16-32-64 after its 22 epochs, or 34). Two runs share the GPU, each with a cosine schedule
+# over epochs of N_TRAIN fresh maps (default 20000): "a" continues INIT (widths 16 32 64; batch
+# 64, learning rate 1e-3, seed 21); "b" trains a bigger network on the same blocks from scratch
+# (widths 16 32 64 128, 483,748 parameters, about 0.55x the shipped network's time on the CPU;
+# batch 64, learning rate 3e-3, seed 22), since the first flattens out on the CPU (0.573, 0.579,
+# 0.582 after 60,000, 132,000, 204,000 maps). A one-epoch probe of both side by side measures
+# maps/s, and each run gets the epochs that fit CAP seconds; a run the time limit stops gives the
+# best weights of its checkpoint instead (scripts/checkpoint_to_detector.py). SIM (default cuda)
+# names the simulation device (a dry run on the CPU: SIM=cpu N_TRAIN=32 PROBE=32 CAP=40).
+# PYTHON names the interpreter (default python; python3 on the lent GPU machines, whose venv
+# interpreter must be called by its own name).
 #
 # Not yet run on a GPU. Its first try (2026-11-26, a lent H100) never reached the first step: an
 # import check run through a shell wrapper named python (exec python3) printed nothing until the
@@ -30,18 +33,19 @@ SIM=${SIM:-cuda}
 N_TRAIN=${N_TRAIN:-20000}
 PY=${PYTHON:-python}
 PROBE=${PROBE:-1280}
-runs=("a 64 2e-3 21" "b 32 1e-3 22")
+runs=("a 64 1e-3 21 16-32-64 $init" "b 64 3e-3 22 16-32-64-128 -")  # name batch lr seed widths init
 
-rate() {  # batch: maps/s of one distillation epoch after a warm-up
-    "$PY" - "$1" "$SIM" "$PROBE" <<'PY'
+rate() {  # batch widths: maps/s of one distillation epoch after a warm-up
+    "$PY" - "$1" "$2" "$SIM" "$PROBE" <<'PY'
 import sys, time
 from astrotrunc import PointSourceModel, SourceDetector, Trainer
 from astrotrunc.detection import DetectionSimulations
 from astrotrunc.detection.estimator import default_detector
-bs, device, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+bs, widths = int(sys.argv[1]), [int(w) for w in sys.argv[2].split("-")]
+device, n = sys.argv[3], int(sys.argv[4])
 teacher = default_detector().to(device).eval()
 det = SourceDetector.from_model(PointSourceModel.paper(), teacher.flux_thresholds,
-                                widths=(16, 32, 64), space_to_depth=2)
+                                widths=widths, space_to_depth=2)
 data = DetectionSimulations(PointSourceModel.paper(), det.flux_thresholds, n, 64, seed=123,
                             device=device, teacher=teacher)
 for timed in (False, True):
@@ -53,7 +57,7 @@ PY
 
 for r in "${runs[@]}"; do
     set -- $r
-    rate "$2" > "$out/rate_$1" 2> "$out/rate_$1.err" &
+    rate "$2" "$5" > "$out/rate_$1" 2> "$out/rate_$1.err" &
 done
 wait
 for r in "${runs[@]}"; do
@@ -61,16 +65,19 @@ for r in "${runs[@]}"; do
     maps_s=$(tail -n 1 "$out/rate_$1" 2>/dev/null || true)
     epochs=$("$PY" -c "print(max(1, min(80, int($CAP * ${maps_s:-1000} * 0.85 / $N_TRAIN))))")
     echo "run $1: ${maps_s:-?} maps/s in the probe -> $epochs epochs of $N_TRAIN maps"
+    widths=(${5//-/ })
+    start=()
+    [ "$6" = - ] || start=(--init "$6")
     (
         T0=$(date +%s)
         timeout "$CAP" "$PY" -m astrotrunc.cli train detector --out "$out/$1.safetensors" \
-            --init "$init" --widths 16 32 64 --space-to-depth 2 --teacher default \
+            "${start[@]}" --widths "${widths[@]}" --space-to-depth 2 --teacher default \
             --default-flux-threshold 1 --n-train "$N_TRAIN" --n-val 480 --epochs "$epochs" \
             --batch-size "$2" --learning-rate "$3" --seed "$4" --domain-maps 1000 \
             --simulation-device "$SIM" --quiet --checkpoint-dir "$out/ck_$1" \
             --name "astrotrunc-paper-r1-s2-$1 (GPU)" > "$out/log_$1" 2>&1 || true
         [ -f "$out/$1.safetensors" ] || "$PY" scripts/checkpoint_to_detector.py "$out/ck_$1" \
-            "$out/$1.safetensors" --widths 16 32 64 --space-to-depth 2 \
+            "$out/$1.safetensors" --widths "${widths[@]}" --space-to-depth 2 \
             --name "astrotrunc-paper-r1-s2-$1 (GPU, checkpoint)" >> "$out/log_$1" 2>&1 \
             || echo "run $1: stopped before its first epoch ended (no checkpoint)"
         if [ -f "$out/$1.safetensors" ]; then
