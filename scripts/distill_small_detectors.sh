@@ -53,7 +53,8 @@
 # 10: 0.163 0.282 0.396 0.502 0.618 0.738 (at odds > 5: 0.339 against 0.415). Twelve more epochs
 # (--init that file --learning-rate 1e-3 --seed 8; 2623 s): 0.00952 (seed 8's validation maps),
 # completeness 0.579, F50 1.84, bins 0.177 0.287 0.401 0.506 0.627 0.744 (odds > 5: 0.355).
-# Twelve more (--init that file --learning-rate 1e-3 --seed 9, one thread; 1776 s, session 11):
+# Twelve more (--init that file --learning-rate 1e-3 --seed 9, one thread; 1776 s, session 11;
+# kept as benchmarks/candidates/detector_s2_16-32-64_cpu.safetensors):
 # 0.00943 (seed 9's), completeness 0.582, F50 1.84, bins 0.186 0.294 0.403 0.507 0.631 0.746
 # (odds > 5: 0.361). So 0.573, 0.579, 0.582 after 60,000, 132,000 and 204,000 maps: about
 # +0.005 per doubling of the maps, which would need millions of maps to reach 0.611 -- the
