@@ -154,10 +154,11 @@ def _add_train(sub):
     t.add_argument("--hidden", type=int, default=64, help="photometry: hidden units")
     t.add_argument("--activation", choices=["silu", "relu"], default="silu",
                    help="photometry: the network's activation (relu is cheaper on CPUs)")
-    t.add_argument("--architecture", choices=["conv", "strided", "dense"], default="conv",
+    t.add_argument("--architecture", choices=["conv", "strided", "dense", "patch"], default="conv",
                    help="photometry: convolutions of the cutout, the same without the "
-                        "full-resolution one (strided, cheaper), or dense layers on all its "
-                        "pixels (cheapest)")
+                        "full-resolution one (strided, cheaper), dense layers on all its "
+                        "pixels (cheapest), or on its 3x3 squares, each embedded alike (patch: "
+                        "about as cheap as dense)")
     t.add_argument("--calibration-maps", type=int, default=600,
                    help="photometry: new maps the quantiles are calibrated on (0: none)")
     t.add_argument("--crowding-bins", type=int, default=4,

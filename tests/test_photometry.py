@@ -226,14 +226,14 @@ def test_pooling_and_cutout_layouts_give_the_same_values():
     assert torch.as_tensor(last).is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("architecture", ["conv", "strided", "dense"])
+@pytest.mark.parametrize("architecture", ["conv", "strided", "dense", "patch"])
 def test_fast_inference_copy_follows_the_weights(architecture):
-    est = FluxEstimator(half_size=3, channels=4, hidden=8, activation="relu",
-                        architecture=architecture)
+    est = FluxEstimator(half_size=4 if architecture == "patch" else 3, channels=4, hidden=8,
+                        activation="relu", architecture=architecture)
     rng = np.random.default_rng(1)
     args = (rng.normal(size=(20, 20)), None, rng.uniform(0, 19, 9), rng.uniform(0, 19, 9),
             rng.uniform(1, 50, 9))
-    cut, offset = _cut_args(args[0], args[2:])[:2]
+    cut, offset = _cut_args(args[0], args[2:], est.half_size)[:2]
     batch = {"cutout": torch.as_tensor(cut), "offset": torch.as_tensor(offset),
              "matched": torch.as_tensor(args[4], dtype=torch.float32)}
     with torch.no_grad():
@@ -263,8 +263,9 @@ def test_dense_network_round_trips_and_runs_in_onnxruntime(tmp_path):
     np.testing.assert_allclose(q_ort, q, atol=1e-4)
 
 
-@pytest.mark.parametrize("half_size", [3, 4, 5])  # 4, 5: sides 3 after the convolutions
-@pytest.mark.parametrize("architecture", ["conv", "strided"])
+@pytest.mark.parametrize(("architecture", "half_size"), [
+    *[(a, h) for a in ("conv", "strided") for h in (3, 4, 5)],  # 4, 5: sides 3 after the convs
+    ("patch", 1), ("patch", 4)])  # a single square, and 3 x 3 of them
 def test_onnxruntime_gives_the_torch_quantiles(architecture, half_size):
     pytest.importorskip("onnxruntime")
     est = FluxEstimator(half_size=half_size, channels=4, hidden=8, architecture=architecture)
@@ -288,6 +289,24 @@ def test_onnxruntime_gives_the_torch_quantiles(architecture, half_size):
                             "matched": torch.as_tensor(matched, dtype=torch.float32)})
     np.testing.assert_allclose(est._raw_log_quantiles(cut, offset, matched.astype(np.float32)),
                                q_net.numpy(), atol=1e-4)
+
+
+def test_patch_network_cuts_its_squares_once():
+    from astrotrunc.detection.photometry import _PatchNet
+
+    net = _PatchNet(9, 4, 8, 3, 7)
+    cut = np.arange(2 * 9 * 9, dtype=np.float32).reshape(1, 2, 9, 9)
+    squares = net.patches(cut)  # numpy, as the inference copies get them
+    assert squares.shape == (1, 9, 18)
+    # square 4 is the centre: its 3 x 3 pixels of each channel, rows first
+    np.testing.assert_array_equal(squares[0, 4], np.r_[cut[0, 0, 3:6, 3:6].ravel(),
+                                                       cut[0, 1, 3:6, 3:6].ravel()])
+    np.testing.assert_array_equal(net.patches(torch.as_tensor(cut)).numpy(), squares)
+    with torch.no_grad():  # the network takes either form
+        torch.testing.assert_close(net(torch.as_tensor(cut), torch.zeros(1, 3)),
+                                   net(torch.as_tensor(squares), torch.zeros(1, 3)))
+    with pytest.raises(ValueError, match="multiple of 3 .half_size 1, 4, 7"):
+        FluxEstimator(half_size=3, architecture="patch")
 
 
 def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread):
@@ -391,10 +410,10 @@ def test_latitude_calibration_holds_per_group_and_needs_b(model, tmp_path, one_t
         est.calibrate(model, n_maps=1, n_latitude_bins=-1, progress=False)
 
 
-def _cut_args(m, xy):
+def _cut_args(m, xy, half_size=3):
     from astrotrunc.detection.photometry import _cutouts
 
-    cut, offset = _cutouts(m, None, xy[0], xy[1], 3)
+    cut, offset = _cutouts(m, None, xy[0], xy[1], half_size)
     return cut, offset, xy[2].astype(np.float32)
 
 

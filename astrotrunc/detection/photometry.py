@@ -292,7 +292,15 @@ class _Quantiles(nn.Module):
         (``np.arcsinh`` is faster than the same function inside the network, in torch and even
         more in ONNX Runtime.) With ``channels_last``, the array is a ``(n, 2, s, s)`` view of
         ``(n, s, s, 2)`` memory, which torch's channels-last convolutions take without a copy.
+        A `_PatchNet` takes its squares ``(n, grid², 2 patch²)`` instead (`_PatchNet.patches`).
         """
+        if isinstance(self.net, _PatchNet):  # cut into its squares here, in the same copy
+            n, g, p = len(cutout), self.net.grid, self.net.patch
+            image = np.empty((n, g, g, 2, p, p), np.float32)
+            squares = self.net.patches(np.asarray(cutout)).reshape(image.shape)
+            np.arcsinh(squares[..., 0, :, :] * np.float32(self.gain), out=image[..., 0, :, :])
+            image[..., 1, :, :] = squares[..., 1, :, :]
+            return image.reshape(n, g * g, 2 * p * p)
         if not channels_last:
             image = np.array(cutout, dtype=np.float32)
             np.arcsinh(image[:, 0] * np.float32(self.gain), out=image[:, 0])
@@ -386,8 +394,46 @@ class _DenseNet(nn.Module):
         return self.head(torch.cat([image.flatten(1), scalars], dim=1))
 
 
+class _PatchNet(nn.Module):
+    """Patches of a cutout, each embedded by one shared linear map, + scalar features -> median
+    and positive quantile gaps.
+
+    The cutout is cut into non-overlapping ``patch x patch`` squares (the centre one is the 3x3
+    pixels around the position for ``patch=3``); each square's pixels and validities go through
+    the same dense layer (``channels`` wide), and the head reads every square's features in
+    place. All of it is matrix products: about 4x cheaper on CPUs than `_CutoutNet`'s small
+    convolutions, and the inference copies take the squares already cut (`patches`).
+    """
+
+    def __init__(self, size, channels, hidden, n_scalars, n_out, activation="relu", patch=3):
+        super().__init__()
+        if size % patch:
+            msg = (f"architecture='patch' needs cutouts whose side 2 half_size + 1 is a multiple "
+                   f"of {patch} (half_size 1, 4, 7, 10...), got a side of {size}")
+            raise ValueError(msg)
+        act = _ACTIVATIONS[activation]
+        self.size, self.patch, self.grid = size, patch, size // patch
+        self.embed = nn.Sequential(nn.Linear(2 * patch * patch, channels), act())
+        self.head = nn.Sequential(nn.Linear(self.grid ** 2 * channels + n_scalars, hidden), act(),
+                                  nn.Linear(hidden, hidden), act(), nn.Linear(hidden, n_out))
+
+    def patches(self, image):
+        """``(n, grid², 2 patch²)`` squares (each: its channels, then rows) of cutouts
+        ``(n, 2, size, size)`` (numpy arrays or tensors)."""
+        g, p = self.grid, self.patch
+        shaped = image.reshape(len(image), 2, g, p, g, p)
+        order = (0, 2, 4, 1, 3, 5)
+        shaped = shaped.permute(*order) if hasattr(shaped, "permute") else shaped.transpose(order)
+        return shaped.reshape(len(image), g * g, 2 * p * p)
+
+    def forward(self, image, scalars):
+        squares = self.patches(image) if image.ndim == 4 else image  # (n, 2, s, s) or cut
+        feats = self.embed(squares).flatten(1)
+        return self.head(torch.cat([feats, scalars], dim=1))
+
+
 #: Networks of a `FluxEstimator` (``architecture``).
-_ARCHITECTURES = ("conv", "strided", "dense")
+_ARCHITECTURES = ("conv", "strided", "dense", "patch")
 
 
 class FluxEstimator(RatioEstimator):
@@ -413,11 +459,14 @@ class FluxEstimator(RatioEstimator):
         Network width.
     activation : {'silu', 'relu'}
         The network's activation.
-    architecture : {'conv', 'strided', 'dense'}
+    architecture : {'conv', 'strided', 'dense', 'patch'}
         ``'conv'``: a convolution of the cutout, two strided ones (``channels`` wide) and a
         dense head; ``'strided'``: the same without the first, full-resolution convolution
         (about 3x cheaper); ``'dense'``: two dense layers (``hidden`` wide) on all pixels of the
-        cutout (cheaper still on CPUs, less accurate; ``channels`` is not used).
+        cutout (cheaper still on CPUs, less accurate; ``channels`` is not used); ``'patch'``:
+        the cutout cut into 3 x 3 squares, each embedded by one shared dense layer (``channels``
+        wide), and the dense head on all of them (matrix products only, about 4x cheaper than
+        ``'strided'`` in torch; needs ``half_size`` 1, 4, 7, 10...).
     calibration : dict, optional
         Set by `calibrate` (its settings, bin edges and counts); `None`: uncalibrated.
     flux_floor : float
@@ -467,10 +516,14 @@ class FluxEstimator(RatioEstimator):
         self.levels, self.activation = levels, str(activation)
         self.architecture = str(architecture)
         size = 2 * self.half_size + 1
-        self.net = (_DenseNet(size, self.hidden, 3, len(levels), self.activation)
-                    if self.architecture == "dense" else
-                    _CutoutNet(size, self.channels, self.hidden, 3, len(levels), self.activation,
-                               strided=self.architecture == "strided"))
+        if self.architecture == "dense":
+            self.net = _DenseNet(size, self.hidden, 3, len(levels), self.activation)
+        elif self.architecture == "patch":
+            self.net = _PatchNet(size, self.channels, self.hidden, 3, len(levels),
+                                 self.activation)
+        else:
+            self.net = _CutoutNet(size, self.channels, self.hidden, 3, len(levels),
+                                  self.activation, strided=self.architecture == "strided")
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32))
         self.calibration = None if calibration is None else dict(calibration)
         if self.calibration is not None:
@@ -615,10 +668,12 @@ class FluxEstimator(RatioEstimator):
         likewise)."""
         def build():
             size = 2 * self.half_size + 1
-            example = (torch.zeros(1, 2, size, size), torch.zeros(1, 2), torch.ones(1))
+            net = self._inference_net()
+            cutout = torch.from_numpy(net.scale_cutouts(np.zeros((1, 2, size, size))))
+            example = (cutout, torch.zeros(1, 2), torch.ones(1))
             # one thread: a few hundred cutouts are too little work to share (and a second
             # thread pool would spin against the detector's)
-            return OnnxNetwork(self._inference_net(), example, threads=1)
+            return OnnxNetwork(net, example, threads=1)
 
         return self._cached("_onnx_copy", self._weights_key(), build)
 
