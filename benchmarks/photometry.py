@@ -87,7 +87,7 @@ def _photometry_stages(finder, maps, wcs, repeat):
                 finder(data, wcs=wcs)  # the caches as a catalog leaves them
             t = [time.perf_counter()]
             padded = padded_map(data, None, est.half_size, est.background)
-            cut, offset = _take_cutouts(padded, x, y, est.half_size)
+            cut, offset = _take_cutouts(padded, x, y, est.half_size, est._patch)
             t.append(time.perf_counter())
             q = est._raw_log_quantiles(cut, offset, matched, backend=backend)
             t.append(time.perf_counter())

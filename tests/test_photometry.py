@@ -305,6 +305,22 @@ def test_patch_network_cuts_its_squares_once():
     with torch.no_grad():  # the network takes either form
         torch.testing.assert_close(net(torch.as_tensor(cut), torch.zeros(1, 3)),
                                    net(torch.as_tensor(squares), torch.zeros(1, 3)))
+    # the inference path gathers the squares from the map directly: the same pixels, at the
+    # edges and at bad pixels too, and the same crowding
+    from astrotrunc._utils import padded_map
+    from astrotrunc.detection.photometry import _crowding, _take_cutouts
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(12, 17))
+    bad = rng.random(data.shape) < 0.1
+    padded = padded_map(data, bad, 4)
+    x, y = np.r_[0.0, 16.4, rng.uniform(0, 16, 5)], np.r_[11.2, 0.0, rng.uniform(0, 11, 5)]
+    cut, offset = _take_cutouts(padded, x, y, 4)
+    squares, offset_sq = _take_cutouts(padded, x, y, 4, patch=3)
+    assert squares.shape == (7, 9, 2, 9)
+    np.testing.assert_array_equal(squares.reshape(7, 9, 18), net.patches(cut))
+    np.testing.assert_array_equal(offset_sq, offset)
+    np.testing.assert_array_equal(_crowding(squares), _crowding(cut))
     with pytest.raises(ValueError, match="multiple of 3 .half_size 1, 4, 7"):
         FluxEstimator(half_size=3, architecture="patch")
 

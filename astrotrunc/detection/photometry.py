@@ -83,21 +83,44 @@ def _cutouts(data, bad, x, y, half, background=0.0):
     return _take_cutouts(padded_map(data, bad, half, background), x, y, half)
 
 
-def _take_cutouts(padded, x, y, half):
-    """`_cutouts` of positions (x, y) from a `~astrotrunc._utils.padded_map` of the map."""
+def _take_cutouts(padded, x, y, half, patch=None):
+    """`_cutouts` of positions (x, y) from a `~astrotrunc._utils.padded_map` of the map.
+
+    With ``patch``, each cutout comes cut into its ``patch x patch`` squares, ``(n, grid², 2,
+    patch²)`` (`_PatchNet`'s order), gathered from the map in one pass: cutting them out of
+    ``(n, 2, s, s)`` cutouts costs more than the gather itself.
+    """
     ny, nx = padded.shape[1] - 2 * half, padded.shape[2] - 2 * half
     ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
-    cut = take_stamps(padded, ix, iy, half, channels_first=False)
+    if patch:
+        corner = iy * padded.shape[2] + ix  # the flat index of each cutout's first pixel
+        cut = padded.reshape(-1)[corner[:, None] + _square_offsets(padded.shape, half, patch)]
+        cut = cut.reshape(len(corner), -1, 2, patch * patch)
+    else:
+        cut = take_stamps(padded, ix, iy, half, channels_first=False)
     offset = np.stack([np.asarray(x, float) - ix, np.asarray(y, float) - iy], axis=1)
     return cut, offset.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _square_offsets(shape, half, patch):
+    """Flat offsets in a padded map ``shape`` of a cutout's pixels from its first one, in the
+    order of `_PatchNet.patches` (squares, then channels, rows, columns)."""
+    grid, plane = (2 * half + 1) // patch, shape[1] * shape[2]
+    gy, gx, c, py, px = np.meshgrid(*(np.arange(k) for k in (grid, grid, 2, patch, patch)),
+                                    indexing="ij")
+    return (c * plane + (gy * patch + py) * shape[2] + gx * patch + px).reshape(-1)
 
 
 def _crowding(cut):
     """Local crowding of each cutout: the median of its valid pixels (map minus background).
 
     The level of the unresolved sources around the detection, in detector units (0 when no
-    pixel is valid).
+    pixel is valid). ``cut``: cutouts ``(n, 2, s, s)`` or squares ``(n, grid², 2, patch²)``
+    (`_take_cutouts`; a grid has an odd number of squares, never 2).
     """
+    if cut.shape[1] != 2:
+        cut = cut.swapaxes(1, 2)
     values = cut[:, 0].reshape(len(cut), -1)
     valid = cut[:, 1].reshape(len(cut), -1) > 0
     mid = values.shape[1] // 2  # cutouts have an odd number of pixels
@@ -292,14 +315,17 @@ class _Quantiles(nn.Module):
         (``np.arcsinh`` is faster than the same function inside the network, in torch and even
         more in ONNX Runtime.) With ``channels_last``, the array is a ``(n, 2, s, s)`` view of
         ``(n, s, s, 2)`` memory, which torch's channels-last convolutions take without a copy.
-        A `_PatchNet` takes its squares ``(n, grid², 2 patch²)`` instead (`_PatchNet.patches`).
+        A `_PatchNet` takes its squares ``(n, grid², 2 patch²)`` instead, made of cutouts or of
+        the squares ``(n, grid², 2, patch²)`` that `_take_cutouts` gathers for it.
         """
-        if isinstance(self.net, _PatchNet):  # cut into its squares here, in the same copy
+        if isinstance(self.net, _PatchNet):
             n, g, p = len(cutout), self.net.grid, self.net.patch
-            image = np.empty((n, g, g, 2, p, p), np.float32)
-            squares = self.net.patches(np.asarray(cutout)).reshape(image.shape)
-            np.arcsinh(squares[..., 0, :, :] * np.float32(self.gain), out=image[..., 0, :, :])
-            image[..., 1, :, :] = squares[..., 1, :, :]
+            squares = np.asarray(cutout)
+            if squares.shape[1:] != (g * g, 2, p * p):  # cutouts: cut them here (slower)
+                squares = self.net.patches(squares).reshape(n, g * g, 2, p * p)
+            image = np.empty((n, g * g, 2, p * p), np.float32)
+            np.arcsinh(squares[:, :, 0] * np.float32(self.gain), out=image[:, :, 0])
+            image[:, :, 1] = squares[:, :, 1]
             return image.reshape(n, g * g, 2 * p * p)
         if not channels_last:
             image = np.array(cutout, dtype=np.float32)
@@ -649,6 +675,11 @@ class FluxEstimator(RatioEstimator):
         return _Quantiles(net, self.exposure / self._scale(), self.flux_floor,
                           self.levels.index(0.5), scaled_input)
 
+    @property
+    def _patch(self):
+        """The side of the squares a `_PatchNet` takes (`_take_cutouts`), else `None`."""
+        return self.net.patch if isinstance(self.net, _PatchNet) else None
+
     def _inference_net(self):
         """`_Quantiles` of the network's channels-last copy, for inference (rebuilt when the
         weights change); it takes cutouts scaled by its ``scale_cutouts``."""
@@ -726,7 +757,8 @@ class FluxEstimator(RatioEstimator):
         q, crowd = np.empty((len(x), len(self.levels))), np.empty(len(x), np.float32)
         for i in range(0, len(x), batch_size):  # a few MB of cutouts at a time on large maps
             chunk = slice(i, i + batch_size)
-            cut, offset = _take_cutouts(padded, x[chunk], y[chunk], self.half_size)
+            cut, offset = _take_cutouts(padded, x[chunk], y[chunk], self.half_size,
+                                        self._patch)
             q[chunk] = self._raw_log_quantiles(cut, offset, matched[chunk], batch_size, backend)
             crowd[chunk] = _crowding(cut)
         if self.calibration is None:
@@ -735,8 +767,9 @@ class FluxEstimator(RatioEstimator):
             np.asarray(abs_b, float), len(x))), crowd
 
     def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096, backend="torch"):
-        """The network's quantiles ``(n, k)`` (float64) of cutouts, offsets and matched fluxes;
-        the network runs in torch or (``backend="onnxruntime"``) ONNX Runtime."""
+        """The network's quantiles ``(n, k)`` (float64) of cutouts (or the squares
+        `_take_cutouts` gathers for a `_PatchNet`), offsets and matched fluxes; the network runs
+        in torch or (``backend="onnxruntime"``) ONNX Runtime."""
         out = np.empty((len(cut), len(self.levels)))
         net = self._inference_net()
         scale = net.scale_cutouts  # numpy's arcsinh: faster than inside the network
