@@ -35,8 +35,8 @@ cd "$work"
 T() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
 
 CHAINS=${CHAINS:-a b}
-PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture strided --channels 16 --hidden 64 --activation relu \
-    --crowding-bins 8 --latitude-bins 4 4}
+PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture patch --channels 16 --hidden 128 --activation relu \
+    --crowding-bins 8 --latitude-bins 4 4 --calibration-maps 1200}
 
 chain_a() {
     [ "${DEPTH:-1}" = 0 ] || python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \
@@ -55,7 +55,7 @@ chain_a() {
 chain_b() {
     T python -m astrotrunc.cli train photometry --out "$data/photometry_paper.safetensors" \
         --n-maps 1500 --n-val 150 --epochs 15 --batch-size 512 --learning-rate 3e-3 \
-        $PHOTOMETRY_ARGS --seed 0 --calibration-maps 600 --psf-calibration-maps 100 \
+        $PHOTOMETRY_ARGS --seed 0 --psf-calibration-maps 100 \
         --overwrite --quiet
     T python benchmarks/photometry.py --n-maps 400 --n-psf-maps 0 --repeat 1 --threads 1
 }

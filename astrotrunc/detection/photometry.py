@@ -18,7 +18,7 @@ is what the network infers as if it were real.
 
 How it is estimated
 -------------------
-`FluxEstimator` is a small convolutional network that reads a cutout of the map around each
+`FluxEstimator` is a small network that reads a cutout of the map around each
 detection (the map minus the background, a validity channel for masked pixels, the sub-pixel
 offset of the r1 position and the PSF-matched-filter flux) and predicts quantiles of ``ln F``
 (0.5, 2.5, 16, 50, 84, 97.5, 99.5 %). It is trained with the pinball (quantile) loss, a proper
@@ -465,8 +465,8 @@ _ARCHITECTURES = ("conv", "strided", "dense", "patch")
 class FluxEstimator(RatioEstimator):
     """Learned photometry: quantiles of ``ln F`` of the source a detection stands for.
 
-    A small network (about 20k parameters) reading a cutout of the map around each detection;
-    see the module documentation for what ``flux`` means. Train it with `fit_to` (or
+    A small network (the shipped one: 69k parameters) reading a cutout of the map around each
+    detection; see the module documentation for what ``flux`` means. Train it with `fit_to` (or
     ``Trainer().fit(est, PhotometrySimulations(model, finder, ...))``); the finder's settings
     and detector identity are recorded in it.
 
