@@ -427,8 +427,9 @@ class _PatchNet(nn.Module):
     The cutout is cut into non-overlapping ``patch x patch`` squares (the centre one is the 3x3
     pixels around the position for ``patch=3``); each square's pixels and validities go through
     the same dense layer (``channels`` wide), and the head reads every square's features in
-    place. All of it is matrix products: about 4x cheaper on CPUs than `_CutoutNet`'s small
-    convolutions, and the inference copies take the squares already cut (`patches`).
+    place. All of it is matrix products: two to four times cheaper in torch on CPUs than
+    `_CutoutNet`'s small convolutions, and the inference copies take the squares already cut
+    (`_take_cutouts`).
     """
 
     def __init__(self, size, channels, hidden, n_scalars, n_out, activation="relu", patch=3):
@@ -491,8 +492,8 @@ class FluxEstimator(RatioEstimator):
         (about 3x cheaper); ``'dense'``: two dense layers (``hidden`` wide) on all pixels of the
         cutout (cheaper still on CPUs, less accurate; ``channels`` is not used); ``'patch'``:
         the cutout cut into 3 x 3 squares, each embedded by one shared dense layer (``channels``
-        wide), and the dense head on all of them (matrix products only, about 4x cheaper than
-        ``'strided'`` in torch; needs ``half_size`` 1, 4, 7, 10...).
+        wide), and the dense head on all of them (matrix products only, two to four times
+        cheaper than ``'strided'`` in torch; needs ``half_size`` 1, 4, 7, 10...).
     calibration : dict, optional
         Set by `calibrate` (its settings, bin edges and counts); `None`: uncalibrated.
     flux_floor : float
