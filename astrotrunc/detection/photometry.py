@@ -102,14 +102,24 @@ def _take_cutouts(padded, x, y, half, patch=None):
     return cut, offset.astype(np.float32)
 
 
+def _squares(image, patch):
+    """``(n, grid², 2 patch²)`` squares (each: its channels, then rows) of cutouts
+    ``(n, 2, s, s)`` (numpy arrays or tensors; ``s = grid × patch``): `_PatchNet`'s input."""
+    n, g = len(image), image.shape[-1] // patch
+    shaped = image.reshape(n, 2, g, patch, g, patch)
+    order = (0, 2, 4, 1, 3, 5)
+    shaped = shaped.permute(*order) if hasattr(shaped, "permute") else shaped.transpose(order)
+    return shaped.reshape(n, g * g, 2 * patch * patch)
+
+
 @functools.lru_cache(maxsize=8)
 def _square_offsets(shape, half, patch):
     """Flat offsets in a padded map ``shape`` of a cutout's pixels from its first one, in the
-    order of `_PatchNet.patches` (squares, then channels, rows, columns)."""
-    grid, plane = (2 * half + 1) // patch, shape[1] * shape[2]
-    gy, gx, c, py, px = np.meshgrid(*(np.arange(k) for k in (grid, grid, 2, patch, patch)),
-                                    indexing="ij")
-    return (c * plane + (gy * patch + py) * shape[2] + gx * patch + px).reshape(-1)
+    order of `_squares`."""
+    side = 2 * half + 1
+    c, row, col = np.meshgrid(np.arange(2), np.arange(side), np.arange(side), indexing="ij")
+    offsets = (c * shape[1] + row) * shape[2] + col  # of the cutout (2, side, side)
+    return _squares(offsets[None], patch).reshape(-1)
 
 
 def _crowding(cut):
@@ -445,13 +455,8 @@ class _PatchNet(nn.Module):
                                   nn.Linear(hidden, hidden), act(), nn.Linear(hidden, n_out))
 
     def patches(self, image):
-        """``(n, grid², 2 patch²)`` squares (each: its channels, then rows) of cutouts
-        ``(n, 2, size, size)`` (numpy arrays or tensors)."""
-        g, p = self.grid, self.patch
-        shaped = image.reshape(len(image), 2, g, p, g, p)
-        order = (0, 2, 4, 1, 3, 5)
-        shaped = shaped.permute(*order) if hasattr(shaped, "permute") else shaped.transpose(order)
-        return shaped.reshape(len(image), g * g, 2 * p * p)
+        """`_squares` of cutouts ``(n, 2, size, size)``."""
+        return _squares(image, self.patch)
 
     def forward(self, image, scalars):
         squares = self.patches(image) if image.ndim == 4 else image  # (n, 2, s, s) or cut
