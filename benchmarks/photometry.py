@@ -93,10 +93,11 @@ def _photometry_stages(finder, maps, wcs, repeat):
             t.append(time.perf_counter())
             crowd = _crowding(cut)
             t.append(time.perf_counter())
+            err_factor = 1.0
             if est.calibration is not None:  # (--uncalibrated: none)
-                q = est._calibrated(q, crowd, np.abs(b))
+                q, err_factor = est._calibrated(q, crowd, np.abs(b))
             t.append(time.perf_counter())
-            flux_summary(q, est.levels)
+            flux_summary(q, est.levels)[1] * err_factor
             t.append(time.perf_counter())
             for k, t0, t1 in zip(steps, t, t[1:]):
                 times[k] = min(times[k], t1 - t0)

@@ -84,13 +84,15 @@ def evaluate(cal, tests, grouping, levels, flux_edges=(10.0, 100.0), min_group=2
     k = levels.index(0.5)
     edges = {name: np.quantile(cal[name], np.linspace(0, 1, n + 1)[1:-1]) for name, n in grouping}
     n_inner = int(np.prod([n for _, n in grouping]))
-    scale = phot._conformal_factors(cal["q"], cal["log_flux"], levels,
+    scale = phot._calibration_table(cal["q"], cal["log_flux"], levels,
                                     _groups(cal, grouping, edges, flux_edges),
                                     (len(flux_edges) + 1) * n_inner, n_inner, min_group)
     out = []
     for rows in tests:
-        calibrated = phot._scaled(rows["q"], scale[_groups(rows, grouping, edges, flux_edges)], k)
+        factors = scale[_groups(rows, grouping, edges, flux_edges)]
+        calibrated = phot._scaled(rows["q"], factors[:, :-1], k)
         flux, err, lo, hi = phot.flux_summary(calibrated, levels)
+        err = err * factors[:, -1]
         true, abs_b = np.exp(rows["log_flux"]), np.abs(rows["b"])
         inside = (lo <= true) & (true <= hi)
         two_sigma = np.abs(flux - true) <= 2 * err

@@ -342,9 +342,11 @@ def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread
     rows = _matched_detections(model, _detection_finder(None), 3, 5, 3, progress=False)
     raw = est._raw_log_quantiles(rows["cutout"], rows["offset"], rows["matched"])
     crowd = _crowding(rows["cutout"])
-    q = est._calibrated(raw, crowd)
+    q, err_factor = est._calibrated(raw, crowd)
     groups = est._groups(raw[:, 3], crowd)
     truth = rows["log_flux"][:, None]
+    flux, err = flux_summary(q, est.levels)[:2]
+    in_2_err = np.abs(np.exp(truth[:, 0]) - flux) <= 2 * err * err_factor
     raw_miss = 0.0
     for g in np.unique(groups):
         sel = groups == g
@@ -353,9 +355,21 @@ def test_calibration_makes_each_level_hold_per_group(model, tmp_path, one_thread
         below = np.delete((truth[sel] <= q[sel]).mean(0), 3)
         levels = np.delete(est.levels, 3)
         np.testing.assert_allclose(below, levels, atol=2.5 / sel.sum() + 1e-9)
+        # and flux ± 2 flux_err, with its own factor, holds 95 %
+        np.testing.assert_allclose(in_2_err[sel].mean(), 0.95, atol=1.5 / sel.sum() + 1e-9)
         raw_miss = max(raw_miss, np.abs(np.delete((truth[sel] <= raw[sel]).mean(0), 3)
                                         - levels).max())
     assert raw_miss > 0.1  # the untrained network was not calibrated
+    assert est._calibration.shape == (6, 8) and not np.allclose(err_factor, 1)
+    # a file calibrated before the flux_err factors existed: its quantiles, flux_err unscaled
+    before = FluxEstimator(half_size=3, channels=2, hidden=4, calibration={
+        k: v for k, v in est.calibration.items() if k != "flux_err_factors"})
+    state = est.state_dict()
+    state["_calibration"] = state["_calibration"][:, :-1]
+    before.load_state_dict(state)
+    q_before, factor_before = before._calibrated(raw, crowd)
+    np.testing.assert_array_equal(q_before, q)
+    np.testing.assert_array_equal(factor_before, 1.0)
     # saved and loaded with its calibration, no pickle
     est.save(tmp_path / "c.safetensors")
     back = FluxEstimator.load(tmp_path / "c.safetensors")
@@ -388,7 +402,7 @@ def test_latitude_calibration_holds_per_group_and_needs_b(model, tmp_path, one_t
     assert np.median(np.abs(rows["abs_b"] - np.abs(rows["b"]))) < 0.5
     raw = est._raw_log_quantiles(rows["cutout"], rows["offset"], rows["matched"])
     crowd = _crowding(rows["cutout"])
-    q = est._calibrated(raw, crowd, rows["abs_b"])
+    q = est._calibrated(raw, crowd, rows["abs_b"])[0]
     groups = est._groups(raw[:, 3], crowd, rows["abs_b"])
     truth = rows["log_flux"][:, None]
     for g in np.unique(groups):  # the latitude groups' levels hold on their detections
@@ -399,10 +413,10 @@ def test_latitude_calibration_holds_per_group_and_needs_b(model, tmp_path, one_t
     # without b (or where b is NaN) the crowding groups' factors are used
     b = np.full(len(raw), np.nan)
     b[::2] = rows["abs_b"][::2]
-    mixed = est._calibrated(raw, crowd, b)
+    mixed = est._calibrated(raw, crowd, b)[0]
     np.testing.assert_array_equal(mixed[::2], q[::2])
-    np.testing.assert_array_equal(mixed[1::2], est._calibrated(raw, crowd)[1::2])
-    assert not np.allclose(q, est._calibrated(raw, crowd))
+    np.testing.assert_array_equal(mixed[1::2], est._calibrated(raw, crowd)[0][1::2])
+    assert not np.allclose(q, est._calibrated(raw, crowd)[0])
     # saved and loaded with both tables; a Quantity b is taken in degrees
     est.save(tmp_path / "lat.safetensors")
     back = FluxEstimator.load(tmp_path / "lat.safetensors")
@@ -445,7 +459,7 @@ def test_psf_errors_are_calibrated_when_asked(model, one_thread):
     det = _detection_finder_detector()
     x, y = np.array([30.0, 90.0]), np.array([64.0, 70.0])
     flux, err, lo, hi = measure_fluxes("psf", m, None, x, y, det, est)
-    q, crowd = est._predict(m, None, x, y, det.estimate_flux(m, x, y)[0])
+    q, crowd, _ = est._predict(m, None, x, y, det.estimate_flux(m, x, y)[0])
     med, d_err, d_lo, d_hi = est._psf_distances(flux, psf_photometry(m, None, x, y, det)[1], q)
     f = factors[est._groups(np.log(med), crowd)]
     np.testing.assert_allclose(err, f[:, 0] * d_err)
