@@ -36,7 +36,7 @@ T() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
 
 CHAINS=${CHAINS:-a b}
 PHOTOMETRY_ARGS=${PHOTOMETRY_ARGS:---architecture patch --channels 16 --hidden 128 --activation relu \
-    --crowding-bins 8 --latitude-bins 4 4 --calibration-maps 1200}
+    --crowding-bins 8 --latitude-bins 4 4 --calibration-maps 3600}
 
 chain_a() {
     [ "${DEPTH:-1}" = 0 ] || python benchmarks/detection.py --threads 1 --speed-repeats 0 --no-photutils-depth \

@@ -31,8 +31,8 @@ _FLUX_DEFINITION = ("of the source the detection stands for (the brightest true 
 FLUX_DESCRIPTIONS = {
     "neural": {
         "flux": "median flux " + _FLUX_DEFINITION + ", learned (FluxEstimator)",
-        "flux_err": "symmetric error: flux +- 2 flux_err holds 95 % of the learned distribution, "
-                    "confusion included",
+        "flux_err": "symmetric error, confusion included: flux +- 2 flux_err holds 95 % of the "
+                    "learned distribution (of the true fluxes, once calibrated)",
         "flux_lo": "16 % quantile of the learned flux distribution",
         "flux_hi": "84 % quantile of the learned flux distribution"},
     "psf": {
