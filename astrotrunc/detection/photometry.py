@@ -242,7 +242,7 @@ def _quantile_cdf(q, z_levels, value):
 #: Points of log e, from a quarter of the 95 % range, at which `flux_summary` brackets its
 #: solution: first the few where it lies (-0.05 to +0.36 on the paper model's detections), then,
 #: for rows it missed, a factor 20 either way.
-_SUMMARY_GRIDS = (np.linspace(-0.25, 0.5, 7), np.linspace(-3.0, 3.0, 17))
+_SUMMARY_GRIDS = (np.linspace(-0.125, 0.375, 5), np.linspace(-3.0, 3.0, 17))
 
 
 def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
