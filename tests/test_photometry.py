@@ -75,6 +75,8 @@ def test_empty_inputs_give_empty_columns():
     for method in ("matched", "psf"):
         assert all(len(c) == 0 for c in measure_fluxes(method, np.zeros((8, 8)), None, [], [],
                                                        det))
+    with pytest.raises(ValueError, match="needs the flux estimator"):
+        measure_fluxes("neural", np.zeros((8, 8)), None, [1.0], [2.0], det)
 
 
 def test_nan_masked_pixels_are_handled(paper_map, one_thread):

@@ -1358,6 +1358,9 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
     if method not in ("neural", "psf"):
         msg = f"method must be one of {FLUX_METHODS}, got {method!r}"
         raise ValueError(msg)
+    if method == "neural" and photometry is None:
+        msg = "method='neural' needs the flux estimator: pass photometry (a FluxEstimator)"
+        raise ValueError(msg)
     q = crowding = None
     if photometry is not None:  # the PSF factors were calibrated on the crowding groups' q
         backend = check_backend(backend, photometry._levels.device)
