@@ -160,7 +160,8 @@ def _add_train(sub):
                         "pixels (cheapest), or on its 3x3 squares, each embedded alike (patch: "
                         "about as cheap as dense)")
     t.add_argument("--calibration-maps", type=int, default=600,
-                   help="photometry: new maps the quantiles are calibrated on (0: none)")
+                   help="photometry: new maps the quantiles and flux_err are calibrated on "
+                        "(0: none)")
     t.add_argument("--crowding-bins", type=int, default=4,
                    help="photometry: crowding bins of the calibration groups")
     t.add_argument("--latitude-bins", type=int, nargs=2, default=(0, 4), metavar=("NB", "NC"),
