@@ -366,6 +366,19 @@ def test_maps_like_the_training_maps_raise_no_domain_warning(model, paper_map):
         assert _domain_warnings(model.simulate(1, seed=100 + seed).maps[0]) == ""
 
 
+def test_map_statistics_quantiles_are_numpys():
+    from astrotrunc.detection.domain import _QUANTILES, _quantiles, map_statistics
+
+    rng = np.random.default_rng(5)
+    for values in (rng.normal(size=1), rng.normal(size=2), rng.poisson(3.0, 1001) / 7.0,
+                   rng.normal(size=16384), np.repeat(rng.normal(size=5), 7)):
+        assert np.array_equal(_quantiles(values, _QUANTILES), np.quantile(values, _QUANTILES))
+    data, bad = rng.normal(size=(40, 50)), rng.random((40, 50)) < 0.3
+    stats = map_statistics(data, bad)
+    expected = np.quantile(data[~bad], _QUANTILES)
+    assert [stats["p1"], stats["p50"], stats["p99"]] == list(expected)
+
+
 @pytest.mark.parametrize("case, match", [
     ("pixel_scale", "pixel scale is 0.1 deg"),
     ("times_1e6", "99th-percentile pixel value"),

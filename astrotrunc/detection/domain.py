@@ -49,6 +49,20 @@ def _autocov(d, bad, k):
     return num / cnt if cnt else math.nan
 
 
+_QUANTILES = np.array([0.01, 0.5, 0.99])
+
+
+def _quantiles(values, q):
+    """``np.quantile(values, q)`` (its default, linear method, to the bit), from one sort: ten
+    times faster than ``np.quantile``'s partitions on a map's pixels."""
+    s = np.sort(values)
+    pos = q * (s.size - 1)
+    lo = np.floor(pos).astype(np.intp)
+    a, b, t = s[lo], s[np.minimum(lo + 1, s.size - 1)], pos - lo
+    d = b - a
+    return np.where(t >= 0.5, b - d * (1 - t), a + d * t)  # numpy's two-sided interpolation
+
+
 def map_statistics(data, bad=None) -> dict:
     """The domain statistics of one map (see the module notes).
 
@@ -73,7 +87,7 @@ def map_statistics(data, bad=None) -> dict:
         return dict.fromkeys((*_STAT_NAMES, "max"), math.nan)
     # quantiles of at most ~1 million pixels (a regular subsample of large maps)
     step = max(1, values.size // 1_000_000)
-    p1, p50, p99 = np.quantile(values[::step], [0.01, 0.5, 0.99])
+    p1, p50, p99 = _quantiles(values[::step], _QUANTILES)
     d = np.where(bad, 0.0, data - values.mean()) if any_bad else data - values.mean()
     sigma = math.nan
     if min(data.shape) > 2:
