@@ -76,6 +76,17 @@ def celestial_wcs(wcs):
     return wcs if wcs.naxis == 2 else wcs.celestial
 
 
+def pixel_scale_deg(wcs) -> float:
+    """The mean of the two axes' pixel scales (deg) of a 2-D celestial WCS, at its reference pixel.
+
+    wcslib keeps celestial axes in degrees whatever their ``CUNIT``; the plain array is four
+    times cheaper than ``WCS.proj_plane_pixel_scales``' Quantities.
+    """
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    return float(np.mean(np.abs(proj_plane_pixel_scales(wcs))))
+
+
 def padded_map(data, bad, half, background=0.0, dtype=np.float32):
     """The map minus ``background`` (0 where bad) and its validity (1 where good), stacked
     ``(2, ny + 2 hy, nx + 2 hx)`` and zero-padded by ``half = (hy, hx)`` (or one int) pixels.

@@ -20,6 +20,7 @@ from astropy.table import QTable
 from astropy.wcs import WCS
 from scipy.ndimage import gaussian_filter1d
 
+from ._utils import pixel_scale_deg
 from .priors import BoxPrior, Uniform, _as_generator
 
 __all__ = ["SkyGeometry", "Instrument", "PointSourceModel", "SimulationBatch"]
@@ -80,7 +81,7 @@ class SkyGeometry:
     @property
     def pixel_scale(self) -> u.Quantity:
         """Angular pixel size at the reference point (mean of the two axes)."""
-        return np.mean([abs(s.to_value(u.deg)) for s in self.wcs.proj_plane_pixel_scales()]) * u.deg
+        return pixel_scale_deg(self.wcs) * u.deg
 
     def world_to_pixel(self, l, b):  # noqa: E741
         """Pixel coordinates ``(x, y)`` of Galactic (l, b) in degrees (torch tensors in and out)."""

@@ -1,5 +1,6 @@
 """The private helpers shared by the subpackages, and the curated public API."""
 
+import math
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 import astrotrunc
-from astrotrunc._utils import check_writable, evaluating, nearest_pixel, spawn_seed, validate_map
+from astrotrunc._utils import (check_writable, evaluating, nearest_pixel, pixel_scale_deg,
+                               spawn_seed, validate_map)
 
 
 def test_evaluating_restores_the_mode_even_on_errors():
@@ -75,3 +77,17 @@ def test_public_api_is_curated_and_lazy():
     code = "import sys, astrotrunc, astrotrunc.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_pixel_scale_deg_is_in_degrees_whatever_the_cunit():
+    from astropy import units as u
+    from astropy.wcs import WCS
+
+    for cunit, cdelt in (("deg", 0.01), ("arcsec", 36.0), ("arcmin", 0.6)):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["GLON-TAN", "GLAT-TAN"]
+        w.wcs.cunit = [cunit, cunit]
+        w.wcs.cdelt = [-cdelt, 2 * cdelt]
+        expected = np.mean([abs(s.to_value(u.deg)) for s in w.proj_plane_pixel_scales()])
+        assert math.isclose(pixel_scale_deg(w), expected, rel_tol=1e-12)
+        assert math.isclose(pixel_scale_deg(w), 0.015, rel_tol=1e-12)

@@ -15,7 +15,7 @@ from astropy.coordinates import SkyCoord
 from astropy.wcs.utils import wcs_to_celestial_frame
 from astropy.table import QTable
 
-from .._utils import celestial_wcs
+from .._utils import celestial_wcs, pixel_scale_deg
 
 __all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS",
            "COLUMN_DESCRIPTIONS", "FLUX_DESCRIPTIONS"]
@@ -325,8 +325,7 @@ class RegionCatalog:
         table.meta.update(self.meta)
         table.meta["flux_method"] = self.flux_method
         if self._has_sky:
-            table.meta["pixel_scale_deg"] = float(np.mean(
-                [abs(p.to_value(u.deg)) for p in self._sky_wcs.proj_plane_pixel_scales()]))
+            table.meta["pixel_scale_deg"] = pixel_scale_deg(self._sky_wcs)
         table.meta["flux_unit"] = self.flux_unit.to_string()
         return table
 

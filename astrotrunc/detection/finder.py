@@ -19,7 +19,7 @@ from photutils.segmentation import SegmentationImage
 from photutils.utils import NoDetectionsWarning
 from scipy import ndimage
 
-from .._utils import celestial_wcs, validate_map
+from .._utils import celestial_wcs, pixel_scale_deg, validate_map
 from ..exceptions import AstrotruncWarning, OutOfDomainWarning
 from ._onnx import check_backend
 from .catalog import RegionCatalog
@@ -355,8 +355,7 @@ class NeuralSourceFinder:
                 raise ValueError(msg)
             sky = celestial_wcs(wcs)
             if sky is not None:
-                scale = float(np.mean([abs(p.to_value(u.deg))
-                                       for p in sky.proj_plane_pixel_scales()]))
+                scale = pixel_scale_deg(sky)
         differences = domain_differences(det.domain, data, bad, pixel_scale_deg=scale)
         if differences:
             warnings.warn(f"this map is outside the domain of detector {det.name!r}: "
