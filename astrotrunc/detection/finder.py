@@ -127,6 +127,9 @@ def _segments(log_odds, level, n_pixels, mask):
     return segments
 
 
+_DY, _DX = (a.ravel()[[0, 1, 2, 3, 5, 6, 7, 8]] for a in np.mgrid[-1:2, -1:2])  # raster order
+
+
 def _deblend(log_odds, segments):
     """Split every segment into the basins of its local maxima, working on its pixels only.
 
@@ -141,22 +144,22 @@ def _deblend(log_odds, segments):
     flat_seg, flat_val = segments.ravel(), log_odds.ravel()
     index = np.flatnonzero(flat_seg)  # the segment pixels, raster order
     seg, value = flat_seg[index], flat_val[index]
-    y, x = np.divmod(index % (ny * nx), nx)  # position inside its own map
+    # the flat indices of the 8 neighbours (8, n); past a map's edge, the pixel itself
+    nb = index + (_DY * nx + _DX)[:, None]
+    y, x = np.divmod(index % (ny * nx), nx)
+    edge = np.flatnonzero((y == 0) | (y == ny - 1) | (x == 0) | (x == nx - 1))
+    if edge.size:
+        ye, xe = y[edge], x[edge]
+        out = ((ye + _DY[:, None]) % (ny + 1) == ny) | ((xe + _DX[:, None]) % (nx + 1) == nx)
+        nb[:, edge] = np.where(out, index[edge], nb[:, edge])
+    nb_value = flat_val[nb]
+    peak = ~(nb_value > value).any(axis=0)
+    climb = np.where((flat_seg[nb] == seg) & (nb_value > value), nb_value, -np.inf)
+    step = climb.argmax(axis=0)  # the first of the highest, in raster order
+    rows = np.arange(index.size)
     position = np.empty(flat_seg.size, dtype=np.intp)  # flat index -> position in `index`
-    position[index] = np.arange(index.size)
-    best, parent = value.copy(), np.arange(index.size)
-    peak = np.ones(index.size, dtype=bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == dx == 0:
-                continue
-            ok = (y + dy >= 0) & (y + dy < ny) & (x + dx >= 0) & (x + dx < nx)
-            nb = np.where(ok, index + dy * nx + dx, index)
-            nb_value = flat_val[nb]
-            peak &= ~(nb_value > value)
-            higher = ok & (flat_seg[nb] == seg) & (nb_value > best)
-            best = np.where(higher, nb_value, best)
-            parent = np.where(higher, position[nb], parent)
+    position[index] = rows
+    parent = np.where(climb[step, rows] > value, position[nb[step, rows]], rows)
     while True:
         jumped = parent[parent]
         if np.array_equal(jumped, parent):
@@ -164,9 +167,14 @@ def _deblend(log_odds, segments):
         parent = jumped
     peaks = np.zeros(flat_seg.size, dtype=bool)
     peaks[index[peak]] = True
-    markers, _ = _label(peaks.reshape(segments.shape))
-    basins = np.zeros_like(markers)
-    basins.ravel()[index] = markers.ravel()[index[parent]]
+    ahead = nb[4:, peak]  # the neighbours after each maximum in raster order
+    marker = np.zeros(index.size, dtype=np.int32)  # each pixel's marker number (0: none)
+    if (peaks[ahead] & (ahead != index[peak])).any():  # touching maxima: one marker each
+        marker[:] = _label(peaks.reshape(segments.shape))[0].ravel()[index]
+    else:  # isolated maxima (the usual case): numbered in raster order, as labelling would
+        marker[peak] = np.arange(1, int(peak.sum()) + 1)
+    basins = np.zeros(segments.shape, dtype=np.int32)
+    basins.ravel()[index] = marker[parent]
     return basins
 
 
