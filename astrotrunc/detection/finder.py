@@ -87,7 +87,7 @@ def detection_regions(log_odds, threshold=5.0, n_pixels=1, mask=None, deblend=Tr
     if mask is not None and np.shape(mask) != log_odds.shape:
         msg = f"mask shape {np.shape(mask)} does not match the log_odds shape {log_odds.shape}"
         raise ValueError(msg)
-    segments = _segments(log_odds, math.log(threshold), n_pixels, mask)
+    segments = _segments(log_odds, math.log(threshold), n_pixels, mask, deblend)
     if segments is None:
         return None
     return SegmentationImage(_deblend(log_odds, segments) if deblend else segments)
@@ -104,15 +104,20 @@ def _label(image):
     return ndimage.label(image, structure=_EIGHT if image.ndim == 2 else _EIGHT_IN_PLANE)
 
 
-def _segments(log_odds, level, n_pixels, mask):
+def _segments(log_odds, level, n_pixels, mask, deblend=False):
     """`photutils.segmentation.detect_sources` (8-connected pixels > ``level``, at least
     ``n_pixels`` of them, labels 1..n in raster order) without its per-segment Python loop.
 
-    ``log_odds`` is a map or a stack of maps ``(n, H, W)`` (labels then run over the stack)."""
+    ``log_odds`` is a map or a stack of maps ``(n, H, W)`` (labels then run over the stack).
+    With ``deblend`` and ``n_pixels == 1``, the pixels above ``level`` (bool) instead of labels:
+    every 8-neighbour above it is in a pixel's own segment, so `_deblend` needs no labels.
+    """
     with np.errstate(invalid="ignore"):
         above = log_odds > level
     if mask is not None:
         above &= ~np.asarray(mask, dtype=bool)
+    if deblend and n_pixels == 1:
+        return above if above.any() else None
     segments, n = _label(above)
     if n == 0:
         return None
@@ -139,6 +144,7 @@ def _deblend(log_odds, segments):
     in raster order on ties), and pointer jumping follows the steepest ascent to its end.
     (scipy's watershed_ift let distant markers flood across the background and take pixels of
     other segments.) A stack of maps ``(n, H, W)`` is deblended at once, map by map.
+    ``segments`` are labels or, for segments of any size, the pixels above the threshold.
     """
     ny, nx = segments.shape[-2:]
     flat_seg, flat_val = segments.ravel(), log_odds.ravel()
@@ -182,7 +188,7 @@ def _regions_batch(log_odds, threshold, n_pixels, mask, deblend):
     """`detection_regions` of every map of a stack ``(n, H, W)`` at once: labels ``(n, H, W)``
     (``int32``), each map's numbered 1..k in raster order as `detection_regions` numbers them."""
     out = np.zeros(log_odds.shape, dtype=np.int32)
-    labels = _segments(log_odds, math.log(threshold), n_pixels, mask)
+    labels = _segments(log_odds, math.log(threshold), n_pixels, mask, deblend)
     if labels is None:
         return out
     if deblend:
