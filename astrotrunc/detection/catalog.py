@@ -11,8 +11,7 @@ import functools
 
 import numpy as np
 from astropy import units as u
-from astropy.coordinates import SkyCoord
-from astropy.wcs.utils import wcs_to_celestial_frame
+from astropy.coordinates import Galactic, SkyCoord, UnitSphericalRepresentation
 from astropy.table import QTable
 
 from .._utils import celestial_wcs, pixel_scale_deg
@@ -211,11 +210,14 @@ class RegionCatalog:
     def _galactic(self):
         """Galactic (l, b) of the centroids in deg, l in [-180, 180), and their `SkyCoord`."""
         w = self._sky_wcs
-        if wcs_to_celestial_frame(w).name == "galactic":
+        if (w.wcs.lngtyp, w.wcs.lattyp) == ("GLON", "GLAT"):  # wcs_to_celestial_frame's test
             # the WCS's own angles: SkyCoord's frame machinery would double the time
             world = w.all_pix2world(*self._centroids, 0)
             lon, lat = world[w.wcs.lng], world[w.wcs.lat]
-            sky = SkyCoord(lon * u.deg, lat * u.deg, frame="galactic")
+            # the frame from its representation, without copies: half SkyCoord(l, b)'s time
+            sky = SkyCoord(Galactic(UnitSphericalRepresentation(lon * u.deg, lat * u.deg,
+                                                                copy=False), copy=False),
+                           copy=False)
         else:
             sky = w.pixel_to_world(*self._centroids).galactic
             lon, lat = sky.l.deg, sky.b.deg
