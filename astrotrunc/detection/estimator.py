@@ -472,20 +472,21 @@ class SourceDetector(RatioEstimator):
         -------
         flux, flux_err : arrays
         """
-        stamp = self.psf_stamp.cpu().numpy().astype(np.float64)
-        r_y, r_x = stamp.shape[0] // 2, stamp.shape[1] // 2
+        r_y, r_x = self.psf_stamp.shape[0] // 2, self.psf_stamp.shape[1] // 2
+        stamp = self.psf_stamp.cpu().double().numpy().ravel()
         padded = padded_map(data, mask, (r_y, r_x), self.background, np.float64)
         ny, nx = np.shape(data)
         ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
         flux, var = np.empty(len(ix)), np.empty(len(ix))
         for i in range(0, len(ix), _STAMPS_PER_CHUNK):  # a few MB at a time on large maps
             chunk = slice(i, i + _STAMPS_PER_CHUNK)
-            cut, weight = take_stamps(padded, ix[chunk], iy[chunk], (r_y, r_x))
-            wcut = weight * stamp
-            norm = self.normalization * (wcut * stamp).sum((1, 2))
+            cut, weight = (a.reshape(a.shape[0], -1)  # (n, stamp pixels)
+                           for a in take_stamps(padded, ix[chunk], iy[chunk], (r_y, r_x)))
+            # the sums over the stamp as products with it; `cut` is 0 where `weight` is
+            norm = self.normalization * (weight @ stamp**2)
             with np.errstate(invalid="ignore", divide="ignore"):
-                flux[chunk] = (cut * wcut).sum((1, 2)) / norm
-                var[chunk] = (np.clip(cut + self.background, 0, None) * wcut**2).sum((1, 2)) \
+                flux[chunk] = (cut @ stamp) / norm
+                var[chunk] = (np.maximum(cut + self.background, 0) * weight) @ stamp**2 \
                     / self.exposure / norm**2
         return flux, np.sqrt(var)
 
