@@ -8,7 +8,6 @@ sources or maps on the hot path, chunked so memory stays bounded for any number 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -547,22 +546,9 @@ class PointSourceModel:
         if self.instrument.noise is None:
             return mu
         expo = torch.as_tensor(self.instrument.exposure, dtype=torch.float32, device=mu.device)
-        return self._poisson((mu * expo).clamp_min_(0), generator).div_(expo)
-
-    def _poisson(self, rate, generator):
-        # torch.poisson is single-threaded on CPU: split the batch over the intra-op threads.
-        n_threads = torch.get_num_threads()
-        if rate.device.type != "cpu" or n_threads < 2 or rate.shape[0] < 2:
-            return torch.poisson(rate, generator=generator)
-        seeds = torch.randint(0, 2**62, (n_threads,), generator=generator).tolist()
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        parts = rate.chunk(n_threads)
-        # threads that end with the call: idle pool threads that have run torch operations keep
-        # their OpenMP teams, and while they lived torch ran about half as fast on the main
-        # thread (find_sources 24-32 instead of 13-18 ms per map on two threads, measured)
-        with ThreadPoolExecutor(n_threads) as pool:
-            return torch.cat(list(pool.map(lambda a: torch.poisson(a[0], generator=a[1]),
-                                           zip(parts, gens))))
+        # one stream, whatever the number of threads: same seed, same maps (splitting it over
+        # threads made the maps depend on torch.get_num_threads())
+        return torch.poisson((mu * expo).clamp_min_(0), generator=generator).div_(expo)
 
     def _simulate_chunk(self, theta, generator, noise):
         flux, lon, lat, valid = self.sample_sources(theta, generator)

@@ -167,6 +167,18 @@ def test_seeds_reproduce_and_differ(model):
     assert a.maps.dtype == torch.float32
 
 
+def test_seeds_reproduce_whatever_the_number_of_threads(model):
+    n = torch.get_num_threads()
+    try:
+        maps = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            maps.append(model.simulate(6, seed=7).maps)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(maps[0], maps[1])
+
+
 def test_chunking_bounds_memory_and_concatenates(model):
     chunks = list(model.iter_simulate(10, seed=1, chunk_size=4))
     assert [len(c) for c in chunks] == [4, 4, 2]
