@@ -156,6 +156,7 @@ def _deblend(log_odds, segments):
     edge = np.flatnonzero((y == 0) | (y == ny - 1) | (x == 0) | (x == nx - 1))
     if edge.size:
         ye, xe = y[edge], x[edge]
+        # rows -1 and ny (columns -1 and nx), past the edges, are both ny modulo ny + 1
         out = ((ye + _DY[:, None]) % (ny + 1) == ny) | ((xe + _DX[:, None]) % (nx + 1) == nx)
         nb[:, edge] = np.where(out, index[edge], nb[:, edge])
     nb_value = flat_val[nb]
