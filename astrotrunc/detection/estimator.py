@@ -474,6 +474,7 @@ class SourceDetector(RatioEstimator):
         """
         r_y, r_x = self.psf_stamp.shape[0] // 2, self.psf_stamp.shape[1] // 2
         stamp = self.psf_stamp.cpu().double().numpy().ravel()
+        stamp2 = stamp**2
         padded = padded_map(data, mask, (r_y, r_x), self.background, np.float64)
         ny, nx = np.shape(data)
         ix, iy = nearest_pixel(x, nx), nearest_pixel(y, ny)
@@ -483,10 +484,10 @@ class SourceDetector(RatioEstimator):
             cut, weight = (a.reshape(a.shape[0], -1)  # (n, stamp pixels)
                            for a in take_stamps(padded, ix[chunk], iy[chunk], (r_y, r_x)))
             # the sums over the stamp as products with it; `cut` is 0 where `weight` is
-            norm = self.normalization * (weight @ stamp**2)
+            norm = self.normalization * (weight @ stamp2)
             with np.errstate(invalid="ignore", divide="ignore"):
                 flux[chunk] = (cut @ stamp) / norm
-                var[chunk] = (np.maximum(cut + self.background, 0) * weight) @ stamp**2 \
+                var[chunk] = (np.maximum(cut + self.background, 0) * weight) @ stamp2 \
                     / self.exposure / norm**2
         return flux, np.sqrt(var)
 
