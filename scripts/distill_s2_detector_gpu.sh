@@ -14,8 +14,9 @@
 # On the CPU both kinds flatten out near 0.58 against the shipped detector's 0.611, short in the
 # faintest bins (0.16-0.19 against 0.23 at F = 0.1-0.2): distilled 16-32-64, 0.573, 0.579, 0.582
 # after 60,000, 132,000, 204,000 maps; distilled 16-32-64-128, 0.575 and 0.579 after 60,000 and
-# 144,000; 16-32-64 on the true sources, 0.580 after 60,000 (distilled: 0.573), and faster to
-# train without the teacher. The GPU runs say whether 400,000 maps or more close the gap. A
+# 144,000; on the true sources, after 60,000, 16-32-64 0.580 (distilled: 0.573) and 16-32-64-128
+# 0.578 (distilled: 0.575), faster to train without the teacher. The GPU runs say whether 400,000
+# maps or more close the gap. A
 # one-epoch probe of both side by side measures maps/s (with the teacher), and each run gets the
 # epochs that fit CAP seconds; a run the time limit stops gives the best weights of its
 # checkpoint instead (scripts/checkpoint_to_detector.py). SIM (default cuda) names the simulation
