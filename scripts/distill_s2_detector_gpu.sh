@@ -16,10 +16,9 @@
 # after 60,000, 132,000, 204,000 maps; distilled 16-32-64-128, 0.575 and 0.579 after 60,000 and
 # 144,000; on the true sources, after 60,000, 16-32-64 0.580 (distilled: 0.573) and 16-32-64-128
 # 0.578 (distilled: 0.575), faster to train without the teacher. The GPU runs say whether 400,000
-# maps or more close the gap. A
-# one-epoch probe of both side by side measures maps/s (with the teacher), and each run gets the
-# epochs that fit CAP seconds; a run the time limit stops gives the best weights of its
-# checkpoint instead (scripts/checkpoint_to_detector.py). SIM (default cuda) names the simulation
+# maps or more close the gap. A one-epoch probe of both side by side measures maps/s (with the
+# teacher), and each run gets the epochs that fit CAP seconds; a run the time limit stops gives
+# the best weights of its checkpoint instead (scripts/checkpoint_to_detector.py). SIM (default cuda) names the simulation
 # device (a dry run on the CPU: SIM=cpu N_TRAIN=32 PROBE=32 CAP=40).
 # PYTHON names the interpreter (default python; python3 on the lent GPU machines, whose venv
 # interpreter must be called by its own name).
