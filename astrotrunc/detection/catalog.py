@@ -14,7 +14,7 @@ from astropy import units as u
 from astropy.coordinates import Galactic, SkyCoord, UnitSphericalRepresentation
 from astropy.table import QTable
 
-from .._utils import celestial_wcs, pixel_scale_deg
+from .._utils import celestial_wcs, clip, pixel_scale_deg
 
 __all__ = ["RegionCatalog", "peak_centroids", "empty_catalog", "CATALOG_COLUMNS",
            "COLUMN_DESCRIPTIONS", "FLUX_DESCRIPTIONS"]
@@ -118,8 +118,8 @@ def _centroids_at(odds, labels, peaks):
     """The odds-weighted centroids of the same-label pixels of the 3×3 boxes around ``peaks``."""
     ny, nx = labels.shape
     py, px = np.divmod(peaks, nx)
-    yy = np.minimum(np.maximum(py[:, None, None] + _BOX[0], 0), ny - 1)  # half np.clip's time
-    xx = np.minimum(np.maximum(px[:, None, None] + _BOX[1], 0), nx - 1)
+    yy = clip(py[:, None, None] + _BOX[0], 0, ny - 1)
+    xx = clip(px[:, None, None] + _BOX[1], 0, nx - 1)
     same = labels[yy, xx] == labels[py, px][:, None, None]
     w = np.where(same, odds[yy, xx], 0.0)
     w_sum = w.sum((1, 2))

@@ -58,7 +58,7 @@ import torch
 from scipy import special
 from torch import nn
 
-from .._utils import celestial_wcs, nearest_pixel, padded_map, take_stamps
+from .._utils import celestial_wcs, clip, nearest_pixel, padded_map, take_stamps
 from ..nre import RatioEstimator, Trainer
 from ._onnx import OnnxNetwork, check_backend
 
@@ -286,11 +286,10 @@ def flux_summary(log_quantiles, levels=QUANTILE_LEVELS):
             [np.log(m + two_e), np.log(np.maximum(m - two_e, 1e-300))], axis=1))
         k = log_e.shape[1]
         p = both[:, :k] - np.where(two_e < m, both[:, k:], 0.0)
-        # (np.minimum and np.maximum: np.clip's overhead is most of its time on these arrays)
-        i = np.minimum(np.maximum(np.count_nonzero(p < 0.95, axis=1), 1), k - 1)  # p rises with e
+        i = clip(np.count_nonzero(p < 0.95, axis=1), 1, k - 1)  # p rises with e
         rows = np.arange(len(q))
         p0, p1 = p[rows, i - 1], p[rows, i]
-        t = np.minimum(np.maximum((0.95 - p0) / np.maximum(p1 - p0, 1e-12), 0.0), 1.0)
+        t = clip((0.95 - p0) / np.maximum(p1 - p0, 1e-12), 0.0, 1.0)
         inside = (p[:, 0] < 0.95) & (p[:, -1] >= 0.95)
         return log_e[rows, i - 1] + t * (log_e[rows, i] - log_e[rows, i - 1]), inside
 
