@@ -286,10 +286,12 @@ def _add_detect(sub):
     d.add_argument("--flux-threshold", type=float, default=None, help="detector F_th channel")
     d.add_argument("--n-pixels", type=int, default=1, help="minimum region size (pixels)")
     d.add_argument("--detector", help="detector file (default: the shipped one)")
-    d.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="where the networks run: torch or ONNX Runtime (faster on CPUs; pip "
-                        "install 'astrotrunc[onnx]'); the same catalogs. auto (default): ONNX "
-                        "Runtime when installed")
+    d.add_argument("--backend", choices=["auto", "torch", "openvino", "onnxruntime"],
+                   default="auto",
+                   help="where the networks run: torch, OpenVINO or ONNX Runtime (faster on "
+                        "CPUs; pip install 'astrotrunc[openvino]' or 'astrotrunc[onnx]'); the "
+                        "same catalogs. auto (default): OpenVINO, else ONNX Runtime, when "
+                        "installed")
     d.add_argument("--center", type=float, nargs=2, metavar=("L", "B"),
                    help="HEALPix input: centre (deg) of the patch to project to")
     d.add_argument("--shape", type=int, nargs=2, metavar=("NY", "NX"),

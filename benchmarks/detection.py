@@ -152,13 +152,13 @@ def main():
                    help="depth figures of r1 only (the photutils finders do not change)")
     p.add_argument("--speed-repeats", type=int, default=3, help="0: no speed figures")
     p.add_argument("--output", help="JSON file name in benchmarks/output (detection.json)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
                    help="where r1's network runs in the speed figures")
     p.add_argument("--device", default="cpu",
                    help="torch device of the networks (torch backend): 'cpu', 'cuda'...")
     args = p.parse_args()
-    if args.backend == "onnxruntime" and torch.device(args.device).type != "cpu":
-        p.error("--backend onnxruntime runs on the CPU: leave --device out")
+    if args.backend != "torch" and torch.device(args.device).type != "cpu":
+        p.error(f"--backend {args.backend} runs on the CPU: leave --device out")
     torch.set_num_threads(args.threads)
 
     model = PointSourceModel.paper()
@@ -169,6 +169,9 @@ def main():
     maps = sims.maps.numpy().astype(np.float64)
     figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings,
                "device": _device_name(args.device)}
+    if not args.speed_only:  # the depth runs as find_sources does by default ('auto')
+        figures["depth_backend"] = NeuralSourceFinder(det).backend
+        print(f"depth: r1's network runs in {figures['depth_backend']}", flush=True)
     if args.speed_repeats > 0:
         figures["speed"] = speed(det, maps, args.speed_repeats, args.threads, args.backend,
                                  args.device)

@@ -149,23 +149,30 @@ def test_detector_with_widths(tmp_path):
             SourceDetector(widths=bad)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("space_to_depth", [1, 2])
-def test_onnxruntime_backend_gives_the_torch_logits(space_to_depth):
-    pytest.importorskip("onnxruntime")
+def test_runtime_backends_give_the_torch_logits(space_to_depth, runtime):
+    pytest.importorskip(runtime)
     det = _tiny_detector(space_to_depth=space_to_depth)
     sims = PointSourceModel.paper().simulate(2, seed=4).maps
     for maps in (sims, sims[:, :77, :101]):  # the map's own shape and one the network pads
         ref = det._inference_logits(maps, 1)
-        assert torch.allclose(det._inference_logits(maps, 1, "onnxruntime"), ref, atol=1e-4,
+        assert torch.allclose(det._inference_logits(maps, 1, runtime), ref, atol=1e-4,
                               rtol=1e-4)
     big = np.tile(sims[0].numpy(), (5, 4))[:601, :509]  # tiled
-    np.testing.assert_allclose(det.log_odds(big, backend="onnxruntime"), det.log_odds(big),
+    np.testing.assert_allclose(det.log_odds(big, backend=runtime), det.log_odds(big),
                                atol=1e-4, rtol=1e-4)
     ref = det._inference_logits(sims, 1)
     with torch.no_grad():
         det.net.head.bias += 1.0  # the session follows the weights
-    assert torch.allclose(det._inference_logits(sims, 1, "onnxruntime"), ref + 1.0, atol=1e-4,
+    assert torch.allclose(det._inference_logits(sims, 1, runtime), ref + 1.0, atol=1e-4,
                           rtol=1e-4)
+    net = det.__dict__["_onnx_net"][1]
+    assert net.runtime == runtime
+    if runtime == "openvino":  # float32 whatever the CPU offers (bfloat16 would move detections)
+        import openvino
+
+        assert net.session.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
 
 
 def test_onnx_export_without_the_deprecated_exporter(monkeypatch):
@@ -208,11 +215,12 @@ def test_onnx_export_without_the_deprecated_exporter(monkeypatch):
         _onnx.OnnxNetwork(net, (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m)
 
 
-def test_onnxruntime_finder_gives_the_torch_catalog(one_thread):
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_finders_give_the_torch_catalog(one_thread, runtime):
+    pytest.importorskip(runtime)
     maps = PointSourceModel.paper().simulate(2, seed=8).maps.numpy()
     torch_finder = NeuralSourceFinder(backend="torch")
-    ort_finder = NeuralSourceFinder(backend="onnxruntime")
+    ort_finder = NeuralSourceFinder(backend=runtime)
     for m in maps:
         a, b = torch_finder(m), ort_finder(m)
         assert len(a) == len(b) > 10
@@ -221,10 +229,12 @@ def test_onnxruntime_finder_gives_the_torch_catalog(one_thread):
     np.testing.assert_array_equal(torch_finder.find_batch(maps), ort_finder.find_batch(maps))
 
 
-def test_onnxruntime_finder_from_several_threads():
-    # the first maps of a survey's thread pool export the networks at the same time
-    pytest.importorskip("onnxruntime")
-    finder = NeuralSourceFinder(SourceDetector.load_default(), backend="onnxruntime")  # a copy
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_finders_from_several_threads(runtime):
+    # the first maps of a survey's thread pool export the networks at the same time; an
+    # OpenVINO request serves one call at a time: each thread has its own
+    pytest.importorskip(runtime)
+    finder = NeuralSourceFinder(SourceDetector.load_default(), backend=runtime)  # a copy
     maps = PointSourceModel.paper().simulate(4, seed=9).maps.numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -236,10 +246,16 @@ def test_onnxruntime_finder_from_several_threads():
 def test_backend_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         NeuralSourceFinder(backend="tensorrt")
-    assert check_backend("auto", "cuda") == "torch"  # ONNX Runtime runs on the CPU only
-    if importlib.util.find_spec("onnxruntime") is not None:
-        assert NeuralSourceFinder().backend == "onnxruntime"  # the default: 'auto'
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert check_backend("auto", "cuda") == "torch"  # the runtimes run on the CPU only
+    installed = [r for r in ("openvino", "onnxruntime") if importlib.util.find_spec(r)]
+    if installed:  # the default, 'auto': OpenVINO first (the faster for r1's network)
+        assert NeuralSourceFinder().backend == installed[0]
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    with pytest.raises(ImportError, match=r"astrotrunc\[openvino\]"):
+        NeuralSourceFinder(backend="openvino")
+    if "onnxruntime" in installed:
+        assert NeuralSourceFinder().backend == "onnxruntime"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"astrotrunc\[onnx\]"):
         NeuralSourceFinder(backend="onnxruntime")
     assert NeuralSourceFinder().backend == "torch"

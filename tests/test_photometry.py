@@ -1,6 +1,7 @@
 """Catalog photometry: the learned flux estimator, its file, the PSF path (issue 12)."""
 
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -270,8 +271,11 @@ def test_dense_network_round_trips_and_runs_in_onnxruntime(tmp_path):
 @pytest.mark.parametrize(("architecture", "half_size"), [
     *[(a, h) for a in ("conv", "strided") for h in (3, 4, 5)],  # 4, 5: sides 3 after the convs
     ("patch", 1), ("patch", 4)])  # a single square, and 3 x 3 of them
-def test_onnxruntime_gives_the_torch_quantiles(architecture, half_size):
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtimes_give_the_torch_quantiles(architecture, half_size, runtime, monkeypatch):
+    pytest.importorskip(runtime)
+    if runtime == "openvino":  # under 'openvino' the flux network runs in ONNX Runtime when
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # installed: OpenVINO here
     est = FluxEstimator(half_size=half_size, channels=4, hidden=8, architecture=architecture)
     rng = np.random.default_rng(3)
     data = rng.normal(size=(24, 24))
@@ -279,9 +283,10 @@ def test_onnxruntime_gives_the_torch_quantiles(architecture, half_size):
     x, y = np.r_[3.2, 5.0, rng.uniform(0, 23, 9)], np.r_[3.1, 20.0, rng.uniform(0, 23, 9)]
     matched = np.r_[1e25, -5.0, rng.uniform(1, 50, 9)]
     q = est.log_quantiles(data, None, x, y, matched)
-    q_ort = est._predict(data, None, x, y, matched, backend="onnxruntime")[0]
+    q_ort = est._predict(data, None, x, y, matched, backend=runtime)[0]
     assert np.isfinite(q).all()
     np.testing.assert_allclose(q_ort, q, atol=1e-4)
+    assert est.__dict__["_onnx_copy"][1].runtime == runtime
     # both scale the cutouts with numpy before the network: the network's own forward (training)
     # scales them inside, and gives the same quantiles
     from astrotrunc._utils import padded_map

@@ -152,8 +152,8 @@ class RegionCatalog:
         `~astrotrunc.detection.photometry`).
     photometry : `~astrotrunc.detection.photometry.FluxEstimator`, optional
         The learned estimator (``'neural'``; the confusion term of ``'psf'``).
-    backend : {'torch', 'onnxruntime'}
-        Where the flux estimator's network runs.
+    backend : {'torch', 'openvino', 'onnxruntime'}
+        Where the flux estimator's network runs (see `~astrotrunc.NeuralSourceFinder`).
     """
 
     def __init__(self, data, log_odds, segm, bad, detector, wcs=None, flux_unit=None, meta=None,

@@ -325,18 +325,27 @@ class SourceDetector(RatioEstimator):
         inference_copy`, computing only ``channel`` when given) runs under
         `torch.inference_mode`; it is rebuilt when the weights change. Equal to
         ``self.eval()(maps)`` to float32 rounding; never used in training. With
-        ``backend="onnxruntime"`` the same copy runs through ONNX Runtime (on the CPU).
+        ``backend="onnxruntime"`` or ``"openvino"`` the same copy runs through that runtime
+        (on the CPU).
         """
         keep = None if channel is None else [channel]
-        if backend == "onnxruntime":
+        if backend != "torch":  # 'onnxruntime' or 'openvino'
             m = self.space_to_depth * 2**self.depth
             net = self._cached(
-                "_onnx_net", (self._weights_key(), channel, torch.get_num_threads()),
+                "_onnx_net", (self._weights_key(), channel, torch.get_num_threads(), backend),
                 lambda: OnnxNetwork(inference_copy(self.net, keep),
-                                    (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m))
-        else:
-            net = self._cached("_inference_net", (self._weights_key(), channel),
-                               lambda: inference_copy(self.net, keep))
+                                    (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m,
+                                    runtime=backend))
+            # `preprocess` in numpy, not torch: torch's log1p opens a parallel region whose
+            # OpenMP threads then spin and take the cores from the runtime's (0.8 ms per
+            # 128 x 128 map). The product in float32 as torch's, the log1p in float64, rounded:
+            # torch's values in all but ~1e-4 of the pixels (there one unit in the last place;
+            # numpy's float32 log1p differs in 1.5 % of them).
+            x = np.maximum(np.asarray(maps, dtype=np.float32), 0) * np.float32(self.exposure)
+            x = np.log1p(x.astype(np.float64)).astype(np.float32)
+            return torch.from_numpy(net.run(x[:, None]))
+        net = self._cached("_inference_net", (self._weights_key(), channel),
+                           lambda: inference_copy(self.net, keep))
         device = self.psf_stamp.device
         with torch.inference_mode():
             x = self.preprocess(torch.as_tensor(maps, dtype=torch.float32, device=device))
@@ -416,10 +425,11 @@ class SourceDetector(RatioEstimator):
             evenly sized tiles of at most that shape).
         batch_size : int
             Tiles per network call, at most (and at most about half a megapixel per call).
-        backend : {'torch', 'onnxruntime', 'auto'}
-            Where the network runs: torch (the reference) or ONNX Runtime, faster on CPUs
-            (``pip install "astrotrunc[onnx]"``); the same logits to float32 rounding.
-            ``'auto'``: ONNX Runtime when it is installed and the detector is on the CPU.
+        backend : {'torch', 'openvino', 'onnxruntime', 'auto'}
+            Where the network runs: torch (the reference), OpenVINO or ONNX Runtime, faster on
+            CPUs (``pip install "astrotrunc[openvino]"`` or ``"astrotrunc[onnx]"``); the same
+            logits to float32 rounding. ``'auto'``: the first of OpenVINO and ONNX Runtime
+            installed when the detector is on the CPU, else torch.
 
         Returns
         -------

@@ -238,12 +238,14 @@ class NeuralSourceFinder:
         detector's), ``'matched'`` otherwise.
     photometry : `~astrotrunc.detection.FluxEstimator`, optional
         The learned flux estimator (the shipped one when it was trained for ``detector``).
-    backend : {'auto', 'torch', 'onnxruntime'}
-        Where the detector's and the flux estimator's networks run: torch (the reference) or
-        ONNX Runtime, faster on CPUs for single maps (``pip install "astrotrunc[onnx]"``); the
-        same catalogs to float32 rounding. ``'auto'`` (the default): ONNX Runtime when it is
-        installed and the detector is on the CPU, else torch. The attribute ``backend`` holds
-        the choice.
+    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
+        Where the detector's and the flux estimator's networks run: torch (the reference),
+        OpenVINO or ONNX Runtime, faster on CPUs (``pip install "astrotrunc[openvino]"`` or
+        ``"astrotrunc[onnx]"``); the same catalogs to float32 rounding. OpenVINO runs the
+        detector's network fastest; under ``'openvino'`` the flux estimator's runs in ONNX
+        Runtime where that is installed (faster there). ``'auto'`` (the default): the first of
+        OpenVINO and ONNX Runtime installed when the detector is on the CPU, else torch. The
+        attribute ``backend`` holds the choice.
 
     Raises
     ------
@@ -609,7 +611,7 @@ def find_sources(data, detector=None, *, wcs=None, mask=None, threshold=5.0, n_p
         How fluxes are measured (see `NeuralSourceFinder`).
     photometry : `~astrotrunc.detection.FluxEstimator`, optional
         The learned flux estimator (the shipped one for the default detector).
-    backend : {'auto', 'torch', 'onnxruntime'}
+    backend : {'auto', 'torch', 'openvino', 'onnxruntime'}
         Where the networks run (see `NeuralSourceFinder`).
 
     Returns

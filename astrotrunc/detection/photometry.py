@@ -60,7 +60,7 @@ from torch import nn
 
 from .._utils import celestial_wcs, clip, nearest_pixel, padded_map, take_stamps
 from ..nre import RatioEstimator, Trainer
-from ._onnx import OnnxNetwork, check_backend
+from ._onnx import OnnxNetwork, check_backend, flux_runtime
 
 __all__ = ["FluxEstimator", "PhotometrySimulations", "default_photometry", "psf_photometry",
            "flux_summary", "measure_fluxes", "QUANTILE_LEVELS", "FLUX_METHODS"]
@@ -724,8 +724,8 @@ class FluxEstimator(RatioEstimator):
 
         return self._cached("_inference_copy", self._weights_key(), build)
 
-    def _onnx_net(self):
-        """`_inference_net` as an ONNX Runtime session (``backend="onnxruntime"``; rebuilt
+    def _onnx_net(self, runtime="onnxruntime"):
+        """`_inference_net` as an ONNX Runtime or OpenVINO network (``runtime``; rebuilt
         likewise)."""
         def build():
             size = 2 * self.half_size + 1
@@ -734,9 +734,9 @@ class FluxEstimator(RatioEstimator):
             example = (cutout, torch.zeros(1, 2), torch.ones(1))
             # one thread: a few hundred cutouts are too little work to share (and a second
             # thread pool would spin against the detector's)
-            return OnnxNetwork(net, example, threads=1)
+            return OnnxNetwork(net, example, threads=1, runtime=runtime)
 
-        return self._cached("_onnx_copy", self._weights_key(), build)
+        return self._cached("_onnx_copy", (self._weights_key(), runtime), build)
 
     def loss(self, batch) -> torch.Tensor:
         """Pinball (quantile) loss of ``batch["log_flux"]`` (true ``ln F``), mean over levels."""
@@ -801,12 +801,12 @@ class FluxEstimator(RatioEstimator):
     def _raw_log_quantiles(self, cut, offset, matched, batch_size=4096, backend="torch"):
         """The network's quantiles ``(n, k)`` (float64) of cutouts (or the squares
         `_take_cutouts` gathers for a `_PatchNet`), offsets and matched fluxes; the network runs
-        in torch or (``backend="onnxruntime"``) ONNX Runtime."""
+        in torch or (``backend="onnxruntime"`` or ``"openvino"``) in `flux_runtime`'s runtime."""
         out = np.empty((len(cut), len(self.levels)))
         net = self._inference_net()
         scale = net.scale_cutouts  # numpy's arcsinh: faster than inside the network
-        if backend == "onnxruntime":  # numpy in and out, no tensors
-            session = self._onnx_net()
+        if backend != "torch":  # numpy in and out, no tensors
+            session = self._onnx_net(flux_runtime(backend))
             for i in range(0, len(cut), batch_size):
                 chunk = slice(i, i + batch_size)
                 out[chunk] = session.run(scale(cut[chunk]), offset[chunk], matched[chunk])
@@ -1341,9 +1341,10 @@ def measure_fluxes(method, data, bad, x, y, detector, photometry=None, *, matche
         Required by ``'neural'``.
     matched : tuple of arrays, optional
         Precomputed ``detector.estimate_flux(data, x, y, bad)``.
-    backend : {'torch', 'onnxruntime', 'auto'}
-        Where the flux estimator's network runs (``'auto'``: ONNX Runtime when it is installed
-        and the estimator is on the CPU).
+    backend : {'torch', 'openvino', 'onnxruntime', 'auto'}
+        Where the flux estimator's network runs (``'auto'``: OpenVINO or ONNX Runtime when one
+        is installed and the estimator is on the CPU; under ``'openvino'`` the network runs in
+        ONNX Runtime where that is installed, faster on these small inputs).
     b : array or `~astropy.units.Quantity`, optional
         Galactic latitudes of the positions (deg when plain): ``'neural'`` then uses the
         estimator's latitude calibration groups, where it has them (`FluxEstimator.calibrate`).
