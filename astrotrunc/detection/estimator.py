@@ -441,8 +441,9 @@ class SourceDetector(RatioEstimator):
         data, bad, _ = validate_map(data, mask)
         bad |= ~np.isfinite(data)
         k = self.channel(flux_threshold)
-        device = next(self.parameters()).device
-        x = torch.as_tensor(fill_bad_pixels(data, bad), dtype=torch.float32, device=device)
+        device = self.psf_stamp.device  # a buffer: where the weights are (and cheaper)
+        x = torch.as_tensor(fill_bad_pixels(data, bad) if bad.any() else data,
+                            dtype=torch.float32, device=device)
         tile = _tile_shape(x.shape, self.shape, tile_overlap,
                            self.space_to_depth * 2**self.depth)
         # at most ~0.5 Mpixel per network call: memory stays bounded on large maps
