@@ -341,9 +341,10 @@ class SourceDetector(RatioEstimator):
             # 128 x 128 map). The product in float32 as torch's, the log1p in float64, rounded:
             # torch's values in all but ~1e-4 of the pixels (there one unit in the last place;
             # numpy's float32 log1p differs in 1.5 % of them).
-            x = np.maximum(np.asarray(maps, dtype=np.float32), 0) * np.float32(self.exposure)
-            x = np.log1p(x.astype(np.float64)).astype(np.float32)
-            return torch.from_numpy(net.run(x[:, None]))
+            x = torch.as_tensor(maps).detach().cpu().numpy().astype(np.float32, copy=False)
+            x = np.log1p((np.maximum(x, 0) * np.float32(self.exposure)).astype(np.float64))
+            return torch.from_numpy(net.run(x.astype(np.float32)[:, None])).to(
+                self.psf_stamp.device)  # a no-op on the CPU, where the runtimes run
         net = self._cached("_inference_net", (self._weights_key(), channel),
                            lambda: inference_copy(self.net, keep))
         device = self.psf_stamp.device
