@@ -52,10 +52,12 @@ def test_simulate_then_detect(obs, tmp_path):
     assert len(c) > 0 and "sky_centroid" in c.colnames and c.meta["threshold"] == 5.0
     assert c.meta["n_pixels"] == 1 and "detector_id" in c.meta
     assert len(Regions.read(reg, format="ds9")) == len(c)
-    if importlib.util.find_spec("onnxruntime") is not None:  # the same catalog through ORT
-        ort = tmp_path / "cat_ort.ecsv"
-        assert main(["detect", str(path), "--out", str(ort), "--backend", "onnxruntime"]) == 0
-        o = QTable.read(ort)
+    for runtime in ("onnxruntime", "openvino", "torch"):  # the same catalog through each
+        if runtime != "torch" and importlib.util.find_spec(runtime) is None:
+            continue
+        out = tmp_path / f"cat_{runtime}.ecsv"
+        assert main(["detect", str(path), "--out", str(out), "--backend", runtime]) == 0
+        o = QTable.read(out)
         assert len(o) == len(c)
         np.testing.assert_allclose(o["flux"].value, c["flux"].value, rtol=1e-3)
 
