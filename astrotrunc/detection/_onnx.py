@@ -199,4 +199,6 @@ class _OpenVinoSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        return [request.infer(inputs)[0]]  # a copy: the request's own buffers are reused
+        # the inputs read in place (contiguous float32, and the call is synchronous): copying
+        # them took 0.3 ms per 128 x 128 map; the output is a copy (the request reuses its own)
+        return [request.infer(inputs, share_inputs=True)[0]]
