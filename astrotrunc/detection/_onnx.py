@@ -5,7 +5,7 @@ The torch path is the reference; this one exports the same inference networks (r
 BatchNorm-fused U-Net and the flux estimator's network with its input scaling and quantile
 assembly, each once per set of weights, in memory) to ONNX and runs them on the CPU through
 OpenVINO or ONNX Runtime, both faster than torch for these small convolutions. OpenVINO runs r1's
-U-Net about 30 % faster than ONNX Runtime on the CPUs measured, and the flux estimator's network
+U-Net about 30 % faster than ONNX Runtime on the development CPU, and the flux estimator's network
 (a few hundred small cutouts of varying number per map) about 3 times slower, so under
 ``backend="openvino"`` the flux network runs in ONNX Runtime where that is installed.
 Their outputs equal the torch ones to float32 rounding (tested). The export uses torch's
