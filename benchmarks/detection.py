@@ -167,10 +167,11 @@ def main():
     n_sims = 64 if args.speed_only else args.n_maps + args.n_tune
     sims = model.simulate(max(n_sims, 64), seed=args.seed)
     maps = sims.maps.numpy().astype(np.float64)
-    figures = {"detector_id": det.identity, "finder_settings": NeuralSourceFinder(det).settings,
+    default_finder = NeuralSourceFinder(det)
+    figures = {"detector_id": det.identity, "finder_settings": default_finder.settings,
                "device": _device_name(args.device)}
     if not args.speed_only:  # the depth runs as find_sources does by default ('auto')
-        figures["depth_backend"] = NeuralSourceFinder(det).backend
+        figures["depth_backend"] = default_finder.backend
         print(f"depth: r1's network runs in {figures['depth_backend']}", flush=True)
     if args.speed_repeats > 0:
         figures["speed"] = speed(det, maps, args.speed_repeats, args.threads, args.backend,

@@ -220,13 +220,14 @@ def test_runtime_finders_give_the_torch_catalog(one_thread, runtime):
     pytest.importorskip(runtime)
     maps = PointSourceModel.paper().simulate(2, seed=8).maps.numpy()
     torch_finder = NeuralSourceFinder(backend="torch")
-    ort_finder = NeuralSourceFinder(backend=runtime)
+    runtime_finder = NeuralSourceFinder(backend=runtime)
     for m in maps:
-        a, b = torch_finder(m), ort_finder(m)
+        a, b = torch_finder(m), runtime_finder(m)
         assert len(a) == len(b) > 10
         np.testing.assert_allclose(a["x_centroid"].value, b["x_centroid"].value, atol=1e-3)
         np.testing.assert_allclose(a["flux"].value, b["flux"].value, rtol=1e-3)
-    np.testing.assert_array_equal(torch_finder.find_batch(maps), ort_finder.find_batch(maps))
+    np.testing.assert_array_equal(torch_finder.find_batch(maps),
+                                  runtime_finder.find_batch(maps))
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
