@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Train U-Nets on 2x2 pixel blocks (space-to-depth 2) on one GPU, the maps simulated there: one
-# distilled from the shipped detector (labelled there by it), one on the true sources (issue 11).
+# distilled from the shipped detector (labelled there by it; the base-8 detector until
+# 2026-11-27, the 8-16-16-32 one since, of the same depth and odds), one on the true sources
+# (issue 11).
 #
 #   bash scripts/distill_s2_detector_gpu.sh INIT.safetensors OUT_DIR
 #
@@ -10,8 +12,8 @@
 # over epochs of N_TRAIN fresh maps (default 20000): "a" continues INIT by distillation (widths
 # 16 32 64; batch 64, learning rate 1e-3, seed 21); "b" trains a bigger network on the same blocks
 # from scratch on the true sources, without a teacher (widths 16 32 64 128, 483,748 parameters,
-# about 0.55x the shipped network's time on the CPU; batch 64, learning rate 3e-3, seed 22).
-# On the CPU both kinds flatten out near 0.58 against the shipped detector's 0.611, short in the
+# about 0.55x the base-8 network's time on the CPU; batch 64, learning rate 3e-3, seed 22).
+# On the CPU both kinds flatten out near 0.58 against the base-8 detector's 0.611, short in the
 # faintest bins (0.16-0.19 against 0.23 at F = 0.1-0.2): distilled 16-32-64, 0.573, 0.579, 0.582
 # after 60,000, 132,000, 204,000 maps; distilled 16-32-64-128, 0.575 and 0.579 after 60,000 and
 # 144,000; on the true sources, after 60,000, 16-32-64 0.580 (distilled: 0.573) and 16-32-64-128

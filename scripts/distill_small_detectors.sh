@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Distil the shipped r1 detector (widths 8-16-32-64) into narrower U-Nets (issue 11: a cheaper
-# network at the same depth), then measure each one's depth.
+# Distil the base-8 r1 detector (widths 8-16-32-64, benchmarks/candidates/detector_b8.safetensors,
+# shipped until 2026-11-27) into narrower U-Nets (issue 11: a cheaper network at the same depth),
+# then measure each one's depth. It made the shipped detector, 8-16-16-32 (see below and
+# astrotrunc/data/README.rst).
 #
 #   bash scripts/distill_small_detectors.sh OUT_DIR [DEVICE]
 #
-# Each candidate starts from the shipped detector's strongest channels (--init default, network
-# slimming) and learns its per-pixel odds on fresh simulations (--teacher default). DEVICE
+# Each candidate starts from the teacher's strongest channels (--init TEACHER, network slimming)
+# and learns its per-pixel odds on fresh simulations (--teacher TEACHER); TEACHER (a detector
+# file) is the base-8 detector by default ("default" distils the shipped detector). DEVICE
 # (default: cpu) is where the maps are simulated and the teacher labels them; on a GPU, raise
 # EPOCHS and N_TRAIN (the trainer uses the GPU by default). Candidates (widths, full resolution
 # first; ONNX Runtime network time in batches of 16 on the 2-core CPU, two threads, six
 # interleaved rounds in one process, 2026-11-26, session 10; medians, fastest in brackets):
 #
-#   8 16 32 64   (shipped) 121,141 parameters, 3.66 (3.34) ms/map
+#   8 16 32 64   (base 8, the teacher) 121,141 parameters, 3.66 (3.34) ms/map
 #   8 8 16 32    32,797 parameters, 3.22 (2.82) ms/map
 #   8 16 16 32   42,277 parameters, 3.21 (2.95) ms/map
 #
@@ -41,9 +44,11 @@
 # map's time against 0.4-0.7): 8.0-9.2 against 11.5-13.6 ms per 128^2 map, find_batch 3.5-3.7
 # against 3.8-4.9 ms/map, 1.38-1.44 against 1.95-2.24 s for 2048^2. Its network alone: 2.7-3.4
 # ms/map in batches, against 3.8-4.0.
-# Remade in session 10 by the same command (1948 s; 0.0078143): completeness 0.611, F50 1.29, bins
-# 0.1 to 1000 0.235 0.340 0.452 0.549 0.660 0.768 0.846 0.895 0.938 0.955 0.983 0.987. Timed in
-# one process against the shipped detector, both with their own learned photometry (5 and 8
+# Remade in session 10 by the same command (1948 s; 0.0078143): completeness 0.611, F50 1.29,
+# bins 0.1 to 1000 0.235 0.340 0.452 0.549 0.660 0.768 0.846 0.895 0.938 0.955 0.983 0.987; the
+# shipped detector since 2026-11-27, when OpenVINO ran its network 12-17 % faster than the
+# base-8 one's (astrotrunc/data/README.rst). Timed in session 10 in
+# one process against the base-8 detector, both with their own learned photometry (5 and 8
 # interleaved rounds, medians): 12.8 / 13.9 against 13.5 / 13.7 ms per 128^2 map, find_batch 4.48
 # / 4.60 against 4.54 / 4.67 ms/map, 2048^2 1.48 / 1.75 against 1.77 / 1.83 s; not enough to
 # replace the shipped models (its retrained photometry also had two 68 % cells at 71-72 %).
@@ -70,26 +75,28 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 EPOCHS=${EPOCHS:-16}
 N_TRAIN=${N_TRAIN:-8000}
+root=$(cd "$(dirname "$0")/.." && pwd)
+TEACHER=${TEACHER:-$root/benchmarks/candidates/detector_b8.safetensors}
 sim=()
 [ "$device" = cpu ] || sim=(--simulation-device "$device")
 
 # CANDIDATES: which ones (default all three); s2-16-32-64 runs on 2 x 2 pixel blocks and cannot
-# start from the shipped detector's weights (another space-to-depth), so it learns from scratch
+# start from the teacher's weights (another space-to-depth), so it learns from scratch
 for name in ${CANDIDATES:-w8-8-16-32 w8-16-16-32 s2-16-32-64}; do
     widths=${name#w}; widths=${widths#s2-}; widths=${widths//-/ }  # w8-8-16-32 -> 8 8 16 32
     case $name in
-        w*) arch="--widths $widths --init default" lr=2e-3 ;;
+        w*) arch="--widths $widths --init $TEACHER" lr=2e-3 ;;
         s2-*) arch="--widths $widths --space-to-depth 2" lr=3e-3 ;;
         *) echo "unknown candidate $name" >&2; exit 2 ;;
     esac
     # shellcheck disable=SC2086
-    python -m astrotrunc.cli train detector $arch --teacher default \
+    python -m astrotrunc.cli train detector $arch --teacher "$TEACHER" \
         --default-flux-threshold 1 --n-train "$N_TRAIN" --n-val 480 --epochs "$EPOCHS" \
         --batch-size 32 --learning-rate "$lr" --seed 7 --domain-maps 1000 "${sim[@]}" \
-        --name "astrotrunc-paper-r1-$name (distilled)" --checkpoint-dir "$out/ck_$name" \
+        --name "astrotrunc-paper-r1-${name#w} (distilled)" --checkpoint-dir "$out/ck_$name" \
         --out "$out/$name.safetensors" --quiet > "$out/train_$name.log" 2>&1
     OMP_NUM_THREADS=1 python benchmarks/detection.py --threads 1 --speed-repeats 0 \
         --no-photutils-depth --detector "$out/$name.safetensors" > "$out/depth_$name.log" 2>&1
     grep "^r1 F_th" "$out/depth_$name.log" | head -n 1
 done
-echo "done: $out/*.safetensors; depth in $out/depth_*.log (compare with the shipped 0.611)"
+echo "done: $out/*.safetensors; depth in $out/depth_*.log (compare with the teacher's 0.611)"

@@ -290,8 +290,7 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
     from astrotrunc.detection.estimator import _initial_weights
 
     ship = default_detector()
-    fresh = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS, depth=ship.depth,
-                                      base_channels=ship.base_channels)
+    fresh = SourceDetector.from_model(model, PAPER_FLUX_THRESHOLDS, widths=ship.widths)
     assert _initial_weights(fresh, ship) == ship.identity
     shipped = dict(ship.net.named_parameters())
     assert all(torch.equal(p, shipped[n]) for n, p in fresh.net.named_parameters())

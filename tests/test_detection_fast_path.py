@@ -134,7 +134,8 @@ def test_detector_with_widths(tmp_path):
     det = SourceDetector.from_model(PointSourceModel.paper(), [1.0, 10.0], widths=[4, 4, 8])
     assert (det.base_channels, det.depth, det.widths) == (4, 2, (4, 4, 8))
     assert [b[0].out_channels for b in det.net.down] == [4, 4, 8]
-    assert det.config["widths"] == [4, 4, 8] and "widths" not in default_detector().config
+    assert det.config["widths"] == [4, 4, 8]
+    assert "widths" not in _tiny_detector().config  # base channels doubling: no widths recorded
     assert det.identity != _tiny_detector().identity  # base 4, depth 2 doubles: 4, 8, 16
     maps = PointSourceModel.paper().simulate(2, seed=4).maps
     assert torch.allclose(det._inference_logits(maps, 1), _reference_logits(det, maps, 1),
