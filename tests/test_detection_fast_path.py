@@ -163,6 +163,15 @@ def test_runtime_backends_give_the_torch_logits(space_to_depth, runtime):
     big = np.tile(sims[0].numpy(), (5, 4))[:601, :509]  # tiled
     np.testing.assert_allclose(det.log_odds(big, backend=runtime), det.log_odds(big),
                                atol=1e-4, rtol=1e-4)
+    # one tile (numpy in and out), with bad pixels filled and masked
+    one = sims[1].numpy().copy()
+    one[5, 7] = np.nan
+    mask = np.zeros(one.shape, bool)
+    mask[60:63, 40:44] = True
+    ref = det.log_odds(one, mask)
+    assert np.isneginf(ref[5, 7]) and np.isneginf(ref[mask]).all()
+    np.testing.assert_allclose(det.log_odds(one, mask, backend=runtime), ref, atol=1e-4,
+                               rtol=1e-4)
     ref = det._inference_logits(sims, 1)
     with torch.no_grad():
         det.net.head.bias += 1.0  # the session follows the weights

@@ -328,16 +328,10 @@ class SourceDetector(RatioEstimator):
         ``backend="onnxruntime"`` or ``"openvino"`` the same copy runs through that runtime
         (on the CPU).
         """
-        keep = None if channel is None else [channel]
         if backend != "torch":  # 'onnxruntime' or 'openvino'
-            m = self.space_to_depth * 2**self.depth
-            net = self._cached(
-                "_onnx_net", (self._weights_key(), channel, torch.get_num_threads(), backend),
-                lambda: OnnxNetwork(inference_copy(self.net, keep),
-                                    (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m,
-                                    runtime=backend))
-            return torch.from_numpy(net.run(self._runtime_input(maps))).to(
+            return torch.from_numpy(self._runtime_logits(maps, channel, backend)).to(
                 self.psf_stamp.device)  # a no-op on the CPU, where the runtimes run
+        keep = None if channel is None else [channel]
         net = self._cached("_inference_net", (self._weights_key(), channel),
                            lambda: inference_copy(self.net, keep))
         device = self.psf_stamp.device
@@ -361,6 +355,18 @@ class SourceDetector(RatioEstimator):
         """
         return torch.log1p(data.clamp_min(0) * self.exposure).unsqueeze(1)
 
+    def _runtime_logits(self, maps, channel, backend):
+        """`_inference_logits` through the ONNX runtime ``backend``, numpy in and out (float32
+        ``(n, 1 or n_channels, H, W)``); the exported network is kept until the weights, the
+        channel, torch's number of threads or the backend change."""
+        m = self.space_to_depth * 2**self.depth
+        keep = None if channel is None else [channel]
+        net = self._cached(
+            "_onnx_net", (self._weights_key(), channel, torch.get_num_threads(), backend),
+            lambda: OnnxNetwork(inference_copy(self.net, keep), (torch.zeros(1, 1, 2 * m, 2 * m),),
+                                multiple=m, runtime=backend))
+        return net.run(self._runtime_input(maps))
+
     def _runtime_input(self, maps):
         """`preprocess` in numpy (float32 ``(n, 1, H, W)``), for the ONNX runtimes.
 
@@ -370,7 +376,8 @@ class SourceDetector(RatioEstimator):
         torch's values in all but ~1e-4 of the pixels (there one unit in the last place; numpy's
         float32 log1p differs in 1.5 % of them).
         """
-        x = torch.as_tensor(maps).detach().cpu().numpy().astype(np.float32, copy=False)
+        x = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+        x = x.astype(np.float32, copy=False)
         x = np.log1p((np.maximum(x, 0) * np.float32(self.exposure)).astype(np.float64))
         return x.astype(np.float32)[:, None]
 
@@ -448,16 +455,18 @@ class SourceDetector(RatioEstimator):
         data, bad, _ = validate_map(data, mask)
         bad |= ~np.isfinite(data)
         k = self.channel(flux_threshold)
-        device = self.psf_stamp.device  # a buffer: where the weights are (and cheaper)
-        x = torch.as_tensor(fill_bad_pixels(data, bad) if bad.any() else data,
-                            dtype=torch.float32, device=device)
-        tile = _tile_shape(x.shape, self.shape, tile_overlap,
+        filled = fill_bad_pixels(data, bad) if bad.any() else data
+        tile = _tile_shape(filled.shape, self.shape, tile_overlap,
                            self.space_to_depth * 2**self.depth)
-        # at most ~0.5 Mpixel per network call: memory stays bounded on large maps
-        per_call = max(1, min(batch_size, _PIXELS_PER_CALL // (tile[0] * tile[1])))
-        out = tiled(lambda t: self._inference_logits(t, k, backend)[:, 0], x, tile, tile_overlap,
-                    per_call)
-        logits = out.cpu().numpy().astype(np.float64)
+        if backend != "torch" and tile == filled.shape:  # one tile: numpy in and out, no tensors
+            # (0.5-0.6 ms less per 128 x 128 map inside find_sources than through `tiled`)
+            logits = self._runtime_logits(filled[None], k, backend)[0, 0].astype(np.float64)
+        else:
+            x = torch.as_tensor(filled, dtype=torch.float32, device=self.psf_stamp.device)
+            # at most ~0.5 Mpixel per network call: memory stays bounded on large maps
+            per_call = max(1, min(batch_size, _PIXELS_PER_CALL // (tile[0] * tile[1])))
+            logits = tiled(lambda t: self._inference_logits(t, k, backend)[:, 0], x, tile,
+                           tile_overlap, per_call).cpu().numpy().astype(np.float64)
         logits[bad] = -np.inf
         return logits
 
