@@ -410,9 +410,9 @@ class NeuralSourceFinder:
             Only with ``return_segmentation=True``.
         """
         data, bad, unit, wcs = self.prepare(data, mask, wcs, _stacklevel=_stacklevel)
-        # validated by `prepare`: the detector's checks are not repeated
-        log_odds = self.detector._log_odds(data, bad, self.channel, self.tile_overlap,
-                                           self.batch_size, self.backend)
+        log_odds = self.detector.log_odds(data, bad, flux_threshold=self.flux_threshold,
+                                          tile_overlap=self.tile_overlap,
+                                          batch_size=self.batch_size, backend=self.backend)
         segm = self.segment(log_odds, bad)
         if segm is None:
             warnings.warn("No sources were found (no region with odds above the threshold).",
