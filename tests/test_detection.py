@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from astropy import units as u
+from astropy.coordinates import SkyCoord
 from astropy.table import QTable
 from photutils.utils import NoDetectionsWarning
 
@@ -126,6 +127,24 @@ def test_find_sources_catalog(model):
         np.testing.assert_allclose(got["l"].to_value(u.deg), ref.l.wrap_at(180 * u.deg).deg,
                                    atol=1e-9)
         np.testing.assert_allclose(got["b"].to_value(u.deg), ref.b.deg, atol=1e-9)
+    # the tables share no memory with the catalog they came from (nor with each other)
+    for w in (model.wcs, None):
+        regions = finder.describe(data, finder.detector.log_odds(data), segm, bad, wcs=w)
+        first = regions.to_table()
+        for name in first.colnames:
+            if name == "sky_centroid":
+                first[name][:] = SkyCoord(1 * u.deg, 2 * u.deg, frame="galactic")
+            else:
+                first[name][:] = 0
+        second = regions.to_table()
+        assert np.all(second["flux"] > 0) and np.all(second["label"] == [1, 2])
+        assert np.all(second["n_pixels"] > 0) and np.all(second["id"] == [1, 2])
+        if w is None:  # no sky: NaN positions, in the Galactic frame
+            assert second["sky_centroid"].frame.name == "galactic"
+            assert np.isnan(second["sky_centroid"].l.deg).all()
+        else:
+            np.testing.assert_array_equal(second["b"], cat["b"])
+            assert np.allclose(second["sky_centroid"].separation(sky).deg, 0, atol=1e-8)
     # a higher odds threshold shrinks the regions
     cat_hi = find_sources(data, det, wcs=model.wcs, threshold=100.0)
     assert np.all(cat_hi["n_pixels"] < cat["n_pixels"])

@@ -91,6 +91,10 @@ def _galactic_coord(lon, lat):
                              copy=False), copy=False)
 
 
+#: The sky position of a source on a map without a celestial WCS, indexed to any length.
+_NAN_SKY = _galactic_coord(np.array([np.nan]), np.array([np.nan]))
+
+
 def _region_pixels(segm):
     """Flat indices (raster order) of the pixels of all regions, and each one's region number
     (the position of its label in ``segm.labels``)."""
@@ -219,30 +223,26 @@ class RegionCatalog:
 
     @functools.cached_property
     def _galactic(self):
-        """Galactic (l, b) of the centroids in deg, l in [-180, 180), and their `SkyCoord`."""
+        """Galactic (l, b) of the centroids in deg, l in [0, 360)."""
         w = self._sky_wcs
         if (w.wcs.lngtyp, w.wcs.lattyp) == ("GLON", "GLAT"):  # wcs_to_celestial_frame's test
             # the WCS's own angles: SkyCoord's frame machinery would double the time
             world = w.all_pix2world(*self._centroids, 0)
-            lon, lat = world[w.wcs.lng], world[w.wcs.lat]
-            sky = _galactic_coord(lon, lat)
-        else:
-            sky = w.pixel_to_world(*self._centroids).galactic
-            lon, lat = sky.l.deg, sky.b.deg
-        return (lon + 180) % 360 - 180, lat, sky
+            return world[w.wcs.lng] % 360, world[w.wcs.lat]
+        sky = w.pixel_to_world(*self._centroids).galactic
+        return sky.l.deg, sky.b.deg
 
     @property
     def sky_centroid(self):
         if self._has_sky:
-            return self._galactic[2]
-        nan = np.full(len(self), np.nan)
-        return _galactic_coord(nan, nan)
+            return _galactic_coord(*self._galactic)
+        return _NAN_SKY[np.zeros(len(self), dtype=int)]  # a tenth of the time of building it
 
     @property
     def l(self):  # noqa: E743
         if not self._has_sky:  # NaN: no need to go through the coordinates
             return np.full(len(self), np.nan) * u.deg
-        return self._galactic[0] * u.deg
+        return ((self._galactic[0] + 180) % 360 - 180) * u.deg
 
     @property
     def b(self):
@@ -267,19 +267,19 @@ class RegionCatalog:
 
     @property
     def flux(self):
-        return self._flux[0]
+        return self._flux[0].copy()
 
     @property
     def flux_err(self):
-        return self._flux[1]
+        return self._flux[1].copy()
 
     @property
     def flux_lo(self):
-        return self._flux[2]
+        return self._flux[2].copy()
 
     @property
     def flux_hi(self):
-        return self._flux[3]
+        return self._flux[3].copy()
 
     @property
     def flux_matched(self):
@@ -305,7 +305,7 @@ class RegionCatalog:
 
     @property
     def label(self):
-        return np.asarray(self.segm.labels)
+        return np.array(self.segm.labels)
 
     @property
     def id(self):
@@ -329,8 +329,8 @@ class RegionCatalog:
             msg = f"unknown catalog columns {unknown}; available: {list(CATALOG_COLUMNS)}"
             raise ValueError(msg)
         table = QTable()
-        for name in columns:
-            table[name] = getattr(self, name)
+        for name in columns:  # each column a new object: the table need not copy it
+            table.add_column(getattr(self, name), name=name, copy=False)
         _describe(table, self.flux_method)
         table.meta.update(self.meta)
         table.meta["flux_method"] = self.flux_method
