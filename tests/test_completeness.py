@@ -108,6 +108,23 @@ def test_find_batch_equals_the_finder_on_each_map():
     with pytest.warns(Warning, match="deprecated"):
         old = detect_batch(finder.detector, maps, threshold=3.0, flux_threshold=10.0)
     assert old.shape == labels.shape
+    # NaN pixels and masks (one for all maps, or one each) as the finder takes them
+    maps = maps.numpy().astype(np.float64)
+    maps[0, 5, 7] = maps[2, 60, 61] = np.nan
+    shared = np.zeros(maps.shape[1:], bool)
+    shared[30:34, 40:50] = True
+    each = np.zeros(maps.shape, bool)
+    each[1, 100:110, :20] = True
+    for mask in (shared, each):
+        labels = finder.find_batch(maps, mask)
+        for m, mk, lab in zip(maps, np.broadcast_to(mask, maps.shape), labels):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, segm = finder(m, mk, return_segmentation=True)
+            assert np.array_equal(lab, segm.data)
+            assert not lab[mk | np.isnan(m)].any()
+    with pytest.raises(ValueError, match="mask shape"):
+        finder.find_batch(maps, np.zeros((5, 5), bool))
 
 
 def test_injection_recovery_with_shipped_detector():

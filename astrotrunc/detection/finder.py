@@ -495,8 +495,8 @@ class NeuralSourceFinder:
         for i in range(0, len(maps), step):
             part = slice(i, i + step)
             log_odds = self._stacked_log_odds(maps[part], bad[part])
-            out[part] = _regions_batch(log_odds, self.threshold, self.n_pixels,
-                                       bad[part].numpy(), self.deblend)
+            out[part] = _regions_batch(log_odds, self.threshold, self.n_pixels, bad[part],
+                                       self.deblend)
         return out
 
     def log_odds_batch(self, maps, mask=None):
@@ -513,19 +513,32 @@ class NeuralSourceFinder:
         return self._stacked_log_odds(maps, bad)
 
     def _batch(self, maps, mask):
+        """The maps as float32 numpy ``(n, H, W)``, bad pixels filled, and the bad pixels.
+
+        In numpy, not torch: torch's element-wise operations on a batch run in parallel, and
+        its OpenMP threads then spin and take the cores from the runtime's (and a process
+        forked after them hangs in its first parallel torch operation).
+        """
         import torch
 
-        maps = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps,
-                               dtype=torch.float32)
+        if isinstance(maps, torch.Tensor):
+            maps = maps.detach().cpu().numpy()
+        maps = np.asarray(maps, dtype=np.float32)
         if maps.ndim != 3:
-            msg = f"maps must be a batch (n, H, W), got shape {tuple(maps.shape)}"
+            msg = f"maps must be a batch (n, H, W), got shape {maps.shape}"
             raise ValueError(msg)
-        bad = ~torch.isfinite(maps)
+        bad = ~np.isfinite(maps)
         if mask is not None:
-            bad |= torch.as_tensor(np.asarray(mask, dtype=bool)).expand_as(maps)
-        if bad.any():  # the same filling as for one map
-            maps = torch.stack([torch.as_tensor(fill_bad_pixels(m.numpy(), b.numpy()),
-                                                dtype=torch.float32) for m, b in zip(maps, bad)])
+            mask = np.asarray(mask, dtype=bool)
+            try:
+                bad |= mask
+            except ValueError:
+                msg = f"mask shape {mask.shape} does not broadcast to the maps' {maps.shape}"
+                raise ValueError(msg) from None
+        if bad.any():  # the same filling as for one map, of the maps that need it
+            maps = maps.copy()  # not the caller's array
+            for i in np.flatnonzero(bad.any(axis=(1, 2))):
+                maps[i] = fill_bad_pixels(maps[i], bad[i])
         return maps, bad
 
     def _stacked_log_odds(self, maps, bad):
@@ -538,12 +551,12 @@ class NeuralSourceFinder:
         for start in range(0, len(maps), step):
             part = slice(start, start + step)
             if large:
-                out[start] = det.log_odds(maps[start], bad[start].numpy(),
+                out[start] = det.log_odds(maps[start], bad[start],
                                           flux_threshold=self.flux_threshold,
                                           tile_overlap=self.tile_overlap, backend=self.backend)
             else:
                 out[part] = det._inference_logits(maps[part], k, self.backend)[:, 0].cpu().numpy()
-                out[part][bad[part].numpy()] = -np.inf
+                out[part][bad[part]] = -np.inf
         return out
 
 
