@@ -188,12 +188,6 @@ class _OpenVinoSession:
     the dynamic model (compiled when first needed). A static model runs the shipped detector's
     network on one 128 x 128 map 0.3-0.4 ms faster (3.4-3.6 against 3.7-4.0 ms, interleaved) and
     compiles in the same ~0.1 s, so a finder on maps of one shape compiles once, as before.
-
-    A batch of several inputs, with several threads, runs instead on a model compiled with one
-    stream per thread: the batch is cut into as many parts, run at once, each on one thread. The
-    threads then do not wait for each other after every layer, as they do on one input: batches
-    of 16 128 x 128 maps took 16 % less time (2.18 against 2.48 ms per map, two threads), and
-    26 % less at the machine's slow moments (5.7 against 7.8, paired). The outputs are the same.
     """
 
     def __init__(self, ov, model, threads):
@@ -206,21 +200,16 @@ class _OpenVinoSession:
             "INFERENCE_PRECISION_HINT": "f32",
             # its threads not pinned to cores: numpy's and torch's work shares them
             "ENABLE_CPU_PINNING": False}
-        self._streams = threads
-        self._static_shapes = self._static = self._dynamic = self._streamed = None
-        self._n_streams = 1
+        self._static_shapes = self._static = self._dynamic = None
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def _compile(self, shapes=None, streams=None):
+    def _compile(self, shapes=None):
         model = self._core.read_model(self._model)
         if shapes is not None:
             model.reshape({port: self._ov.PartialShape(list(shape))
                            for port, shape in zip(model.inputs, shapes)})
-        config = self._config
-        if streams is not None:  # the threads shared out among the streams, one each
-            config = dict(config, PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
-        return self._core.compile_model(model, "CPU", config)
+        return self._core.compile_model(model, "CPU", self._config)
 
     def compiled(self, shapes):
         """The compiled model that runs inputs of these shapes."""
@@ -236,47 +225,12 @@ class _OpenVinoSession:
                 self._dynamic = self._compile()
             return self._dynamic
 
-    def streamed(self):
-        """The model compiled with one stream per thread (dynamic shapes), and its number of
-        streams (OpenVINO gives no more than the CPU's cores)."""
-        if self._streamed is None:
-            with self._lock:
-                if self._streamed is None:
-                    compiled = self._compile(streams=self._streams)
-                    self._n_streams = int(compiled.get_property("NUM_STREAMS"))
-                    self._streamed = compiled
-        return self._streamed, self._n_streams
-
-    def _requests(self, compiled, n):
-        """This thread's ``n`` inference requests of ``compiled`` (one serves one call at a
-        time)."""
-        requests = self._local.__dict__.setdefault("requests", {})
-        mine = requests.setdefault(id(compiled), [])
-        while len(mine) < n:
-            mine.append(compiled.create_infer_request())
-        return mine[:n]
-
     def run(self, _, inputs):
-        n = len(next(iter(inputs.values())))
-        if self._streams > 1 and n > 1:
-            return [self._run_streamed(inputs, n)]
-        request, = self._requests(self.compiled(tuple(a.shape for a in inputs.values())), 1)
+        compiled = self.compiled(tuple(a.shape for a in inputs.values()))
+        requests = self._local.__dict__.setdefault("requests", {})
+        request = requests.get(id(compiled))
+        if request is None:
+            request = requests[id(compiled)] = compiled.create_infer_request()
         # the inputs read in place (contiguous float32, and the call is synchronous): copying
         # them took 0.3 ms per 128 x 128 map; the output is a copy (the request reuses its own)
         return [request.infer(inputs, share_inputs=True)[0]]
-
-    def _run_streamed(self, inputs, n):
-        """A batch cut into one part per stream, the parts run at once."""
-        compiled, streams = self.streamed()
-        bounds = np.linspace(0, n, min(streams, n) + 1).astype(int)
-        requests = self._requests(compiled, len(bounds) - 1)
-        started = []
-        try:
-            for request, lo, hi in zip(requests, bounds[:-1], bounds[1:]):
-                # contiguous slices of the inputs, read in place until the request is waited on
-                request.start_async({k: v[lo:hi] for k, v in inputs.items()}, share_inputs=True)
-                started.append(request)
-        finally:
-            for request in started:  # every started request finishes before the inputs go
-                request.wait()
-        return np.concatenate([r.get_output_tensor(0).data for r in requests])
