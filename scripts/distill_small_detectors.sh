@@ -52,6 +52,12 @@
 # interleaved rounds, medians): 12.8 / 13.9 against 13.5 / 13.7 ms per 128^2 map, find_batch 4.48
 # / 4.60 against 4.54 / 4.67 ms/map, 2048^2 1.48 / 1.75 against 1.77 / 1.83 s; not enough to
 # replace the shipped models (its retrained photometry also had two 68 % cells at 71-72 %).
+# 4-16-16-32 (the full-resolution level halved; with OpenVINO its untrained network took 1.96 and
+# 2.77 against 2.91 and 3.39 ms per 128^2 map, two interleaved runs), distilled from the shipped
+# 8-16-16-32 detector (session 17, 2026-11-27: this recipe with --widths 4 16 16 32 --init default
+# --teacher default --n-train 6000 --epochs 10, one thread): validation soft cross-entropy 0.01408
+# after epoch 1 and 0.01008 after epoch 5, where 8-16-16-32 had 0.00790 after epoch 4 and 8-8-16-32
+# ended at 0.00872 (completeness 0.592). Stopped after epoch 5, far from the depth.
 # s2-16-32-64 (2 x 2 pixel blocks; the network in half the time), this script's command with
 # --n-train 6000 --epochs 10 on the CPU (1195 s, 1.1 GB): validation soft cross-entropy 0.0151
 # after epoch 1, 0.01014 at the end (teacher 0.0077); completeness 0.573, F50 1.84, bins 0.1 to
