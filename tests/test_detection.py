@@ -289,6 +289,11 @@ def test_fit_to_init_starts_from_the_given_weights(model, tmp_path):
     assert n.history.meta["trainer"]["init"] == a.identity
     assert torch.allclose(n.net.down[0][0].weight, a.net.down[0][0].weight, atol=1e-8)
     assert not torch.allclose(n.net.down[1][0].weight, a.net.down[1][0].weight[:4], atol=1e-8)
+    # a shallower network starts from a's levels down to its depth
+    s = SourceDetector.fit_to(model, [10.0], init=a, learning_rate=1e-12,
+                              **{**kw, "widths": [4]})
+    assert s.depth == 0 and s.history.meta["trainer"]["init"] == a.identity
+    assert torch.allclose(s.net.down[0][3].weight, a.net.down[0][3].weight, atol=1e-8)
     # a's architecture given as widths is a's architecture
     SourceDetector.fit_to(model, [10.0], init=a, **{**kw, "widths": [4, 8]})
     # thresholds equal to float rounding (as a file's JSON may write them) are the same

@@ -629,12 +629,14 @@ def _psf_stamp(model) -> np.ndarray:
 def _initial_weights(det, init):
     """Copy the network weights of ``init`` (a detector or its file) into ``det``; its identity.
 
-    A wider ``init`` of the same depth gives the weights of its strongest channels
-    (`~astrotrunc.detection.unet.narrowed_weights`).
+    A wider or deeper ``init`` gives the weights of its strongest channels and of its levels
+    down to ``det``'s depth (`~astrotrunc.detection.unet.narrowed_weights`).
     """
     init = _as_detector(init)
-    differ = [f"{name} {getattr(init, name)} (asked for: {getattr(det, name)})"
-              for name in ("depth", "space_to_depth") if getattr(init, name) != getattr(det, name)]
+    differ = [f"space_to_depth {init.space_to_depth} (asked for: {det.space_to_depth})"] \
+        if init.space_to_depth != det.space_to_depth else []
+    if init.depth < det.depth:
+        differ.append(f"depth {init.depth}, shallower than the {det.depth} asked for")
     if not _same_thresholds(det.flux_thresholds, init.flux_thresholds):
         differ.append(f"flux_thresholds {list(init.flux_thresholds)} (asked for: "
                       f"{list(det.flux_thresholds)})")
@@ -642,10 +644,10 @@ def _initial_weights(det, init):
         differ.append(f"widths {init.net.widths}, narrower than those asked for "
                       f"({det.net.widths})")
     if differ:
-        msg = ("init must have the depth, space_to_depth and flux thresholds asked for, and no "
-               f"narrower level; it has {'; '.join(differ)}")
+        msg = ("init must have the space_to_depth and flux thresholds asked for, and no "
+               f"narrower level nor smaller depth; it has {'; '.join(differ)}")
         raise ValueError(msg)
-    if det.net.widths == init.net.widths:
+    if det.net.widths == init.net.widths:  # the same depth too
         det.net.load_state_dict(init.net.state_dict())
     else:
         det.net.load_state_dict(narrowed_weights(init.net, det.net))

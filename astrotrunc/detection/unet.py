@@ -120,12 +120,14 @@ def _narrow_block(state, name, wide, narrow, in_sel):
 
 
 def narrowed_weights(wide, narrow):
-    """Weights for ``narrow`` from a wider trained `UNet` of the same depth (network slimming).
+    """Weights for ``narrow`` from a wider or deeper trained `UNet` (network slimming).
 
     Each convolution keeps the channels whose batch normalisation has the largest scales (the
     criterion of Liu et al. 2017, "Learning efficient convolutional networks through network
-    slimming"), and every later layer the weights of the channels kept. The narrower network
-    does not compute the wider one's function, but starts near it: fine-tuning or distilling
+    slimming"), and every later layer the weights of the channels kept. A shallower ``narrow``
+    takes ``wide``'s levels down to its own depth: its deepest encoder level feeds the
+    up-convolution that ``wide``'s next level fed. The narrower network does not compute the
+    wider one's function, but starts near it: fine-tuning or distilling
     (`~astrotrunc.detection.teacher_labels`) from there is far shorter than from random weights.
     The full-resolution level, where most of the time goes, is often as wide in both and is
     then copied whole.
@@ -135,8 +137,8 @@ def narrowed_weights(wide, narrow):
     wide : `UNet`
         The trained network.
     narrow : `UNet`
-        The network to initialise: the same depth, space-to-depth factor and input and output
-        channels, and no level wider than ``wide``'s.
+        The network to initialise: the same space-to-depth factor and input and output
+        channels, no greater depth and no level wider than ``wide``'s.
 
     Returns
     -------
@@ -152,16 +154,22 @@ def narrowed_weights(wide, narrow):
     <All keys matched successfully>
     >>> torch.equal(narrow.down[0][0].weight, wide.down[0][0].weight)  # level 0: copied whole
     True
+    >>> shallow = UNet(1, 2, widths=(4, 8))  # the levels down to its depth
+    >>> shallow.load_state_dict(narrowed_weights(wide, shallow))
+    <All keys matched successfully>
+    >>> torch.equal(shallow.up[0].weight, wide.up[1].weight)
+    True
     """
-    same = ((wide.depth, wide.space_to_depth, wide.down[0][0].in_channels, wide.head.out_channels)
-            == (narrow.depth, narrow.space_to_depth, narrow.down[0][0].in_channels,
-                narrow.head.out_channels))
-    if not same or any(n > w for n, w in zip(narrow.widths, wide.widths)):
-        msg = ("narrowed_weights needs a wider network of the same depth, space-to-depth factor "
-               f"and input and output channels: widths {wide.widths} -> {narrow.widths}, depth "
-               f"{wide.depth} -> {narrow.depth}, space_to_depth {wide.space_to_depth} -> "
-               f"{narrow.space_to_depth}")
+    same = ((wide.space_to_depth, wide.down[0][0].in_channels, wide.head.out_channels)
+            == (narrow.space_to_depth, narrow.down[0][0].in_channels, narrow.head.out_channels))
+    if (not same or narrow.depth > wide.depth
+            or any(n > w for n, w in zip(narrow.widths, wide.widths))):
+        msg = ("narrowed_weights needs a network at least as wide and deep, with the same "
+               f"space-to-depth factor and input and output channels: widths {wide.widths} -> "
+               f"{narrow.widths}, depth {wide.depth} -> {narrow.depth}, space_to_depth "
+               f"{wide.space_to_depth} -> {narrow.space_to_depth}")
         raise ValueError(msg)
+    dropped = wide.depth - narrow.depth  # the deepest levels, which a shallower one lacks
     state = {}
     with torch.no_grad():
         sel, skips = torch.arange(wide.down[0][0].in_channels), []
@@ -169,7 +177,8 @@ def narrowed_weights(wide, narrow):
             sel = _narrow_block(state, f"down.{i}", w, n, sel)
             skips.append((sel, w[3].out_channels))
         skips.pop()
-        for i, (wu, nu, wm, nm) in enumerate(zip(wide.up, narrow.up, wide.merge, narrow.merge)):
+        for i, (wu, nu, wm, nm) in enumerate(zip(wide.up[dropped:], narrow.up,
+                                                 wide.merge[dropped:], narrow.merge)):
             # the up-convolution's outputs: those with the largest weights from the kept inputs
             norms = wu.weight[sel].pow(2).sum((0, 2, 3))
             up = torch.argsort(norms, descending=True)[:nu.out_channels].sort().values
