@@ -140,8 +140,9 @@ def _add_train(sub):
                    help="detector: the U-Net's channels at each level, full resolution first, "
                         "instead of --channels doubled --depth times (e.g. 8 8 16 32)")
     t.add_argument("--init", help="detector: start from this detector file's weights ('default':"
-                                  " the shipped detector's; same --depth and --space-to-depth, "
-                                  "and a wider one gives its strongest channels)")
+                                  " the shipped detector's; the same --space-to-depth; a wider "
+                                  "or deeper one gives its strongest channels and its levels "
+                                  "down to --depth)")
     t.add_argument("--teacher", help="detector: distil this detector file ('default': the shipped "
                                      "one): learn its per-pixel odds instead of the true sources")
     t.add_argument("--simulation-device", default=None,

@@ -217,9 +217,9 @@ class SourceDetector(RatioEstimator):
         init : `SourceDetector`, str or path-like, optional
             Start from this detector's network weights instead of random ones (fine-tuning:
             a longer schedule, or the shipped detector adapted to another instrument of the
-            same map shape; ``"default"``: the shipped detector). Its ``depth``,
-            ``space_to_depth`` and flux thresholds must be those asked for; a wider one gives
-            the weights of its strongest channels
+            same map shape; ``"default"``: the shipped detector). Its ``space_to_depth`` and
+            flux thresholds must be those asked for; a wider or deeper one gives the weights of
+            its strongest channels and of its levels down to the depth asked for
             (`~astrotrunc.detection.unet.narrowed_weights`). The instrument (PSF, exposure...)
             is ``model``'s. Its identity is recorded with the training settings
             (``history.meta["trainer"]["init"]``, in a saved file ``metadata["training"]``).
