@@ -603,10 +603,10 @@ def test_narrowed_weights_refuses_what_it_cannot_narrow():
     from astrotrunc.detection import narrowed_weights
 
     wide = UNet(1, 2, widths=(4, 8, 16))
-    for narrow in (UNet(1, 2, widths=(4, 16, 16)), UNet(1, 2, widths=(4, 8)),
+    for narrow in (UNet(1, 2, widths=(4, 16, 16)), UNet(1, 2, widths=(4, 8, 16, 16)),
                    UNet(1, 3, widths=(4, 4, 8)), UNet(2, 2, widths=(4, 4, 8)),
                    UNet(1, 2, widths=(4, 4, 8), space_to_depth=2)):
-        with pytest.raises(ValueError, match="narrowed_weights needs a wider network"):
+        with pytest.raises(ValueError, match="needs a network at least as wide and deep"):
             narrowed_weights(wide, narrow)
     narrow = UNet(1, 2, widths=(4, 8, 16))  # as wide: a copy
     narrow.load_state_dict(narrowed_weights(wide, narrow))
