@@ -363,8 +363,8 @@ class SourceDetector(RatioEstimator):
         keep = None if channel is None else [channel]
         net = self._cached(
             "_onnx_net", (self._weights_key(), channel, torch.get_num_threads(), backend),
-            lambda: OnnxNetwork(inference_copy(self.net, keep), (torch.zeros(1, 1, 2 * m, 2 * m),),
-                                multiple=m, runtime=backend))
+            lambda: OnnxNetwork(inference_copy(self.net, keep, split_merges=backend == "openvino"),
+                                (torch.zeros(1, 1, 2 * m, 2 * m),), multiple=m, runtime=backend))
         return net.run(self._runtime_input(maps))
 
     def _runtime_input(self, maps):
