@@ -74,6 +74,19 @@
 # fluxes for both, find_batch 3.41 against 6.16 ms/map, 2048^2 1.28 against 2.09 s, single maps
 # 12.6 against 15.9 ms. Starting it from the shipped detector's levels 1-3 (which have its levels'
 # resolutions and widths) did not help: 0.01252 against 0.01268 after two epochs.
+# 8-16-16 (depth 2: the 8-16-16-32 detector without its deepest level; 19,285 parameters) and 8-16
+# (depth 1), distilled from the shipped 8-16-16-32 detector (session 18, 2026-11-27: this recipe
+# with TEACHER=default, i.e. --widths 8 16 16 --init default --teacher default --n-train 6000
+# --epochs 10, one thread each, side by side; narrowed_weights gives a shallower network the
+# teacher's levels down to its depth). 8-16-16: validation soft cross-entropy 0.00828 after epoch
+# 1, 0.00820 after 4 (completeness 0.607 then), 0.008113 at the end (epoch 9; about 4 min an
+# epoch); completeness 0.612, F50 1.29, purity 0.954 on 32,636; bins 0.1 to 1000 0.241 0.339
+# 0.449 0.547 0.661 0.769 0.846 0.898 0.938 0.956 0.983 0.987, every one within 0.006 (one
+# error) of the shipped detector's; at odds > 5, 0.414 (shipped 0.416). Kept as
+# benchmarks/candidates/detector_8-16-16.safetensors (identity c0e740dd420514f9). Its network
+# (OpenVINO, two threads, paired with the shipped one, 12 rounds): -0.29 ms per 128^2 map (se
+# 0.11) one at a time, -0.24 (se 0.08) in batches of 16, at 3.25 and 2.92 ms. 8-16: 0.01045 after
+# epoch 1 and 0.00967 after 4, where 4-16-16-32 had stopped at 0.01008: stopped.
 set -euo pipefail
 out=$(realpath -m "${1:-distilled_detectors}")
 device=${2:-cpu}
