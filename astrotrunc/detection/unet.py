@@ -47,7 +47,7 @@ class _SplitMerge(nn.Module):
         with torch.no_grad():
             self.up_conv.weight.copy_(conv.weight[:, :n_up])
             self.skip_conv.weight.copy_(conv.weight[:, n_up:])
-            self.up_conv.bias.copy_(conv.bias if conv.bias is not None else 0.0)
+            self.up_conv.bias.copy_(conv.bias)  # fused with its batch normalisation: a bias
         self.rest = nn.Sequential(*layers[1:])
 
     def forward(self, up, skip):
