@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train U-Nets on 2x2 pixel blocks (space-to-depth 2) on one GPU, the maps simulated there: one
 # distilled from the shipped detector (labelled there by it; the base-8 detector until
-# 2026-11-27, the 8-16-16-32 one since, of the same depth and odds), one on the true sources
-# (issue 11).
+# 2026-11-27, then the 8-16-16-32 one, now the 8-16-16 one, all of the same depth and odds), one
+# on the true sources (issue 11).
 #
 #   bash scripts/distill_s2_detector_gpu.sh INIT.safetensors OUT_DIR
 #

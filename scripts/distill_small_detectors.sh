@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Distil the base-8 r1 detector (widths 8-16-32-64, benchmarks/candidates/detector_b8.safetensors,
 # shipped until 2026-11-27) into narrower U-Nets (issue 11: a cheaper network at the same depth),
-# then measure each one's depth. It made the shipped detector, 8-16-16-32 (see below and
-# astrotrunc/data/README.rst).
+# then measure each one's depth. It made 8-16-16-32 (shipped 2026-11-27, now
+# benchmarks/candidates/detector_8-16-16-32.safetensors) and, from that one, the shipped 8-16-16
+# (see below and astrotrunc/data/README.rst).
 #
 #   bash scripts/distill_small_detectors.sh OUT_DIR [DEVICE]
 #
@@ -82,8 +83,8 @@
 # 1, 0.00820 after 4 (completeness 0.607 then), 0.008113 at the end (epoch 9; about 4 min an
 # epoch); completeness 0.612, F50 1.29, purity 0.954 on 32,636; bins 0.1 to 1000 0.241 0.339
 # 0.449 0.547 0.661 0.769 0.846 0.898 0.938 0.956 0.983 0.987, every one within 0.006 (one
-# error) of the shipped detector's; at odds > 5, 0.414 (shipped 0.416). Kept as
-# benchmarks/candidates/detector_8-16-16.safetensors (identity c0e740dd420514f9). Its network
+# error) of the 8-16-16-32 detector's; at odds > 5, 0.414 (8-16-16-32: 0.416). Shipped since
+# (astrotrunc/data/detector_paper.safetensors, identity c0e740dd420514f9). Its network
 # (OpenVINO, two threads, paired with the shipped one, 12 rounds): -0.29 ms per 128^2 map (se
 # 0.11) one at a time, -0.24 (se 0.08) in batches of 16, at 3.25 and 2.92 ms. 8-16: 0.01045 after
 # epoch 1 and 0.00967 after 4, where 4-16-16-32 had stopped at 0.01008: stopped.
